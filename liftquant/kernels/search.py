@@ -1,0 +1,116 @@
+"""Fused Triton kernel for the pinv / null-space nearest-code search (lattice.py, SPEC §2).
+
+For each sub-vector z (row of Z, length d) with u = M_pinv z (row of U, length D) the
+candidates are ``y_p = sign(u + o_p)`` for every padding offset ``o_p = N^T p`` (row of OFF).
+The plain torch version materialises a (B, P, D) tensor and is bound by memory traffic. This
+kernel keeps a (BLOCK_B x BLOCK_P) tile of candidates in registers, decodes it with a
+tensor-core product against M^T (split into an fp16 high and low part so the distances are
+accurate to ~1e-6 relative, like fp32), and keeps a running arg-min per row. Only the best
+padding index per row leaves the chip.
+
+Shapes: U (B, D) fp32, Z (B, d) fp32, OFF (P, D) fp32, MT_hi/MT_lo (DP, dP) fp16 zero padded
+where DP, dP are D, d rounded up to powers of two (>= 16).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton ships with CUDA builds of torch; the CPU build has none.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised on CPU-only installs
+    HAS_TRITON = False
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (n - 1).bit_length())
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _pinv_search_kernel(
+        U, Z, OFF, MT_HI, MT_LO, BEST_IDX, BEST_DIST,
+        B,
+        P: tl.constexpr, D: tl.constexpr, d: tl.constexpr,  # few distinct values per lattice
+        DP: tl.constexpr, dP: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        cols_D = tl.arange(0, DP)
+        cols_d = tl.arange(0, dP)
+        rmask = rows < B
+        u = tl.load(U + rows[:, None] * D + cols_D[None, :],
+                    mask=rmask[:, None] & (cols_D[None, :] < D), other=0.0)  # (BB, DP)
+        z = tl.load(Z + rows[:, None] * d + cols_d[None, :],
+                    mask=rmask[:, None] & (cols_d[None, :] < d), other=0.0)  # (BB, dP)
+        mt_hi = tl.load(MT_HI + cols_D[:, None] * dP + cols_d[None, :])  # (DP, dP)
+        mt_lo = tl.load(MT_LO + cols_D[:, None] * dP + cols_d[None, :])
+        best = tl.full((BLOCK_B,), float("inf"), tl.float32)
+        best_i = tl.zeros((BLOCK_B,), tl.int32)
+        for p0 in range(0, P, BLOCK_P):
+            pidx = p0 + tl.arange(0, BLOCK_P)
+            off = tl.load(OFF + pidx[:, None] * D + cols_D[None, :],
+                          mask=(pidx[:, None] < P) & (cols_D[None, :] < D), other=0.0)
+            v = u[:, None, :] + off[None, :, :]  # (BB, BP, DP)
+            y = tl.where(v >= 0, 1.0, -1.0).to(tl.float16)
+            y2 = tl.reshape(y, (BLOCK_B * BLOCK_P, DP))
+            my = tl.dot(y2, mt_hi) + tl.dot(y2, mt_lo)  # (BB*BP, dP) fp32
+            my3 = tl.reshape(my, (BLOCK_B, BLOCK_P, dP))
+            diff = my3 - z[:, None, :]
+            dist = tl.sum(diff * diff, axis=2)  # (BB, BP)
+            dist = tl.where(pidx[None, :] < P, dist, float("inf"))
+            m = tl.min(dist, axis=1)
+            a = tl.argmin(dist, axis=1).to(tl.int32) + p0
+            better = m < best
+            best = tl.where(better, m, best)
+            best_i = tl.where(better, a, best_i)
+        tl.store(BEST_IDX + rows, best_i, mask=rmask)
+        tl.store(BEST_DIST + rows, best, mask=rmask)
+
+    _AUTOTUNE_CONFIGS = [
+        triton.Config({"BLOCK_B": bb, "BLOCK_P": bp}, num_warps=w)
+        for bb, bp, w in ((16, 32, 4), (16, 64, 4), (32, 32, 4), (32, 64, 8), (64, 32, 8))
+    ]
+    _pinv_search_tuned = triton.autotune(configs=_AUTOTUNE_CONFIGS, key=["P", "DP", "dP"])(
+        _pinv_search_kernel
+    )
+
+
+def search_pinv_triton(z: Tensor, M: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Same contract as ``lattice._search_pinv``: ``(codes (B, D) +-1, pre_sign (B, D))``."""
+    if not HAS_TRITON or not (z.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError("search_pinv_triton needs CUDA tensors and Triton; use method='pinv'")
+    from liftquant.lattice import null_space
+
+    d, D = M.shape
+    M = M.float()
+    M_pinv, _ = null_space(M)
+    u = (z.float() @ M_pinv.T).contiguous()  # (B, D)
+    DP, dP = _pow2_at_least(D), _pow2_at_least(d)
+    mt = torch.zeros(DP, dP, device=z.device, dtype=torch.float32)
+    mt[:D, :d] = M.T
+    mt_hi = mt.to(torch.float16)
+    mt_lo = (mt - mt_hi.float()).to(torch.float16)
+    B, P = z.shape[0], offsets.shape[0]
+    best_idx = torch.empty(B, device=z.device, dtype=torch.int32)
+    best_dist = torch.empty(B, device=z.device, dtype=torch.float32)
+    args = (u, z.float().contiguous(), offsets.float().contiguous(), mt_hi, mt_lo,
+            best_idx, best_dist, B)
+    if z.is_cuda:
+        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)  # noqa: E731
+        _pinv_search_tuned[grid](*args, P=P, D=D, d=d, DP=DP, dP=dP)
+    else:  # Triton interpreter (TRITON_INTERPRET=1): autotuning needs a GPU
+        _pinv_search_kernel[(triton.cdiv(B, 16),)](
+            *args, P=P, D=D, d=d, DP=DP, dP=dP, BLOCK_B=16, BLOCK_P=16
+        )
+    pre = u + offsets.float()[best_idx.long()]  # (B, D)
+    codes = torch.where(pre >= 0, 1.0, -1.0)
+    return codes, pre

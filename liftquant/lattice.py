@@ -1,0 +1,361 @@
+"""Lifted lattices: the mapping matrix M (paper Eq. 1) and nearest-code search.
+
+A sub-vector ``z`` of length ``d`` (``target_dim``) is stored as ``D`` (``lifted_dim``) sign bits
+``y in {-1, +1}^D`` and decoded as ``z_hat = M @ y`` with one fixed real matrix ``M`` (d x D).
+The rate is ``D / d`` bits per weight. ``M`` is trained to minimise the per-dimension MSE on a
+standard Gaussian source::
+
+    mse(M) = E_{z ~ N(0, I_d)} min_y ||z - M y||^2 / d                      (Eq. 1)
+
+Legend: ``D`` lifted dim, ``d`` target dim, ``M`` (d, D), ``M_pinv`` (D, d) pseudo-inverse,
+``N`` (D - d, D) orthonormal basis of ker(M), ``p in {-1, +1}^(D - d)`` a null-space padding.
+
+Search methods (all return codes as int8 tensors of +-1, shape (..., D)):
+
+* ``exhaustive``: the exact minimiser over all 2^D codes, written as a matmul
+  ``score(y) = ||M y||^2 - 2 (M^T z) . y`` so the work is one (B, D) x (D, 2^D) product.
+* ``pinv``: the published heuristic: candidates ``y_p = sign(M_pinv z + N^T p)`` for every
+  padding ``p``, keep the closest. Cost 2^(D - d) candidates per sub-vector.
+* ``refine`` (bool, default on for ``pinv``): greedy single-bit flips on top of the chosen
+  code while any flip lowers the distance. Never increases the distance.
+
+Everything here is pure tensor code on CPU or CUDA; big inputs are processed in chunks so
+memory stays bounded (``MAX_CHUNK_ELEMENTS``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from liftquant.log import get_logger
+
+logger = get_logger("lattice")
+
+# Heuristic search enumerates 2^(D-d) paddings: beyond 2^20 it is impractical even on a GPU
+# (SPEC §2: "practical range D - d <= 20").
+MAX_NULL_DIM = 20
+# Exhaustive search enumerates 2^D codes; 2^24 = 16.7M codes is still one fast GPU pass.
+MAX_EXHAUSTIVE_DIM = 24
+# "auto" uses exhaustive search up to this D (cheaper than or equal to pinv there and exact).
+AUTO_EXHAUSTIVE_DIM = 16
+# Bound on elements of any (batch x candidates x D) intermediate: 2^26 floats = 256 MiB fp32.
+MAX_CHUNK_ELEMENTS = 1 << 26
+# Where shipped lattices live (package-relative, resolved at call time).
+# A latent weight never starts closer to zero than this (bits flipped by refinement, exact
+# ties); small enough that a sign can still flip during intra-block correction.
+PRE_SIGN_FLOOR = 1e-3
+LATTICE_DIR = Path(__file__).resolve().parent.parent / "lattice"
+
+_SPEC_RE = re.compile(r"^\s*(?:lq-?)?(\d+)\s*(?:to|/)\s*(\d+)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LatticeSpec:
+    """A lattice ``{D}to{d}``: ``D`` sign bits decode ``d`` weights, ``D/d`` bits per weight."""
+
+    lifted_dim: int
+    target_dim: int
+
+    def __post_init__(self) -> None:
+        D, d = self.lifted_dim, self.target_dim
+        if not (isinstance(D, int) and isinstance(d, int)):
+            raise ValueError(f"lattice dims must be integers, got D={D!r}, d={d!r}")
+        if d < 1 or D <= d:
+            raise ValueError(
+                f"impossible lattice {D}to{d}: need lifted_dim D > target_dim d >= 1 "
+                "(D/d is the bit rate; e.g. 24to10 = 2.4 bits)"
+            )
+        if D - d > MAX_NULL_DIM and D > MAX_EXHAUSTIVE_DIM:
+            raise ValueError(
+                f"lattice {D}to{d} is not searchable: the heuristic enumerates 2^(D-d) = "
+                f"2^{D - d} candidates (max 2^{MAX_NULL_DIM}) and exhaustive search 2^{D} codes "
+                f"(max 2^{MAX_EXHAUSTIVE_DIM}); pick D - d <= {MAX_NULL_DIM}"
+            )
+
+    @classmethod
+    def parse(cls, text: "str | LatticeSpec") -> "LatticeSpec":
+        """Parse ``"24to10"``, ``"24/10"`` or ``"LQ-24/10"``."""
+        if isinstance(text, LatticeSpec):
+            return text
+        m = _SPEC_RE.match(str(text))
+        if not m:
+            raise ValueError(f"cannot parse lattice {text!r}: expected '<D>to<d>', e.g. '24to10'")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    @property
+    def name(self) -> str:
+        return f"{self.lifted_dim}to{self.target_dim}"
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.lifted_dim / self.target_dim
+
+    @property
+    def null_dim(self) -> int:
+        return self.lifted_dim - self.target_dim
+
+    def default_method(self) -> str:
+        return "exhaustive" if self.lifted_dim <= AUTO_EXHAUSTIVE_DIM else "pinv"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# --------------------------------------------------------------------------------------------
+# Loading shipped lattices
+# --------------------------------------------------------------------------------------------
+def lattice_path(spec: "LatticeSpec | str", root: str | Path | None = None) -> Path:
+    spec = LatticeSpec.parse(spec)
+    return Path(root or LATTICE_DIR) / f"{spec.name}.pt"
+
+
+def load_projection(spec: "LatticeSpec | str", root: str | Path | None = None) -> Tensor:
+    """Load ``M`` (d, D) for ``spec`` from ``root`` (default: the shipped ``lattice/`` folder)."""
+    spec = LatticeSpec.parse(spec)
+    path = lattice_path(spec, root)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no lattice file {path}; shipped: {', '.join(shipped_lattices(root)) or 'none'}. "
+            f"Generate it with: python lattice_generator.py --expc {spec.name}"
+        )
+    M = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(M, Tensor) or tuple(M.shape) != (spec.target_dim, spec.lifted_dim):
+        raise ValueError(
+            f"{path} does not hold a ({spec.target_dim}, {spec.lifted_dim}) tensor "
+            f"(got {getattr(M, 'shape', type(M))}); regenerate it with lattice_generator.py"
+        )
+    return M.float()
+
+
+def shipped_lattices(root: str | Path | None = None) -> list[str]:
+    """Names of the lattices available under ``root`` sorted by bits per weight."""
+    folder = Path(root or LATTICE_DIR)
+    names = []
+    for p in folder.glob("*to*.pt"):
+        try:
+            names.append(LatticeSpec.parse(p.stem))
+        except ValueError:
+            continue
+    return [s.name for s in sorted(names, key=lambda s: (s.bits_per_weight, s.lifted_dim))]
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry helpers
+# --------------------------------------------------------------------------------------------
+def all_codes(n: int, *, device=None, dtype=torch.float32) -> Tensor:
+    """All 2^n sign vectors as a (2^n, n) tensor; row i has bit j = +1 iff (i >> j) & 1."""
+    if n > MAX_EXHAUSTIVE_DIM:
+        raise ValueError(f"refusing to enumerate 2^{n} codes (max 2^{MAX_EXHAUSTIVE_DIM})")
+    idx = torch.arange(1 << n, device=device, dtype=torch.int64)
+    bits = (idx[:, None] >> torch.arange(n, device=device)) & 1  # (2^n, n)
+    return (bits * 2 - 1).to(dtype)
+
+
+def null_space(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Return ``(M_pinv (D, d), N (D - d, D))`` with N an orthonormal basis of ker(M)."""
+    d, D = M.shape
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=True)
+    if S.min() <= S.max() * 1e-10:
+        raise ValueError("lattice matrix M is rank deficient; it cannot decode d dimensions")
+    M_pinv = Vh[:d].T @ torch.diag(1.0 / S) @ U.T  # (D, d)
+    N = Vh[d:]  # (D - d, D)
+    return M_pinv.to(M.dtype), N.to(M.dtype)
+
+
+def padding_offsets(M: Tensor) -> Tensor:
+    """``N^T p`` for every padding ``p in {-1,+1}^(D-d)``: a (2^(D-d), D) tensor."""
+    _, N = null_space(M)
+    P = all_codes(N.shape[0], device=M.device, dtype=M.dtype)  # (2^(D-d), D-d)
+    return P @ N  # (2^(D-d), D)
+
+
+def decode(signs: Tensor, M: Tensor) -> Tensor:
+    """``M y`` for codes ``signs`` (..., D) of +-1 -> (..., d)."""
+    return signs.to(M.dtype) @ M.T
+
+
+def _chunk_rows(n_rows: int, per_row: int) -> int:
+    return max(1, min(n_rows, MAX_CHUNK_ELEMENTS // max(1, per_row)))
+
+
+# --------------------------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------------------------
+def _search_exhaustive(z: Tensor, M: Tensor) -> Tensor:
+    """Exact nearest code for each row of z (B, d). Returns (B, D) float +-1."""
+    D = M.shape[1]
+    best_score = torch.full((z.shape[0],), float("inf"), device=z.device, dtype=z.dtype)
+    best_code = torch.zeros(z.shape[0], D, device=z.device, dtype=z.dtype)
+    c = z @ M  # (B, D): M^T z per row
+    code_chunk = min(1 << D, 1 << 20)
+    rows = _chunk_rows(z.shape[0], code_chunk)
+    for start in range(0, 1 << D, code_chunk):
+        idx = torch.arange(start, min(start + code_chunk, 1 << D), device=z.device)
+        codes = (((idx[:, None] >> torch.arange(D, device=z.device)) & 1) * 2 - 1).to(z.dtype)
+        q = (codes @ M.T).square().sum(-1)  # (C,) ||M y||^2
+        for r0 in range(0, z.shape[0], rows):
+            score = q[None, :] - 2.0 * (c[r0 : r0 + rows] @ codes.T)  # (b, C)
+            val, arg = score.min(dim=1)
+            better = val < best_score[r0 : r0 + rows]
+            best_score[r0 : r0 + rows] = torch.where(better, val, best_score[r0 : r0 + rows])
+            best_code[r0 : r0 + rows][better] = codes[arg[better]]
+    return best_code
+
+
+def _search_pinv(z: Tensor, M: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Published heuristic: best of sign(M_pinv z + N^T p) over all paddings p.
+
+    Returns ``(codes (B, D) +-1, pre_sign (B, D))`` where ``pre_sign`` is the real-valued
+    vector whose sign gave the code (useful to initialise latent weights).
+    """
+    M_pinv, _ = null_space(M)
+    u = z @ M_pinv.T  # (B, D)
+    n_off, D = offsets.shape
+    rows = _chunk_rows(z.shape[0], n_off * D)
+    codes = torch.empty_like(u)
+    pre = torch.empty_like(u)
+    for r0 in range(0, z.shape[0], rows):
+        v = u[r0 : r0 + rows, None, :] + offsets[None]  # (b, P, D)
+        y = torch.where(v >= 0, 1.0, -1.0).to(z.dtype)
+        dist = (y @ M.T - z[r0 : r0 + rows, None, :]).square().sum(-1)  # (b, P)
+        arg = dist.argmin(dim=1)
+        sel = torch.arange(arg.shape[0], device=z.device)
+        codes[r0 : r0 + rows] = y[sel, arg]
+        pre[r0 : r0 + rows] = v[sel, arg]
+    return codes, pre
+
+
+def refine_flips(z: Tensor, codes: Tensor, M: Tensor, *, max_iters: int | None = None) -> Tensor:
+    """Greedy single-bit-flip descent: flip the best bit while it lowers ||z - M y||^2.
+
+    Flipping bit j changes the residual r = z - M y by +2 y_j m_j, so the distance changes by
+    ``4 (y_j m_j . r + ||m_j||^2)``: all D deltas cost one (B, d) x (d, D) product.
+    """
+    y = codes.clone()
+    col_sq = M.square().sum(0)  # (D,) ||m_j||^2
+    for _ in range(max_iters or M.shape[1]):
+        r = z - y @ M.T  # (B, d)
+        delta = 4.0 * (y * (r @ M) + col_sq)  # (B, D)
+        val, j = delta.min(dim=1)
+        improve = val < -1e-7
+        if not bool(improve.any()):
+            break
+        rows = improve.nonzero().squeeze(1)
+        y[rows, j[rows]] = -y[rows, j[rows]]
+    return y
+
+
+def _use_triton(kernel: str, z: Tensor) -> bool:
+    if kernel == "torch":
+        return False
+    if kernel == "triton":
+        return True
+    if kernel != "auto":
+        raise ValueError(f"unknown search kernel {kernel!r}: use auto|torch|triton")
+    if not z.is_cuda:
+        return False
+    from liftquant.kernels.search import HAS_TRITON
+
+    return HAS_TRITON
+
+
+def encode(
+    w: Tensor,
+    M: Tensor,
+    *,
+    method: str = "auto",
+    refine: bool | None = None,
+    return_pre_sign: bool = False,
+    offsets: Tensor | None = None,
+    kernel: str = "auto",
+):
+    """Nearest lattice codes for sub-vectors ``w`` (..., d) under ``M`` (d, D).
+
+    Returns int8 codes of +-1 with shape (..., D); with ``return_pre_sign`` also a float
+    tensor (..., D) whose signs are the codes and whose magnitudes tell how confident each
+    bit is (the pinv candidate before ``sign``; for exhaustive codes the projection
+    ``M_pinv z`` nudged to agree in sign). ``method``: "auto", "exhaustive", "pinv" or
+    ``kernel`` picks the pinv implementation: "auto" (the fused Triton kernel for CUDA inputs
+    when Triton is importable, else torch), "torch" or "triton". ``refine`` defaults to True.
+    """
+    d, D = M.shape
+    if w.shape[-1] != d:
+        raise ValueError(f"encode: last dim {w.shape[-1]} != lattice target_dim {d}")
+    if method == "auto":
+        method = LatticeSpec(D, d).default_method()
+    lead = w.shape[:-1]
+    z = w.reshape(-1, d).to(M.dtype)  # (B, d)
+    Mw = M.to(z.device)
+    if method == "exhaustive":
+        codes = _search_exhaustive(z, Mw)
+        pre = None
+    elif method == "pinv":
+        off = offsets if offsets is not None else padding_offsets(Mw)
+        if _use_triton(kernel, z):
+            from liftquant.kernels.search import search_pinv_triton
+
+            codes, pre = search_pinv_triton(z, Mw, off.to(z.device))
+        else:
+            codes, pre = _search_pinv(z, Mw, off.to(z.device))
+        if refine is None or refine:
+            codes = refine_flips(z, codes, Mw)
+    else:
+        raise ValueError(f"unknown search method {method!r}: use auto|exhaustive|pinv")
+    if return_pre_sign:
+        if pre is None:
+            M_pinv, _ = null_space(Mw)
+            pre = z @ M_pinv.T
+        # make the magnitudes agree with the final codes (flipped bits keep a small margin)
+        pre = codes * pre.abs().clamp_min(PRE_SIGN_FLOOR)
+        return codes.to(torch.int8).reshape(*lead, D), pre.reshape(*lead, D)
+    return codes.to(torch.int8).reshape(*lead, D)
+
+
+def quantization_mse(z: Tensor, M: Tensor, **encode_kwargs) -> float:
+    """Per-dimension MSE of encoding rows of z (B, d) with M."""
+    codes = encode(z, M, **encode_kwargs)
+    return float((z - decode(codes, M.to(z.device))).square().mean())
+
+
+def gaussian_mse(
+    M: Tensor,
+    *,
+    n: int = 100_000,
+    seed: int = 1234,
+    method: str = "auto",
+    refine: bool | None = None,
+    device=None,
+    batch: int = 1 << 16,
+    kernel: str = "auto",
+) -> float:
+    """Per-dimension MSE of M on ``n`` fresh N(0, I_d) vectors with the given search."""
+    device = torch.device(device) if device is not None else M.device
+    Md = M.to(device).float()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if method == "auto":
+        method = LatticeSpec(Md.shape[1], Md.shape[0]).default_method()
+    off = padding_offsets(Md) if method == "pinv" else None
+    total, count = 0.0, 0
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        z = torch.randn(b, Md.shape[0], generator=gen).to(device)
+        codes = encode(z, Md, method=method, refine=refine, offsets=off, kernel=kernel)
+        total += float((z - decode(codes, Md)).square().sum())
+        count += z.numel()
+    return total / count
+
+
+def rate_distortion_bound(bits: float) -> float:
+    """Gaussian rate-distortion limit D(R) = 2^(-2R) per dimension."""
+    return 2.0 ** (-2.0 * bits)
+
+
+def sign_quantization_mse() -> float:
+    """MSE of the naive 1-bit quantizer z -> sqrt(2/pi) sign(z) on N(0,1): 1 - 2/pi."""
+    return 1.0 - 2.0 / math.pi
