@@ -265,6 +265,25 @@ def _use_triton(kernel: str, z: Tensor) -> bool:
     return HAS_TRITON
 
 
+_TRITON_FAILED: list[str] = []
+
+
+def _pinv_dispatch(z: Tensor, M: Tensor, off: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
+    """Fused Triton search when asked for or available; "auto" falls back to torch (warning
+    once, naming the reason) if the kernel cannot be built on this machine."""
+    if _use_triton(kernel, z) and not (kernel == "auto" and _TRITON_FAILED):
+        from liftquant.kernels.search import search_pinv_triton
+
+        try:
+            return search_pinv_triton(z, M, off)
+        except Exception as exc:  # noqa: BLE001 - any build/launch failure -> torch path
+            if kernel == "triton":
+                raise
+            _TRITON_FAILED.append(repr(exc))
+            logger.warning("Triton search kernel unavailable (%r); using the torch search", exc)
+    return _search_pinv(z, M, off)
+
+
 def encode(
     w: Tensor,
     M: Tensor,
@@ -297,12 +316,7 @@ def encode(
         pre = None
     elif method == "pinv":
         off = offsets if offsets is not None else padding_offsets(Mw)
-        if _use_triton(kernel, z):
-            from liftquant.kernels.search import search_pinv_triton
-
-            codes, pre = search_pinv_triton(z, Mw, off.to(z.device))
-        else:
-            codes, pre = _search_pinv(z, Mw, off.to(z.device))
+        codes, pre = _pinv_dispatch(z, Mw, off.to(z.device), kernel)
         if refine is None or refine:
             codes = refine_flips(z, codes, Mw)
     else:
