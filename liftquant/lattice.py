@@ -44,6 +44,8 @@ MAX_NULL_DIM = 20
 MAX_EXHAUSTIVE_DIM = 24
 # "auto" uses exhaustive search up to this D (cheaper than or equal to pinv there and exact).
 AUTO_EXHAUSTIVE_DIM = 16
+# On CPU 2^16 codes per sub-vector is too slow for whole models: exhaustive only up to here.
+CPU_EXHAUSTIVE_DIM = 12
 # Bound on elements of any (batch x candidates x D) intermediate: 2^26 floats = 256 MiB fp32.
 MAX_CHUNK_ELEMENTS = 1 << 26
 # Where shipped lattices live (package-relative, resolved at call time).
@@ -100,8 +102,10 @@ class LatticeSpec:
     def null_dim(self) -> int:
         return self.lifted_dim - self.target_dim
 
-    def default_method(self) -> str:
-        return "exhaustive" if self.lifted_dim <= AUTO_EXHAUSTIVE_DIM else "pinv"
+    def default_method(self, device_type: str = "cuda") -> str:
+        """Exhaustive search where it is cheap and exact (small D; on CPU only tiny D)."""
+        limit = AUTO_EXHAUSTIVE_DIM if device_type == "cuda" else CPU_EXHAUSTIVE_DIM
+        return "exhaustive" if self.lifted_dim <= limit else "pinv"
 
     def __str__(self) -> str:
         return self.name
@@ -307,7 +311,7 @@ def encode(
     if w.shape[-1] != d:
         raise ValueError(f"encode: last dim {w.shape[-1]} != lattice target_dim {d}")
     if method == "auto":
-        method = LatticeSpec(D, d).default_method()
+        method = LatticeSpec(D, d).default_method(w.device.type)
     lead = w.shape[:-1]
     z = w.reshape(-1, d).to(M.dtype)  # (B, d)
     Mw = M.to(z.device)
@@ -353,7 +357,7 @@ def gaussian_mse(
     Md = M.to(device).float()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if method == "auto":
-        method = LatticeSpec(Md.shape[1], Md.shape[0]).default_method()
+        method = LatticeSpec(Md.shape[1], Md.shape[0]).default_method(device.type)
     off = padding_offsets(Md) if method == "pinv" else None
     total, count = 0.0, 0
     for start in range(0, n, batch):

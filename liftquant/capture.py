@@ -1,0 +1,209 @@
+"""Capture the inputs of decoder block 0 and call a single block again on cached activations.
+
+``capture_block_inputs`` runs the model's own forward (so masks and rotary embeddings are built
+exactly as in inference) with a forward pre-hook on block 0 that stores the hidden states into
+an :class:`~liftquant.cache.ActivationCache`, keeps the block's keyword arguments once, and
+aborts the forward with a private :class:`StopForward`. Only ``adapter.pre_block`` modules
+(embedding, rotary embedding) visit the accelerator; the blocks stay where they are.
+
+``run_block`` calls one block on ``(B, L, H)`` activations with those keyword arguments, with
+the batch dimension of per-sample tensors broadcast to ``B`` and floating tensors cast to the
+activation dtype. It does not change the grad mode, so training code can backpropagate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from liftquant.cache import ActivationCache
+from liftquant.log import get_logger
+from liftquant.models.adapters import ModelAdapter
+
+logger = get_logger("capture")
+
+HIDDEN_STATES_KWARG = "hidden_states"
+#: Block keyword arguments that belong to incremental decoding, never to calibration.
+DROPPED_KWARGS = frozenset(
+    {
+        "past_key_value",
+        "past_key_values",
+        "layer_past",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+    }
+)
+SLIDING_LAYER_TYPE = "sliding_attention"
+
+
+class StopForward(Exception):
+    """Raised by the capture hook to end the model's forward right after block 0's inputs."""
+
+
+# ------------------------------------------------------------------------- tensor trees
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor in a nest of tuples/lists/dicts; keep the rest as is."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple | list):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _is_cache_object(value: Any) -> bool:
+    """transformers ``Cache`` instances (KV caches) are never part of the replayable kwargs."""
+    return any(cls.__name__.endswith("Cache") for cls in type(value).__mro__[:-1])
+
+
+def _collapse_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``(batch, ...)`` tensors whose rows are all equal become ``(1, ...)`` (e.g. eager masks)."""
+    if t.ndim >= 2 and batch > 1 and t.shape[0] == batch and bool((t == t[:1]).all()):
+        return t[:1].clone()
+    return t
+
+
+def _clean_block_kwargs(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Drop decoding-only entries and move tensors to CPU, collapsing identical batch rows."""
+    clean = {}
+    for key, value in kwargs.items():
+        if key in DROPPED_KWARGS or key == HIDDEN_STATES_KWARG or _is_cache_object(value):
+            continue
+        clean[key] = _map_tensors(value, lambda t: _collapse_batch(t.detach().cpu(), batch))
+    return clean
+
+
+# ------------------------------------------------------------------------------ capture
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(recurse=True), *module.buffers(recurse=True)):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _check_uniform_masks(config: Any, seq_len: int) -> None:
+    """Block-0 kwargs replay for every block only if all blocks see the same attention mask."""
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    window = getattr(config, "sliding_window", None)
+    if len(layer_types) > 1 and SLIDING_LAYER_TYPE in layer_types and window and seq_len > window:
+        raise NotImplementedError(
+            f"layers mix attention types {sorted(layer_types)} and seq_len {seq_len} exceeds the "
+            f"sliding window {window}: block 0's attention mask does not fit every block. "
+            f"Calibrate with seq_len <= {window}."
+        )
+
+
+def capture_block_inputs(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    input_ids: torch.Tensor,
+    *,
+    cache: ActivationCache,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Fill ``cache`` with the block-0 inputs for ``input_ids`` (N, L); return the block kwargs.
+
+    The returned kwargs (attention mask, position embeddings (cos, sin), position ids, ...; CPU
+    tensors, batch rows collapsed to 1 when identical) replay any block through
+    :func:`run_block`. ``adapter.pre_block`` modules are moved to ``device`` for the capture and
+    back afterwards.
+    """
+    n, seq_len = input_ids.shape
+    if (n, seq_len) != cache.shape[:2]:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} do not match cache {cache.shape}")
+    _check_uniform_masks(getattr(model, "config", None), seq_len)
+    device = torch.device(device)
+    block0 = adapter.get_blocks(model)[0]
+    state: dict[str, Any] = {"start": 0, "kwargs": None}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs[HIDDEN_STATES_KWARG]
+        start = state["start"]
+        cache[start : start + hidden.shape[0]] = hidden
+        if state["kwargs"] is None:
+            state["kwargs"] = _clean_block_kwargs(kwargs, hidden.shape[0])
+        raise StopForward
+
+    moved = _move_pre_block(model, adapter, device)
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                state["start"] = start
+                batch = input_ids[start : start + batch_size].to(device)
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except StopForward:
+                    continue
+                raise RuntimeError("the forward pass never reached block 0; check the adapter")
+    finally:
+        handle.remove()
+        for module, original in moved:
+            module.to(original)
+    logger.debug("captured %d x %d block inputs; kwargs %s", n, seq_len, sorted(state["kwargs"]))
+    return state["kwargs"]
+
+
+def _move_pre_block(
+    model: nn.Module, adapter: ModelAdapter, device: torch.device
+) -> list[tuple[nn.Module, torch.device]]:
+    """Move the pre-block modules to ``device``; return ``(module, original device)`` pairs."""
+    moved = []
+    for name in adapter.pre_block:
+        module = adapter.get_module(model, name)
+        moved.append((module, _module_device(module)))
+        module.to(device)
+    return moved
+
+
+# ---------------------------------------------------------------------------------- replay
+def _fit_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Broadcast a batch-1 tensor to ``batch`` rows (a view); pass matching tensors through."""
+    if t.ndim < 2 or t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise ValueError(
+        f"block kwarg with batch dimension {t.shape[0]} cannot serve a batch of {batch}: capture "
+        f"with batch_size=1 or with identical rows (no per-sample padding masks)"
+    )
+
+
+def prepare_block_kwargs(
+    block_kwargs: dict[str, Any], *, batch: int, device: torch.device | str, dtype: torch.dtype
+) -> dict[str, Any]:
+    """The kwargs for a ``(batch, L, H)`` call on ``device``; floating tensors cast to ``dtype``.
+
+    Hoist this out of a training loop that reuses the same batch size, then call the block
+    directly (or pass the result to :func:`run_block`, which then only checks it).
+    """
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        return _fit_batch(t, batch)
+
+    return {key: _map_tensors(value, convert) for key, value in block_kwargs.items()}
+
+
+def run_block(
+    block: nn.Module,
+    x: torch.Tensor,
+    block_kwargs: dict[str, Any],
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Call ``block`` on hidden states ``x`` (B, L, H); return its output hidden states (B, L, H).
+
+    ``x`` and the kwargs are moved to ``device`` (default: ``x``'s device); the block must
+    already be there. Works whether the block returns a tensor or a tuple.
+    """
+    device = torch.device(device) if device is not None else x.device
+    x = x.to(device)
+    kwargs = prepare_block_kwargs(block_kwargs, batch=x.shape[0], device=device, dtype=x.dtype)
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple | list) else out

