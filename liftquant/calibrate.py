@@ -255,7 +255,9 @@ def quantize_block(
     row["stage2"] = s2
     row["holdout_corrected"] = holdout_error(block, data, batch_size=bs)
     for name, layer in layers.items():
-        adapter.set_module(block, name, layer.pack())
+        packed = layer.pack()
+        packed.backend = cfg.run.backend
+        adapter.set_module(block, name, packed)
     row["holdout_packed"] = holdout_error(block, data, batch_size=bs)
     return row
 
@@ -352,6 +354,9 @@ def quantize_model(
             swap_to_packed(block, adapter, spec)
             block.load_state_dict({k: v.to(device) for k, v in load_file(str(path)).items()},
                                   strict=True)
+            for m in block.modules():
+                if isinstance(m, PackedLiftLinear):
+                    m.backend = cfg.run.backend
             row = json.loads(path.with_suffix(".json").read_text())
             logger.info("block %d/%d resumed from %s", i + 1, len(blocks), path)
         else:

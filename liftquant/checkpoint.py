@@ -168,8 +168,12 @@ def load_quantized(
     device: "torch.device | str" = "cpu",
     dtype: torch.dtype | None = None,
     trainable: bool = False,
+    backend: str = "auto",
 ) -> tuple[nn.Module, Any]:
-    """Rebuild a LiftQuant model from ``path`` (strict load); returns ``(model, tokenizer)``."""
+    """Rebuild a LiftQuant model from ``path`` (strict load); returns ``(model, tokenizer)``.
+
+    ``backend`` picks the kernels of the packed layers ("auto", "torch", "triton", "bitblas").
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
@@ -203,6 +207,9 @@ def load_quantized(
         if t.device.type == "meta":
             raise CheckpointError(f"tensor {name} was not restored from the checkpoint")
     model.config.quantization_config = qc
+    for m in model.modules():
+        if isinstance(m, PackedLiftLinear):
+            m.backend = backend
     model.to(device)
     model.eval()
     if not trainable:

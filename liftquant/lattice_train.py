@@ -24,6 +24,7 @@ from torch import Tensor
 from liftquant.lattice import (
     LatticeSpec,
     all_codes,
+    encode,
     gaussian_mse,
     null_space,
     refine_flips,
@@ -41,6 +42,8 @@ DEFAULT_LR_FINAL_RATIO = 1 / 20
 DEFAULT_TAU = 10.0
 # Per-step candidate tensor budget (batch x candidates x D elements).
 DEFAULT_CANDIDATE_BUDGET = 1 << 24
+# On CPU the full pinv search joins the candidate set only while 2^(D-d) stays this small.
+FULL_SEARCH_CPU_NULL_DIM = 10
 
 
 @dataclass
@@ -68,8 +71,12 @@ def _candidates(z: Tensor, M: Tensor, *, budget: int, gen: torch.Generator) -> T
     y = torch.where(v >= 0, 1.0, -1.0).to(M.dtype)
     dist = (y @ M.T - z[:, None, :]).square().sum(-1)  # (B, K)
     best = y[torch.arange(B, device=M.device), dist.argmin(1)]  # (B, D)
-    refined = refine_flips(z, best, M)
-    return torch.cat([y, refined[:, None, :]], dim=1)  # (B, K + 1, D)
+    extra = [refine_flips(z, best, M)]
+    if k < (1 << (D - d)) and (M.is_cuda or D - d <= FULL_SEARCH_CPU_NULL_DIM):
+        # the code the quantizer's own search (all paddings + flips) picks: training then
+        # optimises M for the search that will actually be used
+        extra.append(encode(z, M, method="pinv").to(M.dtype))
+    return torch.cat([y] + [e[:, None, :] for e in extra], dim=1)  # (B, K + extra, D)
 
 
 def _softmin_loss(z: Tensor, M: Tensor, cand: Tensor, tau: float) -> Tensor:
