@@ -334,6 +334,9 @@ def quantize_model(
     Y = ActivationCache(n, seq_len, hidden, dtype=cache_dtype, mode=mode, path=cfg.calib.cache_dir)
     kwargs = capture_block_inputs(model, adapter, calib_ids, cache=X,
                                   batch_size=cfg.calib.batch_size, device=device)
+    logger.info("device memory estimate for one block in training: %.2f GiB",
+                estimate_block_train_bytes(adapter.get_blocks(model)[0], adapter, spec,
+                                           tokens=cfg.calib.batch_size * seq_len) / 2**30)
     n_hold = cfg.train.holdout or max(1, n // 32)
     split = {"train_idx": list(range(n - n_hold)), "holdout_idx": list(range(n - n_hold, n))}
     blocks = adapter.get_blocks(model)
@@ -377,6 +380,22 @@ def quantize_model(
     X.close()
     Y.close()
     return rows
+
+
+def estimate_block_train_bytes(block: nn.Module, adapter: ModelAdapter, spec: LatticeSpec,
+                               *, tokens: int) -> int:
+    """Rough fp32 footprint of stage-2 training of one block: parameters, latent signs with
+    their gradient and Adam moments, and activations kept for backward (tokens per step)."""
+    from liftquant.linear import lifted_width
+
+    params = sum(p.numel() for p in block.parameters())
+    latents, acts = 0, 0
+    for name in adapter.linear_names(block):
+        lin = adapter.get_linear(block, name)
+        k = lifted_width(lin.in_features, spec)
+        latents += lin.out_features * k
+        acts += tokens * (lin.in_features + k + lin.out_features)
+    return 4 * (params + 4 * latents + 2 * acts)
 
 
 def _log_row(row: dict, n_blocks: int) -> None:

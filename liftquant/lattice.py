@@ -161,8 +161,29 @@ def all_codes(n: int, *, device=None, dtype=torch.float32) -> Tensor:
     return (bits * 2 - 1).to(dtype)
 
 
+_NULL_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
 def null_space(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Return ``(M_pinv (D, d), N (D - d, D))`` with N an orthonormal basis of ker(M)."""
+    """Return ``(M_pinv (D, d), N (D - d, D))`` with N an orthonormal basis of ker(M).
+
+    Cached per matrix (device, storage, version): the SVD is computed once, on the CPU in
+    float64, instead of a GPU SVD launch on every search call. Tensors needing gradients
+    (training) are never cached.
+    """
+    key = (M.device, M.data_ptr(), M._version, tuple(M.shape), M.dtype)
+    if not M.requires_grad and key in _NULL_CACHE:
+        return _NULL_CACHE[key]
+    out = _null_space(M.detach().cpu())
+    out = (out[0].to(M.device), out[1].to(M.device))
+    if not M.requires_grad:
+        if len(_NULL_CACHE) > 16:
+            _NULL_CACHE.clear()
+        _NULL_CACHE[key] = out
+    return out
+
+
+def _null_space(M: Tensor) -> tuple[Tensor, Tensor]:
     d, D = M.shape
     U, S, Vh = torch.linalg.svd(M.double(), full_matrices=True)
     if S.min() <= S.max() * 1e-10:
@@ -272,6 +293,21 @@ def _use_triton(kernel: str, z: Tensor) -> bool:
 _TRITON_FAILED: list[str] = []
 
 
+def _exhaustive_dispatch(z: Tensor, M: Tensor, kernel: str) -> Tensor:
+    """Exact search: the Triton kernel on CUDA (same fallback rule as the pinv search)."""
+    if _use_triton(kernel, z) and not (kernel == "auto" and _TRITON_FAILED):
+        from liftquant.kernels.search import search_exhaustive_triton
+
+        try:
+            return search_exhaustive_triton(z, M)
+        except Exception as exc:  # noqa: BLE001 - any build/launch failure -> torch path
+            if kernel == "triton":
+                raise
+            _TRITON_FAILED.append(repr(exc))
+            logger.warning("Triton exhaustive kernel unavailable (%r); using torch", exc)
+    return _search_exhaustive(z, M)
+
+
 def _pinv_dispatch(z: Tensor, M: Tensor, off: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
     """Fused Triton search when asked for or available; "auto" falls back to torch (warning
     once, naming the reason) if the kernel cannot be built on this machine."""
@@ -316,7 +352,7 @@ def encode(
     z = w.reshape(-1, d).to(M.dtype)  # (B, d)
     Mw = M.to(z.device)
     if method == "exhaustive":
-        codes = _search_exhaustive(z, Mw)
+        codes = _exhaustive_dispatch(z, Mw, kernel)
         pre = None
     elif method == "pinv":
         off = offsets if offsets is not None else padding_offsets(Mw)

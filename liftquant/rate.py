@@ -39,11 +39,12 @@ def estimate_checkpoint_bytes(model: nn.Module, adapter: ModelAdapter, spec: Lat
             total += quantized_linear_bytes(lin.in_features, lin.out_features, spec,
                                             bias=lin.bias is not None)
     seen = set()
-    for key, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if key in quantized or id(p) in seen:
+    for key, t in model.state_dict().items():  # persistent tensors only, as saved
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in quantized or ptr in seen:
             continue
-        seen.add(id(p))
-        total += p.numel() * p.element_size()
+        seen.add(ptr)
+        total += t.numel() * t.element_size()
     return total
 
 

@@ -82,7 +82,9 @@ def bench_one(name: str, *, n_weights: int, device: torch.device, repeats: int) 
     else:
         record("pinv_torch_flip", lambda: L.encode(z, M, method="pinv", offsets=off))
     if D <= 20:
-        record("exhaustive_torch", lambda: L.encode(z, M, method="exhaustive"))
+        record("exhaustive_torch", lambda: L.encode(z, M, method="exhaustive", kernel="torch"))
+        if device.type == "cuda":
+            record("exhaustive_triton", lambda: L.encode(z, M, method="exhaustive"))
     return rows
 
 
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'lattice':8s} {'speedup(triton+flip vs baseline)':>34s} {'mse base':>9s} {'mse ours':>9s}")
     for name in names:
         base = next(r for r in rows if r["lattice"] == name and r["method"] == "pinv_torch_baseline")
-        ours = next((r for r in rows if r["lattice"] == name and r["method"].endswith("_flip")), base)
+        ours = next((r for r in rows if r["lattice"] == name and r["method"] == "pinv_triton_flip"),
+                    base)
         print(f"{name:8s} {base['seconds_per_1M'] / ours['seconds_per_1M']:34.1f} "
               f"{base['mse']:9.5f} {ours['mse']:9.5f}")
     return 0

@@ -157,3 +157,23 @@ def test_quantized_propagation_mode(tiny_lattice_dir):
     model = tiny_llama(seed=0)
     rows, _ = _quantize(model, tiny_lattice_dir, cfg=_cfg(epochs=1, propagate="quantized"))
     assert len(rows) == 2 and all(r["holdout_packed"] < 1.0 for r in rows)
+
+
+def test_size_estimate_equals_quantized_model_bytes(quantized_llama):
+    from liftquant.rate import estimate_checkpoint_bytes
+
+    model, _, _ = quantized_llama
+    fresh = tiny_llama(seed=0)
+    est = estimate_checkpoint_bytes(fresh, get_adapter(fresh.config), SPEC)
+    assert bits_report(model)["total_bytes"] == est
+
+
+def test_disk_activation_cache_gives_same_result(tiny_lattice_dir, tmp_path):
+    cfg_ram, cfg_disk = _cfg(epochs=1), _cfg(epochs=1)
+    cfg_disk.calib.cache_mode, cfg_disk.calib.cache_dir = "disk", str(tmp_path)
+    a, b = tiny_llama(seed=0), tiny_llama(seed=0)
+    _quantize(a, tiny_lattice_dir, cfg=cfg_ram)
+    _quantize(b, tiny_lattice_dir, cfg=cfg_disk)
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert not list(tmp_path.iterdir()), "disk cache files left behind"

@@ -114,3 +114,97 @@ def search_pinv_triton(z: Tensor, M: Tensor, offsets: Tensor) -> tuple[Tensor, T
     pre = u + offsets.float()[best_idx.long()]  # (B, D)
     codes = torch.where(pre >= 0, 1.0, -1.0)
     return codes, pre
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _exhaustive_search_kernel(
+        C_HI, C_LO, Q, BEST_IDX, BEST_SCORE,
+        B,
+        N_CODES: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Exact search: score(y) = ||M y||^2 - 2 (M^T z) . y over all 2^D codes.
+
+        Codes are generated from their index (bit k of index j is +1 iff set), so only the
+        per-code norms Q (2^D,) are read from memory. C = M^T z is split into fp16 high and low
+        parts so the tensor-core product is accurate to ~1e-6 relative.
+        """
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        k = tl.arange(0, DP)
+        rmask = rows < B
+        c_hi = tl.load(C_HI + rows[:, None] * DP + k[None, :], mask=rmask[:, None], other=0.0)
+        c_lo = tl.load(C_LO + rows[:, None] * DP + k[None, :], mask=rmask[:, None], other=0.0)
+        best = tl.full((BLOCK_B,), float("inf"), tl.float32)
+        best_i = tl.zeros((BLOCK_B,), tl.int32)
+        for j0 in range(0, N_CODES, BLOCK_C):
+            j = j0 + tl.arange(0, BLOCK_C)
+            bits = (j[None, :] >> k[:, None]) & 1  # (DP, BC)
+            y = tl.where(k[:, None] < D, bits * 2 - 1, 0).to(tl.float16)
+            cy = tl.dot(c_hi, y) + tl.dot(c_lo, y)  # (BB, BC)
+            q = tl.load(Q + j)
+            score = q[None, :] - 2.0 * cy
+            m = tl.min(score, axis=1)
+            a = tl.argmin(score, axis=1).to(tl.int32) + j0
+            better = m < best
+            best = tl.where(better, m, best)
+            best_i = tl.where(better, a, best_i)
+        tl.store(BEST_IDX + rows, best_i, mask=rmask)
+        tl.store(BEST_SCORE + rows, best, mask=rmask)
+
+    _EXH_CONFIGS = [
+        triton.Config({"BLOCK_B": bb, "BLOCK_C": bc}, num_warps=w)
+        for bb, bc, w in ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8))
+    ]
+    _exhaustive_search_tuned = triton.autotune(configs=_EXH_CONFIGS, key=["N_CODES", "DP"])(
+        _exhaustive_search_kernel
+    )
+
+# Per-code norms ||M y||^2 for the exhaustive kernel, cached per matrix (device, data, shape).
+_Q_CACHE: dict[tuple, Tensor] = {}
+
+
+def _code_norms(M: Tensor) -> Tensor:
+    from liftquant.lattice import all_codes
+
+    key = (M.device, M.data_ptr(), M._version, tuple(M.shape))
+    if key not in _Q_CACHE:
+        if len(_Q_CACHE) > 4:
+            _Q_CACHE.clear()
+        D = M.shape[1]
+        q = torch.empty(1 << D, device=M.device, dtype=torch.float32)
+        step = 1 << 20
+        for s in range(0, 1 << D, step):  # chunked: all_codes(24) would be 1.6 GB at once
+            idx = torch.arange(s, min(s + step, 1 << D), device=M.device)
+            y = (((idx[:, None] >> torch.arange(D, device=M.device)) & 1) * 2 - 1).float()
+            q[s:s + idx.numel()] = (y @ M.float().T).square().sum(-1)
+        _Q_CACHE[key] = q
+    return _Q_CACHE[key]
+
+
+def search_exhaustive_triton(z: Tensor, M: Tensor) -> Tensor:
+    """Exact nearest code for rows of z (B, d): (B, D) float +-1 (same as the torch oracle)."""
+    if not HAS_TRITON or not (z.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError("search_exhaustive_triton needs CUDA tensors and Triton")
+    d, D = M.shape
+    DP = _pow2_at_least(D)
+    c = torch.zeros(z.shape[0], DP, device=z.device, dtype=torch.float32)
+    c[:, :D] = z.float() @ M.float()  # (B, D): M^T z per row
+    c_hi = c.to(torch.float16)
+    c_lo = (c - c_hi.float()).to(torch.float16)
+    q = _code_norms(M)
+    B = z.shape[0]
+    best_idx = torch.empty(B, device=z.device, dtype=torch.int32)
+    best_score = torch.empty(B, device=z.device, dtype=torch.float32)
+    args = (c_hi, c_lo, q, best_idx, best_score, B)
+    if z.is_cuda:
+        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)  # noqa: E731
+        _exhaustive_search_tuned[grid](*args, N_CODES=1 << D, D=D, DP=DP)
+    else:
+        _exhaustive_search_kernel[(triton.cdiv(B, 16),)](
+            *args, N_CODES=1 << D, D=D, DP=DP, BLOCK_B=16, BLOCK_C=16
+        )
+    idx = best_idx.long()
+    return (((idx[:, None] >> torch.arange(D, device=z.device)) & 1) * 2 - 1).float()
