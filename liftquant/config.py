@@ -109,6 +109,8 @@ class RunArgs:
     resume: bool = _f(False, "continue an interrupted run from <save_dir>/blocks")
     backend: str = _f("auto", "kernel backend of packed layers (evaluation, propagation)",
                       choices=("auto", "torch", "triton", "bitblas"))
+    backend: str = _f("auto", "kernel backend of packed layers (evaluation, propagation)",
+                      choices=("auto", "torch", "triton", "bitblas"))
     config: str | None = _f(None, "read arguments from this JSON (CLI flags override)")
 
 

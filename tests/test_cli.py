@@ -89,7 +89,7 @@ SHELL_VARS = {"spec": "24to10", "OUT": "/tmp/x", "name": "run", "SCR": "/tmp/s"}
 
 def _expand_shell_vars(text: str) -> str:
     values = dict(SHELL_VARS)
-    values.update(dict(re.findall(r"(\w+)=\$\{\w+:-([^}]*)\}", text)))
+    values.update({k: v.strip('"') for k, v in re.findall(r"(\w+)=\$\{\w+:-([^}]*)\}", text)})
     text = text.replace('"$@"', "")  # a wrapper's pass-through arguments
     return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), text)
 

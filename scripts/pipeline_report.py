@@ -1,0 +1,42 @@
+"""Summarise main.py report.json files as a Markdown table (for bench/pipeline.md).
+
+    python scripts/pipeline_report.py --gpu "NVIDIA H100 80GB HBM3" --commit abc123 \
+        run1/report.json run2/report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def row(path: Path) -> str:
+    r = json.loads(path.read_text())
+    s, b, cfg = r["summary"], r["bits"], r["config"]
+    q = b["quantized_linears"]
+    blocks = r["blocks"]
+    mean = lambda key: sum(x[key] for x in blocks) / len(blocks)  # noqa: E731
+    return (f"| {path.parent.name} | {s['lattice']} | {q['bpw_codes']:.3f} | {q['bpw_total']:.3f} | "
+            f"{b['total_bytes'] / 2**20:.1f} | {s.get('ppl_fp', float('nan')):.3f} | "
+            f"{s.get('ppl_quantized', float('nan')):.3f} | {cfg['calib']['nsamples']}x"
+            f"{cfg['calib']['seqlen']} | {cfg['train']['epochs']} | {mean('holdout_rounded'):.4f} | "
+            f"{mean('holdout_corrected'):.4f} | {s['quantize_seconds']:.0f} | {s['peak_gib']:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("reports", nargs="+", type=Path)
+    args = p.parse_args(argv)
+    print("| run | lattice | bpw codes | bpw codes+side | model MiB | ppl FP | ppl quantized | "
+          "calib | epochs | mean holdout rel. MSE after rounding | after block correction | "
+          "quantize s | peak GPU GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in args.reports:
+        print(row(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
