@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-from liftquant.lattice import LATTICE_DIR, LatticeSpec, gaussian_mse, rate_distortion_bound
+from liftquant.lattice import (
+    LATTICE_DIR,
+    SEARCH_BASES,
+    LatticeSpec,
+    gaussian_mse,
+    rate_distortion_bound,
+)
 from liftquant.lattice_train import (
     DEFAULT_BATCH,
     DEFAULT_CANDIDATE_BUDGET,
@@ -62,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not overwrite an existing lattice with a higher-MSE one")
     p.add_argument("--eval", type=Path, default=None, metavar="PATH",
                    help="only measure the lattice stored at PATH")
+    p.add_argument("--register", action="store_true",
+                   help="with --eval: write the measured MSE (and search) into the index")
     p.add_argument("--time_limit", type=float, default=None,
                    help="seconds after which no new restart is started")
     p.add_argument("--hard_time_limit", type=float, default=None,
@@ -112,6 +120,10 @@ def update_index(path: Path, entry: dict) -> None:
     atomic_write_bytes(path, _write)
 
 
+def _search_fields(method: str) -> dict:
+    return {"search": method, "bases": SEARCH_BASES if method == "pinv" else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -125,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         mse = gaussian_mse(M, n=args.n_eval, method=method, device=args.device)
         print(f"{spec.name}: mse {mse:.5f} ({method}, n={args.n_eval}, {time.time() - t0:.1f}s) "
               f"rate-distortion bound {rate_distortion_bound(spec.bits_per_weight):.5f}")
+        if args.register:
+            index = args.index or (args.eval.parent / "index.json")
+            row = {r["name"]: r for r in read_index(index)}.get(spec.name)
+            if row is None:
+                raise SystemExit(f"{spec.name} is not in {index}; train it with this script")
+            update_index(index, {**row, **_search_fields(method), "mse": round(mse, 6),
+                                 "n_eval": args.n_eval, "eval_device": str(args.device),
+                                 "eval_date": _dt.date.today().isoformat()})
         return 0
     seed_everything(args.seed)
     init = torch.load(args.init, map_location="cpu", weights_only=True) if args.init else None
@@ -147,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     update_index(index, {
         "name": spec.name, "D": spec.lifted_dim, "d": spec.target_dim,
         "bits": round(spec.bits_per_weight, 6), "mse": round(mse, 6), "n_eval": args.n_eval,
-        "search": method, "seed": args.seed, "steps": res.steps_done, "restarts": len(res.restart_mse),
+        **_search_fields(method), "seed": args.seed, "steps": res.steps_done, "restarts": len(res.restart_mse),
         "restart_mse": [round(m, 6) for m in res.restart_mse], "tau": args.tau,
         "tau_final": args.tau_final or [args.tau], "lr": args.lr, "batch": args.batch,
         "budget": args.budget, "device": str(args.device), "train_seconds": round(train_s, 1),

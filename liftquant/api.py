@@ -73,8 +73,60 @@ def git_sha() -> str:
         return "unknown"
 
 
+def eval_tasks(model, tok, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """lm-eval on ``--tasks`` (offline pack names are mapped by :mod:`liftquant.tasks`)."""
+    from liftquant.lmeval import evaluate_tasks, format_table
+
+    res = evaluate_tasks(model, tok, cfg.run.tasks, batch_size=cfg.calib.batch_size,
+                         limit=cfg.run.tasks_limit, device=device)
+    logger.info("lm-eval results:\n%s", format_table(res))
+    return res
+
+
+def _quantize_liftquant(model, calib, *, cfg: RunConfig, spec, M, adapter, device, save_dir):
+    """LiftQuant block loop; returns (report rows, bits report, quantization_config, None)."""
+    rows = quantize_model(model, calib, cfg=cfg, M=M, spec=spec, adapter=adapter, device=device,
+                          blocks_dir=save_dir / "blocks", resume=cfg.run.resume)
+    qc = quantization_config(spec=spec, M=M, quantized_modules=packed_module_names(model),
+                             not_converted=list(adapter.skip))
+    return rows, bits_report(model), qc, None
+
+
+def _quantize_baseline(model, calib, *, cfg: RunConfig, spec, adapter, device):
+    """RTN/GPTQ (liftquant.baselines); returns rows, bits, quantization_config, packed tensors."""
+    from liftquant import baselines
+
+    weights, rows = baselines.quantize_baseline(
+        model, calib, spec=spec, adapter=adapter, device=device, batch_size=cfg.calib.batch_size,
+        cache_mode="cpu" if cfg.calib.cache_mode == "auto" else cfg.calib.cache_mode,
+        cache_dir=cfg.calib.cache_dir)
+    qc = baselines.quantization_config(spec, quantized_modules=list(weights),
+                                       not_converted=list(adapter.skip))
+    bits = bits_report(model, quantized=baselines.storage_bits(model, weights))
+    return rows, bits, qc, baselines.checkpoint_tensors(model, weights)
+
+
+def _select_quantizer(cfg: RunConfig, model, adapter):
+    """(spec, M, rate_info): a LiftQuant lattice, or a ``BaselineSpec`` with M = None."""
+    lat = cfg.lattice
+    if lat.method != "liftquant":
+        from liftquant.baselines import BaselineSpec
+
+        spec = BaselineSpec(method=lat.method, bits=lat.baseline_bits, group_size=lat.group_size,
+                            damp=lat.damp, act_order=cfg.train.act_order)
+        return spec, None, {"rule": f"--method {lat.method}"}
+    spec, rate_info = select_lattice(
+        expc=lat.expc, bits=lat.bits, target_size_gb=lat.target_size_gb,
+        model=model, adapter=adapter, lattice_dir=lat.lattice_dir)
+    return spec, load_projection(spec, lat.lattice_dir), rate_info
+
+
 def run_quantization(cfg: RunConfig) -> dict[str, Any]:
-    """Load, calibrate, quantize, save (and evaluate); returns the summary written to report."""
+    """Load, calibrate, quantize, save (and evaluate); returns the summary written to report.
+
+    ``--method rtn|gptq`` runs a baseline instead of LiftQuant with the same calibration data,
+    bits accounting, report and summary keys.
+    """
     from liftquant.data import load_calibration
 
     t_start = time.time()
@@ -82,38 +134,44 @@ def run_quantization(cfg: RunConfig) -> dict[str, Any]:
     save_dir = Path(cfg.run.save_dir)
     model, tok = load_model_for_run(cfg)
     adapter = get_adapter(model.config, override=cfg.model.adapter)
-    spec, rate_info = select_lattice(
-        expc=cfg.lattice.expc, bits=cfg.lattice.bits, target_size_gb=cfg.lattice.target_size_gb,
-        model=model, adapter=adapter, lattice_dir=cfg.lattice.lattice_dir)
-    M = load_projection(spec, cfg.lattice.lattice_dir)
-    logger.info("lattice %s (%.3f bits/weight, rule %s) on %s", spec, spec.bits_per_weight,
-                rate_info["rule"], device)
-    calib = load_calibration(tok, source=cfg.calib.calib_dataset, n_samples=cfg.calib.nsamples,
-                             seq_len=cfg.calib.seqlen, seed=cfg.calib.seed)
-    summary: dict[str, Any] = {"model": cfg.model.model, "lattice": spec.name,
-                               "rate_selection": rate_info, "device": str(device)}
+    spec, M, rate_info = _select_quantizer(cfg, model, adapter)
+    logger.info("quantizer %s (%s bits/weight, rule %s) on %s", spec.name,
+                getattr(spec, "bits_per_weight", cfg.lattice.baseline_bits), rate_info["rule"],
+                device)
+    calib = None if cfg.lattice.method == "rtn" else load_calibration(
+        tok, source=cfg.calib.calib_dataset, n_samples=cfg.calib.nsamples,
+        seq_len=cfg.calib.seqlen, seed=cfg.calib.seed)
+    summary: dict[str, Any] = {"model": cfg.model.model, "method": cfg.lattice.method,
+                               "lattice": spec.name, "rate_selection": rate_info,
+                               "device": str(device)}
     if cfg.run.eval_ppl:
         summary["ppl_fp"] = eval_perplexity(model, tok, cfg, device)
         logger.info("FP perplexity (%s): %.3f", cfg.run.eval_dataset, summary["ppl_fp"])
     t_q = time.time()
-    rows = quantize_model(model, calib, cfg=cfg, M=M, spec=spec, adapter=adapter, device=device,
-                          blocks_dir=save_dir / "blocks", resume=cfg.run.resume)
+    if M is None:
+        rows, bits, qc, tensors = _quantize_baseline(model, calib, cfg=cfg, spec=spec,
+                                                     adapter=adapter, device=device)
+    else:
+        rows, bits, qc, tensors = _quantize_liftquant(model, calib, cfg=cfg, spec=spec, M=M,
+                                                      adapter=adapter, device=device,
+                                                      save_dir=save_dir)
     summary["quantize_seconds"] = round(time.time() - t_q, 1)
     summary["peak_gib"] = round(peak_memory_gib(device), 3)
     if cfg.run.eval_ppl:
         summary["ppl_quantized"] = eval_perplexity(model, tok, cfg, device)
         logger.info("quantized perplexity: %.3f", summary["ppl_quantized"])
-    summary["bits"] = bits_report(model)
+    if cfg.run.tasks:
+        summary["tasks"] = eval_tasks(model, tok, cfg, device)
+    summary["bits"] = bits
     summary["total_seconds"] = round(time.time() - t_start, 1)
-    names = packed_module_names(model)
-    qc = quantization_config(spec=spec, M=M, quantized_modules=names,
-                             not_converted=list(adapter.skip))
     report = {"summary": {k: v for k, v in summary.items() if k != "bits"},
               "bits": summary["bits"], "blocks": rows, "config": cfg.to_dict(),
-              "git_sha": git_sha(), "calib_tokens": int(calib.numel())}
-    save_quantized(model, tok, save_dir, qconfig=qc, report=report, run_config=cfg.to_dict())
+              "git_sha": git_sha(), "calib_tokens": 0 if calib is None else int(calib.numel())}
+    save_quantized(model, tok, save_dir, qconfig=qc, report=report, run_config=cfg.to_dict(),
+                   tensors=tensors)
     shutil.rmtree(save_dir / "blocks", ignore_errors=True)  # merged into model.safetensors
     summary["checkpoint_bytes"] = sum(p.stat().st_size for p in save_dir.glob("*.safetensors"))
+    summary["calib_tokens"] = report["calib_tokens"]
     return summary
 
 

@@ -91,8 +91,13 @@ def save_quantized(
     qconfig: dict[str, Any],
     report: dict[str, Any] | None = None,
     run_config: dict[str, Any] | None = None,
+    tensors: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write the checkpoint into a temp folder next to ``out_dir``, then move files in."""
+    """Write the checkpoint into a temp folder next to ``out_dir``, then move files in.
+
+    ``tensors`` replaces the model's state dict as the content of ``model.safetensors`` (the
+    baselines store packed integer codes instead of their dense weights).
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -101,7 +106,8 @@ def save_quantized(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(_state_for_saving(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        state = _state_for_saving(model) if tensors is None else tensors
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config = model.config
         config.quantization_config = qconfig
         config.save_pretrained(tmp)
@@ -220,18 +226,21 @@ def load_quantized(
     return model, tokenizer
 
 
-def bits_report(model: nn.Module) -> dict[str, Any]:
+def bits_report(model: nn.Module, *, quantized: dict[str, dict[str, int]] | None = None
+                ) -> dict[str, Any]:
     """Exact storage accounting: codes + side tensors per quantized linear, and the whole model.
 
     Embeddings and the LM head are reported separately (a tied head costs nothing extra).
+    ``quantized`` adds layers kept dense in memory but stored quantized ({module name:
+    {"code_bits", "side_bits", "weights"}}, e.g. from ``baselines.storage_bits``).
     """
     layers, code, side, weights = {}, 0, 0, 0
-    for name, m in model.named_modules():
-        if isinstance(m, PackedLiftLinear):
-            b = m.storage_bits()
-            layers[name] = {**b, "bpw_codes": b["code_bits"] / b["weights"],
-                            "bpw_total": (b["code_bits"] + b["side_bits"]) / b["weights"]}
-            code, side, weights = code + b["code_bits"], side + b["side_bits"], weights + b["weights"]
+    entries = [(n, m.storage_bits()) for n, m in model.named_modules()
+               if isinstance(m, PackedLiftLinear)]
+    for name, b in entries + sorted((quantized or {}).items()):
+        layers[name] = {**b, "bpw_codes": b["code_bits"] / b["weights"],
+                        "bpw_total": (b["code_bits"] + b["side_bits"]) / b["weights"]}
+        code, side, weights = code + b["code_bits"], side + b["side_bits"], weights + b["weights"]
     seen, embed_bits, head_bits, other_bits = set(), 0, 0, 0
     for key, t in model.state_dict().items():
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset())

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT_VERSION = 1
+METHODS = ("liftquant", "rtn", "gptq")  # --method; rtn/gptq live in liftquant.baselines
 DEMO_MODEL = "demo"  # --model demo (the default): SmolLM2-135M-Instruct fetched from PyPI
 
 
@@ -60,6 +61,12 @@ class LatticeArgs:
     search: str = _f("auto", "nearest-code search", choices=("auto", "exhaustive", "pinv"))
     wbits: int | None = _f(None, "bits of the stage-1 uniform proxy (default floor(D/d))")
     w_sym: bool = _f(False, "compat: the proxy quantizer is always symmetric")
+    method: str = _f("liftquant", "quantizer: liftquant, or the baselines rtn (round-to-nearest) "
+                     "and gptq, run on the same model and calibration data",
+                     choices=METHODS)
+    baseline_bits: int = _f(4, "rtn/gptq: bits per weight of the integer codes (2..8)")
+    group_size: int = _f(128, "rtn/gptq: input columns per scale/zero group (0: per-channel)")
+    damp: float = _f(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
 
 
 @dataclass
@@ -92,8 +99,8 @@ class TrainArgs:
     usefullfp: bool = _f(False, "compat: targets are always the full-precision block outputs")
     true_sequential: bool = _f(False, "compat: all linears of a block are trained jointly",
                                aliases=("--true-sequential",))
-    act_order: bool = _f(False, "compat: GPTQ flag, unused by LiftQuant",
-                         aliases=("--act-order",))
+    act_order: bool = _f(False, "--method gptq: quantize columns by decreasing Hessian "
+                         "diagonal; unused by LiftQuant (compat)", aliases=("--act-order",))
     abits: int = _f(16, "activation bits (only 16 supported)")
     kbits: int = _f(16, "KV-cache key bits (only 16 supported)")
     vbits: int = _f(16, "KV-cache value bits (only 16 supported)")
@@ -106,9 +113,12 @@ class RunArgs:
     eval_dataset: str = _f("wiki-offline", "perplexity text: wiki-offline|wikitext2|c4|path")
     eval_seqlen: int = _f(2048, "perplexity window")
     eval_max_windows: int | None = _f(None, "cap on perplexity windows (None: all)")
+    tasks: str | None = _f(None, "lm-eval tasks after quantization, comma-separated; the "
+                           "offline pack (boolq, piqa, openbookqa, commonsense_qa, siqa, mmlu, "
+                           "or 'pack' for all) runs without the hub (liftquant.tasks)",
+                           aliases=("--eval_tasks",))
+    tasks_limit: int | None = _f(None, "lm-eval: at most this many examples per task")
     resume: bool = _f(False, "continue an interrupted run from <save_dir>/blocks")
-    backend: str = _f("auto", "kernel backend of packed layers (evaluation, propagation)",
-                      choices=("auto", "torch", "triton", "bitblas"))
     backend: str = _f("auto", "kernel backend of packed layers (evaluation, propagation)",
                       choices=("auto", "torch", "triton", "bitblas"))
     config: str | None = _f(None, "read arguments from this JSON (CLI flags override)")
@@ -170,6 +180,15 @@ class RunConfig:
             raise ValueError("give at most one of --expc, --bits, --target_size_gb")
         if c.seqlen < 8 or c.batch_size < 1:
             raise ValueError("--seqlen must be >= 8 and --batch_size >= 1")
+        lat = self.lattice
+        if lat.method not in METHODS:
+            raise ValueError(f"--method {lat.method!r}: choose one of {', '.join(METHODS)}")
+        if lat.method != "liftquant":
+            if lat.bits is not None or lat.target_size_gb is not None:
+                raise ValueError("--bits/--target_size_gb pick a LiftQuant lattice; with "
+                                 f"--method {lat.method} give --baseline_bits")
+            if not 2 <= lat.baseline_bits <= 8 or lat.group_size < 0 or lat.damp <= 0:
+                raise ValueError("need 2 <= --baseline_bits <= 8, --group_size >= 0, --damp > 0")
 
     # stage-resolved values -------------------------------------------------------------
     def stage_epochs(self, stage: int) -> int:

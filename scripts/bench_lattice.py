@@ -3,7 +3,9 @@
 Methods measured in one run, same lattices and inputs:
   * ``pinv_torch_baseline``: a straightforward batched torch version of the published heuristic
     (materialises the (B, 2^(D-d), D) candidate tensor in chunks), no refinement;
-  * ``pinv_triton_flip``: the fused Triton kernel (lattice.encode on CUDA) + greedy bit flips;
+  * ``pinv_triton_flip``: the fused Triton kernel (lattice.encode on CUDA) + greedy bit flips,
+    same single null-space basis as the baseline;
+  * ``pinv4b_triton_flip``: the quantizer's default: union of 4 null-space bases + flips;
   * ``exhaustive_torch``: exact search as one matmul per code chunk, where 2^D is small.
 
 Usage: python scripts/bench_lattice.py --lattices 16to8,20to8,24to8,24to10,30to14,32to16
@@ -79,6 +81,9 @@ def bench_one(name: str, *, n_weights: int, device: torch.device, repeats: int) 
         record("pinv_triton_flip", lambda: L.encode(z, M, method="pinv", offsets=off))
         record("pinv_triton_noflip",
                lambda: L.encode(z, M, method="pinv", offsets=off, refine=False))
+        off4 = L.padding_offsets(M, bases=L.SEARCH_BASES)
+        record(f"pinv{L.SEARCH_BASES}b_triton_flip",
+               lambda: L.encode(z, M, method="pinv", offsets=off4))
     else:
         record("pinv_torch_flip", lambda: L.encode(z, M, method="pinv", offsets=off))
     if D <= 20:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAPER = {"16to8": 0.089, "32to16": 0.082, "30to14": 0.070, "24to10": 0.053, "32to20": 0.146}
 RELEASED = {"16to8": 0.092, "20to8": 0.050, "24to8": 0.0256}
 # Which benchmark method is the quantizer's search on a GPU for each search kind.
-GPU_METHOD = {"exhaustive": "exhaustive_torch", "pinv": "pinv_triton_flip"}
+GPU_METHOD = {"exhaustive": "exhaustive_triton", "pinv": "pinv4b_triton_flip"}
 
 HEADER = """# Shipped lattices
 
@@ -25,8 +25,9 @@ Each `<D>to<d>.pt` is a plain float32 tensor M of shape (d, D) (load with
 `torch.load(path, weights_only=True)`): D sign bits decode d weights, D/d bits per weight.
 All were trained by `lattice_generator.py` (soft-min objective, Adam, cosine decay,
 restarts; settings per lattice in `index.json`). MSE is per dimension on 100,000 fresh
-N(0, I_d) vectors with the search the quantizer uses on a GPU (`search` column: exhaustive
-= exact; pinv = null-space heuristic over all 2^(D-d) paddings + greedy bit flips).
+N(0, I_d) vectors with the search the quantizer uses (`search` column: exhaustive = exact;
+pinv = null-space heuristic over all 2^(D-d) paddings of 4 null-space bases (a canonical one
+and three fixed rotations: `lattice.null_bases`) + greedy bit flips).
 Effective bits = 1/2 log2(1/MSE); the Gaussian rate-distortion bound is D(R) = 2^(-2R).
 Search time is seconds per 10^6 Gaussian weights on the GPU named in `bench/lattice.csv`
 (commit there; `scripts/bench_lattice.py`); "-" = not benchmarked.

@@ -1,0 +1,115 @@
+"""Bits-vs-quality sweep helpers (paper Figure 1): job list, CSV rows, headless plot.
+
+Used by ``scripts/pareto.py``. CSV columns are :data:`COLUMNS`; ``size_gb`` is bytes as stored
+(``checkpoint.bits_report``: codes + side tensors + unquantized tensors in the model dtype) in
+units of 1e9 B; ``bits_per_weight`` is codes + side bits of the quantized linears (FP: the
+weight dtype width). matplotlib is optional: :func:`plot` returns None with a warning without it.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from liftquant.log import get_logger
+
+log = get_logger("pareto")
+
+COLUMNS = ("model", "method", "config", "bits_per_weight", "size_gb", "ppl_wiki_offline",
+           "task_avg", "tasks", "calib_tokens", "gpu", "commit")
+MARKERS = {"liftquant": "o", "rtn": "s", "gptq": "^"}
+
+
+def parse_jobs(configs: str | None, baselines: list[str]) -> list[tuple[str, str, int | None]]:
+    """``"24to8,20to8"`` + ``["rtn:2,3"]`` -> [("liftquant", "24to8", None), ("rtn", "rtn", 2), ..]."""
+    jobs = [("liftquant", c.strip(), None) for c in (configs or "").split(",") if c.strip()]
+    for item in baselines:
+        method, _, bits = item.partition(":")
+        if method not in ("rtn", "gptq") or not bits:
+            raise ValueError(f"--baselines entry {item!r}: expected rtn:B[,B..] or gptq:B[,B..]")
+        jobs += [(method, method, int(b)) for b in bits.split(",")]
+    return jobs
+
+
+def append_rows(path: str | Path, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path`` (header written once; a different header raises)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.is_file() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if tuple(header or ()) != COLUMNS:
+            raise ValueError(f"{path} has columns {header}, expected {list(COLUMNS)}")
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
+
+
+def _num(value: str) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def plot(csv_path: str | Path, png: str | Path, *, budget_gb: float | None = None) -> Path | None:
+    """Perplexity (and task average) vs size per model of the CSV; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    with open(csv_path, newline="") as f:
+        latest = {(r["model"], r["method"], r["config"]): r for r in csv.DictReader(f)}
+    models = list(dict.fromkeys(k[0] for k in latest))
+    has_tasks = any(_num(r["task_avg"]) is not None for r in latest.values())
+    metrics = ["ppl_wiki_offline"] + (["task_avg"] if has_tasks else [])
+    fig, axes = plt.subplots(len(metrics), len(models), squeeze=False,
+                             figsize=(5.5 * len(models), 4 * len(metrics)))
+    for col, model in enumerate(models):
+        rows = [r for k, r in latest.items() if k[0] == model]
+        for row_i, metric in enumerate(metrics):
+            ax = axes[row_i][col]
+            for method in dict.fromkeys(r["method"] for r in rows):
+                pts = sorted((_num(r["size_gb"]), _num(r[metric]), r["config"]) for r in rows
+                             if r["method"] == method and _num(r[metric]) is not None)
+                if not pts:
+                    continue
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                if method == "fp":
+                    ax.scatter(xs, ys, marker="*", s=200, color="k", label="FP", zorder=3)
+                    continue
+                ax.plot(xs, ys, marker=MARKERS.get(method, "x"), label=method)
+                for x, y, name in pts:
+                    ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+            if budget_gb:
+                ax.axvline(budget_gb, ls="--", color="gray", label=f"budget {budget_gb} GB")
+            if metric == "ppl_wiki_offline":
+                ax.set_yscale("log")
+            ax.set(title=model, xlabel="model size (GB)",
+                   ylabel="wiki-offline perplexity" if row_i == 0 else "task average acc")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return Path(png)
+
+
+def csv_row(summary: dict, *, model: str, method: str, config: str, bits: dict, tasks_note: str,
+         gpu: str, commit: str) -> dict:
+    tasks = summary.get("tasks")
+    return {"model": model, "method": method, "config": config,
+            "bits_per_weight": round(bits["quantized_linears"]["bpw_total"], 4),
+            "size_gb": round(bits["total_bytes"] / 1e9, 5),
+            "ppl_wiki_offline": round(summary["ppl_quantized"], 4),
+            "task_avg": round(tasks["task_avg"], 4) if tasks else "",
+            "tasks": tasks_note if tasks else "", "calib_tokens": summary.get("calib_tokens", 0),
+            "gpu": gpu, "commit": commit}

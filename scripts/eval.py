@@ -1,0 +1,100 @@
+"""Evaluate an FP model, a LiftQuant checkpoint or an RTN/GPTQ baseline checkpoint.
+
+    python scripts/eval.py --model demo --eval_ppl --tasks pack --output out/fp_eval.json
+    python scripts/eval.py --quant_model_path out/demo --eval_ppl --tasks boolq,piqa
+
+Perplexity follows liftquant.eval (non-overlapping windows, GPTQ convention); --tasks runs
+lm-eval (the offline pack by name, see liftquant.tasks). The result is printed as JSON and
+written to --output when given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from liftquant.config import (
+    CalibArgs,
+    ModelArgs,
+    RunArgs,
+    RunConfig,
+    _f,
+    build_parser,
+)
+
+
+@dataclass
+class EvalArgs:
+    quant_model_path: str | None = _f(None, "LiftQuant or baseline checkpoint folder (then "
+                                      "--model is not used)")
+    eval_ppl: bool = _f(False, "perplexity on --eval_dataset")
+    eval_dataset: str = _f("wiki-offline", "perplexity text: wiki-offline|wikitext2|c4|path")
+    eval_seqlen: int = _f(2048, "perplexity window")
+    eval_max_windows: int | None = _f(None, "cap on perplexity windows (None: all)")
+    tasks: str | None = _f(None, "lm-eval tasks, comma-separated ('pack' = offline pack)",
+                           aliases=("--eval_tasks",))
+    tasks_limit: int | None = _f(None, "lm-eval: at most this many examples per task")
+    batch_size: int = _f(8, "lm-eval batch size")
+    backend: str = _f("auto", "kernel backend of LiftQuant layers",
+                      choices=("auto", "torch", "triton", "bitblas"))
+    output: str | None = _f(None, "write the JSON result here")
+
+
+def _given(ns, cls) -> dict:
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+            if getattr(ns, f.name, None) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(__doc__.split("\n")[0], groups={"model": ModelArgs, "eval": EvalArgs})
+    ns = parser.parse_args(argv)
+    ev = EvalArgs(**_given(ns, EvalArgs))
+    if not ev.eval_ppl and not ev.tasks:
+        parser.error("nothing to evaluate: give --eval_ppl and/or --tasks")
+    cfg = RunConfig(model=ModelArgs(**_given(ns, ModelArgs)), calib=CalibArgs(
+        batch_size=ev.batch_size), run=RunArgs(
+        eval_ppl=ev.eval_ppl, eval_dataset=ev.eval_dataset, eval_seqlen=ev.eval_seqlen,
+        eval_max_windows=ev.eval_max_windows, tasks=ev.tasks, tasks_limit=ev.tasks_limit))
+    from liftquant import api
+    from liftquant.baselines import load_checkpoint
+    from liftquant.log import setup_logging
+
+    setup_logging()
+    device = api.resolve_device(cfg.model.device)
+    if ev.quant_model_path:
+        dtype = api._DTYPES[ns.dtype] if ns.dtype else None  # default: as stored
+        model, tok = load_checkpoint(ev.quant_model_path, dtype=dtype, backend=ev.backend)
+        qc = getattr(model.config, "quantization_config", None) or getattr(
+            model, "liftquant_quantization_config", {})
+        result = {"model": ev.quant_model_path, "quant_method": qc.get("quant_method"),
+                  "config": qc.get("lattice") or qc.get("name")}
+        report = Path(ev.quant_model_path) / "report.json"
+        if report.is_file():
+            result["bits"] = {k: v for k, v in json.loads(report.read_text())["bits"].items()
+                              if k != "per_layer"}
+    else:
+        model, tok = api.load_model_for_run(cfg)
+        result = {"model": cfg.model.model, "quant_method": None, "config": "fp"}
+    if tok is None:
+        parser.error("the model has no tokenizer files; evaluation needs one")
+    result["device"] = str(device)
+    if ev.eval_ppl:
+        result.update(eval_dataset=ev.eval_dataset, eval_seqlen=ev.eval_seqlen,
+                      ppl=api.eval_perplexity(model, tok, cfg, device))
+    if ev.tasks:
+        result["tasks"] = api.eval_tasks(model, tok, cfg, device)
+    text = json.dumps(result, indent=1)
+    if ev.output:
+        Path(ev.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(ev.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
