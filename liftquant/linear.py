@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from liftquant.kernels.registry import get_backend
 from liftquant.lattice import LatticeSpec, decode, encode
 from liftquant.pack import pack_signs, packed_width, unpack_signs
 from liftquant.proxy import UniformProxy
@@ -201,6 +202,7 @@ class PackedLiftLinear(nn.Module):
         self.register_buffer("s2_act", torch.ones(n1, n2 // d, 1, dtype=side_dtype, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=side_dtype, **kw)
                              if bias else None)
+        self.backend = "auto"  # kernel backend name (kernels.registry.set_backend)
 
     def fused_input(self, x: Tensor) -> Tensor:
         d, D = self.spec.target_dim, self.spec.lifted_dim
@@ -213,10 +215,8 @@ class PackedLiftLinear(nn.Module):
         return unpack_signs(self.packed_signs, self.lifted_width, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = (self.fused_input(x) @ self.signs(x.dtype).T) * self.scale.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out
+        # The "torch" backend (kernels.torch_ref.linear) is the reference decode.
+        return get_backend(self.backend, x.device).linear(self, x)
 
     @torch.no_grad()
     def dequantize_weight(self) -> Tensor:

@@ -1,0 +1,182 @@
+"""Batch-1 int1 GEMV / fused-layer microbenchmarks on the GPU -> bench/kernels.csv (SPEC §8).
+
+For every Llama-3 8B/70B weight shape and lattice, with random packed weights:
+
+* kernel rows (``triton-gemv``: the best of the GEMV tuning candidates, ``-noasm``: the same
+  loop without inline PTX) are ``triton.testing.do_bench`` medians (L2 cleared before every
+  run) against cuBLAS fp16 ``F.linear`` of the original shape timed the same way;
+* layer rows (``triton-transform``/``torch-transform``: T* alone; ``triton``/``torch``: the
+  backends' whole ``linear``) are per-call times of back-to-back calls in one CUDA graph, as a
+  graphed decode step runs them, against fp16 ``F.linear`` timed the same way.
+
+Inputs rotate over enough weight copies (> 3x L2) that weights never stay in L2.
+``fraction_of_copy`` = packed-weight bytes / time over the measured device-to-device copy rate
+(bytes read + written). ``python scripts/bench_kernels.py --out bench/kernels.csv``
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from itertools import cycle
+
+import torch
+import torch.nn.functional as F
+
+from liftquant.kernels import registry
+from liftquant.kernels import triton_int1 as ti
+from liftquant.linear import PackedLiftLinear
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
+LATTICES = ["16to8", "24to10", "20to8", "24to8"]
+ROTATE_BYTES = 200 * 2**20  # > 3x the H100's 50 MB L2
+COLUMNS = ["shape", "config", "backend", "time_us", "weight_gbps", "copy_gbps", "fraction_of_copy",
+           "fp16_time_us", "speedup_vs_fp16", "gpu", "commit"]
+
+
+@torch.no_grad()
+def fill_random_(layer: PackedLiftLinear, seed: int = 0) -> PackedLiftLinear:
+    """Random codes and well-scaled random side tensors, in place (no calibration)."""
+    dev = layer.packed_signs.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    n1, n2 = layer.block_shape
+    layer.packed_signs.copy_(torch.randint(0, 256, layer.packed_signs.shape, generator=g,
+                                           device=dev, dtype=torch.uint8))
+    layer.scale.fill_(1.0 / layer.lifted_width**0.5)
+    layer.s1.fill_(1.0)
+    layer.s2_act.fill_(1.0)
+    layer.L.copy_(torch.randn(n1, n1, generator=g, device=dev) / n1**0.5)
+    layer.R.copy_(torch.randn(*layer.R.shape, generator=g, device=dev) / n2**0.5)
+    if layer.bias is not None:
+        layer.bias.zero_()
+    return layer
+
+
+def random_packed_layer(n: int, N: int, spec: str, *, device="cuda", seed: int = 0):
+    return fill_random_(PackedLiftLinear(n, N, spec=spec, device=device), seed)
+
+
+def bench(fn, args_cycle) -> float:
+    """Kernel time (us): do_bench median, L2 cleared before every run."""
+    from triton.testing import do_bench
+
+    return do_bench(lambda: fn(*next(args_cycle)), warmup=10, rep=50, return_mode="median") * 1e3
+
+
+def graph_bench(fn, args: list, min_calls: int = 16) -> float:
+    """Per-call time (us) of back-to-back calls over rotating args captured in one CUDA graph:
+    what a graphed decode step pays (launch gaps included, no host overhead)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: builds kernels, tunes GEMV shapes
+        for a in args[:3]:
+            fn(*a)
+    torch.cuda.current_stream().wait_stream(stream)
+    calls = max(len(args), min_calls)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(*args[i % len(args)])
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return sorted(times)[2]
+
+
+def copy_gbps() -> float:
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    y = torch.empty_like(x)
+    t = bench(lambda a, b: b.copy_(a), cycle([(x, y)]))
+    return 2 * x.numel() / t / 1e3  # read + write, GB/s
+
+
+def bench_shape(N: int, n: int, spec: str, rows: list, sweep_log: dict, base: dict) -> None:
+    dt = torch.bfloat16
+    proto = random_packed_layer(n, N, spec)
+    wbytes = proto.packed_signs.numel()
+    copies = max(1, -(-ROTATE_BYTES // wbytes))
+    layers = [proto] + [random_packed_layer(n, N, spec, seed=i + 1) for i in range(copies - 1)]
+    xs = [torch.randn(1, n, device="cuda", dtype=dt) for _ in layers]
+    d, D = proto.spec.target_dim, proto.spec.lifted_dim
+    side = [(ly.s1, ly.L, ly.R, ly.s2_act) for ly in layers]
+    pairs = [ti.launch_transform(x, *s, d=d, D=D, pairs=True) for x, s in zip(xs, side)]
+    w16 = torch.randn(N, n, device="cuda", dtype=torch.float16)
+    w16s = [w16] + [torch.randn_like(w16) for _ in range(-(-ROTATE_BYTES // w16.numel() // 2) - 1)]
+    f16_args = [(x.half(), w) for x, w in zip(cycle(xs), w16s)]
+    t16 = bench(F.linear, cycle(f16_args))  # kernel rows compare with this
+    t16_graph = graph_bench(F.linear, f16_args)  # layer rows compare with this
+
+    def gemv(block_n, num_warps, asm):
+        return lambda xp, wsc, ly: ti.launch_gemv(xp, wsc, ly.packed_signs, ly.scale, None, dt,
+                                                  block_n=block_n, block_w=128 * num_warps,
+                                                  num_warps=num_warps, use_asm=asm)
+
+    aligned = proto.packed_signs.shape[1] % 16 == 0
+    gemv_args = [(xp, wsc, ly) for (xp, wsc), ly in zip(pairs, layers)]
+    cands = [c for c in ti.GEMV_CANDIDATES if aligned or c[0] <= ti.UNALIGNED_MAX_BLOCK_N]
+    times = {c: bench(gemv(*c, True), cycle(gemv_args)) for c in cands}
+    best = min(times, key=times.get)
+    sweep_log[f"{N}x{n}/{spec}"] = {"best": best, "aligned": aligned,
+                                    "times_us": {f"{k[0]}x{k[1]}": v for k, v in times.items()}}
+    kernel = {"triton-gemv": times[best],
+              "triton-gemv-noasm": bench(gemv(*best, False), cycle(gemv_args))}
+    layer = {
+        "triton-transform": graph_bench(lambda x, s: ti.launch_transform(x, *s, d=d, D=D,
+                                                                         pairs=True),
+                                        list(zip(xs, side))),
+        "torch-transform": graph_bench(lambda x, ly: ly.fused_input(x), list(zip(xs, layers))),
+        "triton": graph_bench(registry.get_backend("triton", "cuda").linear,
+                              list(zip(layers, xs))),
+        "torch": graph_bench(registry.get_backend("torch", "cuda").linear,
+                             list(zip(layers, xs))[:4], min_calls=4),
+    }
+    for results, ref in ((kernel, t16), (layer, t16_graph)):
+        for backend, t in results.items():
+            gbps = wbytes / t / 1e3
+            rows.append({**base, "shape": f"{N}x{n}", "config": spec, "backend": backend,
+                         "time_us": f"{t:.2f}", "weight_gbps": f"{gbps:.1f}",
+                         "fraction_of_copy": f"{gbps / base['copy_gbps']:.3f}",
+                         "fp16_time_us": f"{ref:.2f}", "speedup_vs_fp16": f"{ref / t:.2f}"})
+            print(f"{N}x{n} {spec:>6} {backend:>17} {t:9.2f} us {gbps:7.1f} GB/s "
+                  f"frac {gbps / base['copy_gbps']:.3f} fp16 {ref:8.2f} us x{ref / t:.2f}",
+                  flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
+    ap.add_argument("--out", default="bench/kernels.csv")
+    ap.add_argument("--sweep-json", default=None, help="also write the GEMV config sweep here")
+    ap.add_argument("--lattices", default=",".join(LATTICES))
+    ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,28672x8192 (out x in)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x")))
+                                             for s in args.shapes.split(",")]
+    base = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("LQ_COMMIT", "unknown"),
+            "copy_gbps": round(copy_gbps(), 1)}
+    print(f"{base['gpu']}: copy {base['copy_gbps']} GB/s (read + write)", flush=True)
+    rows, sweep_log = [], {}
+    for N, n in shapes:
+        for spec in args.lattices.split(","):
+            bench_shape(N, n, spec, rows, sweep_log, base)
+            torch.cuda.empty_cache()
+            with open(args.out, "w", newline="") as fh:  # rewritten as rows arrive
+                writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+            if args.sweep_json:
+                with open(args.sweep_json, "w") as fh:
+                    json.dump(sweep_log, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
