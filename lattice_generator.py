@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from liftquant.fileio import atomic_write
 from liftquant.lattice import (
     LATTICE_DIR,
     SEARCH_BASES,
@@ -90,19 +89,6 @@ def resolve_spec(args: argparse.Namespace) -> LatticeSpec:
     return LatticeSpec(args.D, args.d)
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` into a temp file next to ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def read_index(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -117,7 +103,7 @@ def update_index(path: Path, entry: dict) -> None:
     def _write(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(rows, indent=1) + "\n")
 
-    atomic_write_bytes(path, _write)
+    atomic_write(path, _write)
 
 
 def _search_fields(method: str) -> dict:
@@ -163,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_better and old is not None and old["mse"] <= mse and out.is_file():
         print(f"{spec.name}: new mse {mse:.5f} not better than shipped {old['mse']:.5f}; kept")
         return 0
-    atomic_write_bytes(out, lambda tmp: torch.save(res.M.contiguous().clone(), tmp))
+    atomic_write(out, lambda tmp: torch.save(res.M.contiguous().clone(), tmp))
     update_index(index, {
         "name": spec.name, "D": spec.lifted_dim, "d": spec.target_dim,
         "bits": round(spec.bits_per_weight, 6), "mse": round(mse, 6), "n_eval": args.n_eval,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from liftquant.calibrate import quantize_model
+from liftquant.calibrate import cast_unquantized, quantize_model
 from liftquant.checkpoint import (
     bits_report,
     packed_module_names,
@@ -162,6 +162,10 @@ def run_quantization(cfg: RunConfig) -> dict[str, Any]:
         logger.info("quantized perplexity: %.3f", summary["ppl_quantized"])
     if cfg.run.tasks:
         summary["tasks"] = eval_tasks(model, tok, cfg, device)
+    if cfg.run.save_dtype != "auto" and M is not None:
+        # e.g. the CPU demo computes in float32 but stores embeddings/norms in bf16
+        cast_unquantized(model, _DTYPES[cfg.run.save_dtype])
+        bits = bits_report(model)
     summary["bits"] = bits
     summary["total_seconds"] = round(time.time() - t_start, 1)
     report = {"summary": {k: v for k, v in summary.items() if k != "bits"},

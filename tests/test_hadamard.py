@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close
 
 from liftquant.hadamard import hadamard, has_hadamard, orthogonal_init
 
 SHIPPED_ORDERS = [1, 2, 4, 12, 20, 24, 28, 36, 40, 44, 48, 60, 64, 76, 96, 108, 128, 140, 148, 576]
 UNSUPPORTED_ORDERS = [3, 6, 7, 18, 52, 92, 100, 172]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matmuls/QRs are much slower with intra-op threads on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 1e-10, rtol: float = 0
-) -> None:
-    """Max-abs-error check (cheaper to import than torch.testing, whose first call costs ~1 s)."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert err <= atol + rtol * expected.abs().max().item(), f"max abs error {err:.3g}"
 
 
 @pytest.mark.parametrize("n", SHIPPED_ORDERS)
@@ -56,15 +39,15 @@ def test_unsupported_order_raises(n: int) -> None:
 def test_orthogonal_init_is_orthonormal(n: int, kind: str) -> None:
     P = orthogonal_init(n, kind=kind, seed=3, dtype=torch.float64)
     assert P.shape == (n, n)
-    _assert_close(P @ P.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert_close(P @ P.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_orthogonal_init_hadamard_and_fallback() -> None:
     P = orthogonal_init(12, dtype=torch.float64)
-    _assert_close(P, hadamard(12, dtype=torch.float64) / 12**0.5)
+    assert_close(P, hadamard(12, dtype=torch.float64) / 12**0.5)
     P7 = orthogonal_init(7, dtype=torch.float64)  # DCT fallback: dense, first row flat
     assert (P7.abs() > 0).sum() > 7 * 7 // 2
-    _assert_close(P7[0], torch.full((7,), 7**-0.5, dtype=torch.float64))
+    assert_close(P7[0], torch.full((7,), 7**-0.5, dtype=torch.float64))
 
 
 def test_orthogonal_init_random_is_seeded() -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 
 from liftquant.hadamard import has_hadamard
 from liftquant.whiten import (
@@ -21,24 +22,6 @@ MODEL_SIZES = [576, 896, 1536, 2048, 4096, 4864, 5120, 8192, 11008, 14336, 13824
 ODD_SIZES = [63, 100]
 TARGET_DIMS = [7, 8, 10, 14, 16]
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matmuls/solves are ~100x slower with intra-op threads on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 1e-10, rtol: float = 0
-) -> None:
-    """Max-abs-error check (cheaper to import than torch.testing, whose first call costs ~1 s)."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    assert err <= atol + rtol * expected.abs().max().item(), f"max abs error {err:.3g}"
 
 
 def _eye(n: int) -> torch.Tensor:
@@ -130,16 +113,16 @@ def test_inverse_round_trip(n: int, d: int) -> None:
     W = torch.randn(6, n, dtype=F64)
     W_t = T.apply(W)
     assert W_t.shape == (6, T.padded_in_features)
-    _assert_close(T.inverse(W_t), W, atol=1e-10, rtol=0)
-    _assert_close(T.inverse_weight(T.forward_weight(W)), W, atol=1e-10, rtol=0)
+    assert_close(T.inverse(W_t), W, atol=1e-10, rtol=0)
+    assert_close(T.inverse_weight(T.forward_weight(W)), W, atol=1e-10, rtol=0)
 
 
 def test_orthogonality_after_adam_step() -> None:
     T = _randomised(60, 6, steps=5)
     P1, P2 = T.P1(), T.P2()
     assert not torch.allclose(P1, T.P1_init)
-    _assert_close(P1 @ P1.T, _eye(T.n1), atol=1e-12, rtol=0)
-    _assert_close(P2 @ P2.T, _eye(T.n2), atol=1e-12, rtol=0)
+    assert_close(P1 @ P1.T, _eye(T.n1), atol=1e-12, rtol=0)
+    assert_close(P2 @ P2.T, _eye(T.n2), atol=1e-12, rtol=0)
 
 
 def test_orthogonality_float32() -> None:
@@ -147,7 +130,7 @@ def test_orthogonality_float32() -> None:
     W = torch.randn(4, 64)
     _adam_steps(list(T.parameters()), lambda: T.forward_weight(W).abs().sum(), steps=2, lr=0.1)
     P1 = T.P1().detach()
-    _assert_close(P1 @ P1.T, torch.eye(T.n1), atol=1e-5, rtol=0)
+    assert_close(P1 @ P1.T, torch.eye(T.n1), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(("n", "d"), [(64, 8), (50, 7)])
@@ -157,7 +140,7 @@ def test_materialize_matches_live_form(n: int, d: int) -> None:
     dense = T.materialize()
     assert dense.shape == (T.padded_in_features, T.padded_in_features)
     W_pad = F.pad(W, (0, T.padded_in_features - n))
-    _assert_close(W_pad @ dense, T.forward_weight(W), atol=1e-10, rtol=0)
+    assert_close(W_pad @ dense, T.forward_weight(W), atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize(("n", "d"), [(64, 8), (50, 7), (37, 4)])
@@ -167,13 +150,13 @@ def test_forward_input_preserves_outputs(n: int, d: int) -> None:
     x = torch.randn(2, 3, n, dtype=F64)  # leading batch dims
     out = x @ W.T
     out_t = T.forward_input(x) @ T.forward_weight(W).T
-    _assert_close(out_t, out, atol=1e-10, rtol=0)
+    assert_close(out_t, out, atol=1e-10, rtol=0)
 
 
 def test_identity_init_and_shape_errors() -> None:
     T = KronWhitening(24, 4, init="identity", dtype=F64)
     W = torch.randn(2, 24, dtype=F64)
-    _assert_close(T.forward_weight(W), W)
+    assert_close(T.forward_weight(W), W)
     with pytest.raises(ValueError):
         T.forward_weight(torch.randn(2, 23, dtype=F64))
     with pytest.raises(ValueError):
@@ -229,7 +212,7 @@ def test_apply_fused_matches_forward_input_times_M(n: int, d: int, D: int) -> No
     chunks = T.forward_input(x).reshape(2, 5, -1, d)  # (2, 5, n_pad / d, d)
     expected = (chunks @ M).reshape(2, 5, -1)  # each chunk c -> M^T c
     assert got.shape == (2, 5, T.padded_in_features // d * D)
-    _assert_close(got, expected, atol=1e-10, rtol=0)
+    assert_close(got, expected, atol=1e-10, rtol=0)
 
 
 def test_apply_fused_shape_check() -> None:
