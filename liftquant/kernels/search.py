@@ -167,7 +167,6 @@ _Q_CACHE: dict[tuple, Tensor] = {}
 
 
 def _code_norms(M: Tensor) -> Tensor:
-    from liftquant.lattice import all_codes
 
     key = (M.device, M.data_ptr(), M._version, tuple(M.shape))
     if key not in _Q_CACHE:
