@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from liftquant.calibrate import cast_unquantized, quantize_model
+from liftquant.calibrate import quantize_model
 from liftquant.checkpoint import (
     bits_report,
     packed_module_names,
@@ -20,6 +20,7 @@ from liftquant.checkpoint import (
 )
 from liftquant.config import DEMO_MODEL, RunConfig
 from liftquant.lattice import load_projection
+from liftquant.linear import cast_unquantized
 from liftquant.log import get_logger, peak_memory_gib
 from liftquant.models.adapters import get_adapter
 from liftquant.models.loading import load_fp_model

@@ -36,7 +36,7 @@ from liftquant.cache import ActivationCache, choose_mode
 from liftquant.capture import capture_block_inputs, prepare_block_kwargs
 from liftquant.config import RunConfig
 from liftquant.lattice import LatticeSpec
-from liftquant.linear import LiftLinear, PackedLiftLinear
+from liftquant.linear import LiftLinear, PackedLiftLinear, cast_unquantized
 from liftquant.log import get_logger, peak_memory_gib, seed_everything
 from liftquant.models.adapters import ModelAdapter
 
@@ -271,17 +271,6 @@ def swap_to_packed(block: nn.Module, adapter: ModelAdapter, spec: LatticeSpec,
         adapter.set_module(block, name, PackedLiftLinear(
             lin.in_features, lin.out_features, spec=spec, bias=lin.bias is not None,
             device=lin.weight.device))
-
-
-def cast_unquantized(block: nn.Module, dtype: torch.dtype) -> None:
-    """Cast every floating tensor outside PackedLiftLinear layers to ``dtype`` (side tensors of
-    packed layers keep their storage dtype)."""
-    for module in block.modules():
-        if isinstance(module, PackedLiftLinear):
-            continue
-        for key, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is not None and t.is_floating_point() and t.dtype != dtype:
-                t.data = t.data.to(dtype)
 
 
 def _block_file(blocks_dir: Path | None, i: int) -> Path | None:

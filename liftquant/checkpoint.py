@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from liftquant.lattice import LatticeSpec
-from liftquant.linear import PackedLiftLinear
+from liftquant.linear import PackedLiftLinear, cast_unquantized
 from liftquant.pack import PACK_LAYOUT
 from liftquant.log import get_logger
 
@@ -207,6 +207,7 @@ def load_quantized(
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match its config.json (corrupted or mixed "
                               f"checkpoint): {str(exc)[:500]}") from exc
+    cast_unquantized(model, dtype)  # assign=True kept the stored dtypes of dense tensors
     if tied:
         model.tie_weights()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):

@@ -236,3 +236,14 @@ class PackedLiftLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"lattice={self.spec.name} ({self.spec.bits_per_weight:.2f} bpw), "
                 f"block_shape={self.block_shape}, bias={self.bias is not None}")
+
+
+def cast_unquantized(block: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating tensor outside PackedLiftLinear layers to ``dtype`` (side tensors of
+    packed layers keep their storage dtype)."""
+    for module in block.modules():
+        if isinstance(module, PackedLiftLinear):
+            continue
+        for key, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None and t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.to(dtype)

@@ -177,3 +177,15 @@ def test_disk_activation_cache_gives_same_result(tiny_lattice_dir, tmp_path):
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), k
     assert not list(tmp_path.iterdir()), "disk cache files left behind"
+
+
+def test_load_with_dtype_casts_dense_tensors_only(quantized_llama, tmp_path, tiny_lattice_dir):
+    model, _, ids = quantized_llama
+    qc = quantization_config(spec=SPEC, M=load_projection(SPEC, tiny_lattice_dir),
+                             quantized_modules=packed_module_names(model), not_converted=[])
+    save_quantized(model, None, tmp_path / "c", qconfig=qc)
+    loaded, _ = load_quantized(tmp_path / "c", dtype=torch.bfloat16)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert loaded.model.norm.weight.dtype == torch.bfloat16
+    q = loaded.model.layers[0].self_attn.q_proj
+    assert q.scale.dtype == torch.float16 and q.packed_signs.dtype == torch.uint8

@@ -1,0 +1,249 @@
+"""Streaming multi-turn chat with a LiftQuant checkpoint (``chat/chat_bitblas_compile.py``).
+
+One answer = one *prefill* (the whole conversation, rendered with the tokenizer's chat template)
+followed by a manual *decode* loop of one token per step, streamed to stdout. The KV cache is a
+transformers ``StaticCache`` allocated once (``--max_cache_len``), so on CUDA the decode step has
+fixed shapes and addresses and ``torch.compile(mode="reduce-overhead")`` captures it as a CUDA
+graph (``--compile``, on by default on CUDA; the first answer pays the compilation). After each
+answer the prefill and decode throughput is printed::
+
+    [prefill 23 tok 812.4 tok/s | decode 64 tok 41.2 tok/s | 1.63 s]
+
+Checkpoints are self-contained (config, packed weights, tokenizer), so ``--fp_model_path`` is not
+needed; if given, only the tokenizer is read from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import Tensor
+
+from liftquant.config import _f, add_dataclass_args
+from liftquant.log import get_logger
+
+logger = get_logger("chat")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class ChatArgs:
+    quant_model_path: str = _f("", "required: LiftQuant checkpoint folder (main.py "
+                                "--save_dir)")
+    fp_model_path: str | None = _f(None, "optional and not needed (checkpoints are "
+                                   "self-contained); if given, only its tokenizer is used")
+    backend: str = _f("auto", "kernel backend of packed layers (auto: triton on CUDA, else torch)",
+                      choices=("auto", "torch", "triton", "bitblas"))
+    device: str = _f("auto", "auto|cpu|cuda[:i]")
+    dtype: str = _f("auto", "activation dtype (auto: the checkpoint's)",
+                    choices=("auto", "float16", "bfloat16", "float32"))
+    max_new_tokens: int = _f(256, "tokens generated per answer at most")
+    max_cache_len: int = _f(4096, "static KV cache length (conversation + answer); the oldest "
+                            "turns are dropped when a conversation outgrows it")
+    do_sample: bool = _f(False, "sample (with --temperature/--top_p/--top_k); default greedy")
+    temperature: float = _f(0.7, "sampling temperature (with --do_sample)")
+    top_p: float = _f(0.9, "nucleus sampling mass (with --do_sample; 1 disables)")
+    top_k: int = _f(50, "sample among the k most likely tokens (with --do_sample; 0 disables)")
+    seed: int = _f(0, "sampling seed")
+    compile: bool | None = _f(None, "torch.compile the decode step with CUDA graphs "
+                              "(default: on for CUDA, off on CPU)")
+    system: str | None = _f(None, "system prompt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    add_dataclass_args(p, ChatArgs, group="chat")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="non-interactive: answer this prompt and exit; repeat for several turns")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ChatArgs, list[str] | None]:
+    ns = vars(build_parser().parse_args(argv))
+    prompts = ns.pop("prompt")
+    args = ChatArgs(**{k: v for k, v in ns.items() if v is not None})
+    if not args.quant_model_path:
+        raise SystemExit("error: --quant_model_path is required (a LiftQuant checkpoint folder)")
+    return args, prompts
+
+
+def load_chat_model(args: ChatArgs) -> tuple[Any, Any, torch.device]:
+    from transformers import AutoTokenizer
+
+    from liftquant.api import resolve_device
+    from liftquant.checkpoint import load_quantized, read_quantization_config
+
+    path = Path(args.quant_model_path)
+    if not path.is_dir():
+        raise SystemExit(f"error: --quant_model_path {path} does not exist or is not a folder; "
+                         "pass the --save_dir of a `python main.py` run")
+    read_quantization_config(path)  # clear errors for folders that are not LiftQuant checkpoints
+    device = resolve_device(args.device)
+    dtype = None if args.dtype == "auto" else _DTYPES[args.dtype]
+    model, tok = load_quantized(path, device=device, dtype=dtype, backend=args.backend)
+    if dtype is not None:  # load_quantized keeps stored dtypes; cast the dense parameters
+        for p in model.parameters():  # (packed layers hold buffers only: their side tensors
+            p.data = p.data.to(dtype)  # stay in the checkpoint's fp16)
+    if args.fp_model_path:
+        tok = AutoTokenizer.from_pretrained(args.fp_model_path)
+    if device.type == "cuda":
+        from liftquant.checkpoint import WEIGHTS_NAME
+        from liftquant.log import peak_memory_gib
+
+        logger.info("loaded %s: peak GPU memory %.2f GiB, checkpoint %.2f GiB", path,
+                    peak_memory_gib(device), (path / WEIGHTS_NAME).stat().st_size / 2**30)
+    if tok is None:
+        raise SystemExit(f"error: {path} holds no tokenizer; pass --fp_model_path to read one")
+    return model, tok, device
+
+
+class ChatSession:
+    """Conversation history + static-cache generation loop for one model."""
+
+    def __init__(self, model: Any, tokenizer: Any, args: ChatArgs, device: torch.device,
+                 out: TextIO = sys.stdout) -> None:
+        from transformers import StaticCache
+
+        self.model, self.tok, self.args, self.device, self.out = model, tokenizer, args, device, out
+        self.history: list[dict[str, str]] = []
+        self.cache = StaticCache(config=model.config, max_cache_len=args.max_cache_len)
+        self.generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        use_compile = args.compile if args.compile is not None else device.type == "cuda"
+        self.decode = self._decode_step
+        if use_compile:
+            if device.type != "cuda":
+                logger.warning("--compile is meant for CUDA (CUDA graphs); compiling on %s",
+                               device.type)
+            self.decode = torch.compile(self._decode_step, mode="reduce-overhead",
+                                        fullgraph=False, dynamic=False)
+        self.stats: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ prompt
+    def prompt_ids(self) -> Tensor:
+        msgs = ([{"role": "system", "content": self.args.system}] if self.args.system else [])
+        if getattr(self.tok, "chat_template", None):
+            text = self.tok.apply_chat_template(msgs + self.history, tokenize=False,
+                                                add_generation_prompt=True)
+        else:  # no template: a plain transcript
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs + self.history)
+            text += "assistant:"
+        ids = self.tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        return ids.to(self.device)
+
+    # ------------------------------------------------------------------ model steps
+    def _forward(self, ids: Tensor, cache_position: Tensor) -> Tensor:
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                         cache_position=cache_position, position_ids=cache_position[None])
+        return out.logits[:, -1, :]
+
+    def _decode_step(self, ids: Tensor, cache_position: Tensor) -> Tensor:
+        return self._forward(ids, cache_position)
+
+    def _pick(self, logits: Tensor) -> Tensor:
+        a = self.args
+        if not a.do_sample or a.temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits.float() / a.temperature
+        if a.top_k > 0:
+            kth = torch.topk(logits, min(a.top_k, logits.shape[-1])).values[..., -1, None]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if a.top_p < 1.0:
+            sorted_logits, idx = torch.sort(logits, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > a.top_p  # keep the token crossing top_p
+            logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(-1).cpu()
+        return torch.multinomial(probs, 1, generator=self.generator)[..., 0].to(logits.device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ one turn
+    @torch.inference_mode()
+    def ask(self, text: str) -> str:
+        self.history.append({"role": "user", "content": text})
+        ids = self.prompt_ids()
+        while ids.shape[1] + self.args.max_new_tokens > self.args.max_cache_len:
+            if len(self.history) <= 1:
+                raise ValueError(f"prompt of {ids.shape[1]} tokens + --max_new_tokens "
+                                 f"{self.args.max_new_tokens} exceed --max_cache_len "
+                                 f"{self.args.max_cache_len}")
+            self.history = self.history[2:]  # drop the oldest exchange
+            ids = self.prompt_ids()
+        self.cache.reset()
+        n = ids.shape[1]
+        t0 = time.perf_counter()
+        logits = self._forward(ids, torch.arange(n, device=self.device))
+        token = self._pick(logits)
+        self._sync()
+        t1 = time.perf_counter()
+        generated: list[int] = []
+        shown = ""
+        for step in range(self.args.max_new_tokens):
+            tid = int(token)
+            if tid in self.eos:
+                break
+            generated.append(tid)
+            text_now = self.tok.decode(generated, skip_special_tokens=True)
+            if not text_now.endswith("\ufffd"):  # wait for complete UTF-8 characters
+                self.out.write(text_now[len(shown):])
+                self.out.flush()
+                shown = text_now
+            if step + 1 == self.args.max_new_tokens:
+                break
+            pos = torch.tensor([n + step], device=self.device)
+            logits = self.decode(token.reshape(1, 1), pos)
+            token = self._pick(logits)
+        self._sync()
+        t2 = time.perf_counter()
+        answer = self.tok.decode(generated, skip_special_tokens=True)
+        self.out.write(answer[len(shown):] + "\n")
+        n_dec = max(0, len(generated) - 1)  # decode steps run (the first token came from prefill)
+        stats = {"prefill_tokens": n, "prefill_tok_s": n / max(t1 - t0, 1e-9),
+                 "decode_tokens": n_dec, "decode_tok_s": n_dec / max(t2 - t1, 1e-9),
+                 "seconds": t2 - t0}
+        self.stats.append(stats)
+        self.out.write(f"[prefill {n} tok {stats['prefill_tok_s']:.1f} tok/s | decode {n_dec} "
+                       f"tok {stats['decode_tok_s']:.1f} tok/s | {stats['seconds']:.2f} s]\n")
+        self.out.flush()
+        self.history.append({"role": "assistant", "content": answer})
+        self.last_token_ids = generated
+        return answer
+
+
+def main(argv: list[str] | None = None) -> int:
+    from liftquant.log import setup_logging
+
+    setup_logging()
+    args, prompts = parse_args(argv)
+    model, tok, device = load_chat_model(args)
+    session = ChatSession(model, tok, args, device)
+    if prompts:
+        for p in prompts:
+            print(f"user: {p}\nassistant: ", end="", flush=True)
+            session.ask(p)
+        return 0
+    print("LiftQuant chat: empty line or /exit quits, /reset clears the history.", flush=True)
+    while True:
+        try:
+            text = input("user: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if text in ("", "/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            session.history.clear()
+            continue
+        print("assistant: ", end="", flush=True)
+        session.ask(text)

@@ -1,0 +1,144 @@
+"""transformers integration: ``AutoModelForCausalLM.from_pretrained(liftquant_checkpoint)``.
+
+``import liftquant`` calls :func:`register` (guarded: a transformers version whose quantizer API
+differs only logs a warning), which registers
+
+* :class:`LiftQuantConfig` for ``quantization_config.quant_method == "liftquant"`` and
+* :class:`LiftQuantHfQuantizer`, whose ``_process_model_before_weight_loading`` swaps every module
+  listed in ``quantized_modules`` for a meta-device :class:`~liftquant.linear.PackedLiftLinear`
+  (the same swap as :func:`liftquant.checkpoint.build_skeleton`), so transformers then loads the
+  packed signs, scales and fused transform buffers straight from ``model.safetensors``.
+
+The result matches :func:`liftquant.load_quantized` (which stays the reference loader and
+additionally takes ``backend=``); the kernel backend of a ``from_pretrained`` model is "auto"
+(Triton on CUDA, torch on CPU); call :func:`liftquant.kernels.set_backend` afterwards to pick
+another (transformers ignores a ``quantization_config`` passed to ``from_pretrained`` when the
+checkpoint has one). Packed models are inference-only
+(``is_trainable`` is False); ``save_pretrained`` is refused (use
+:func:`liftquant.checkpoint.save_quantized`).
+
+Uses only hooks present in transformers 5.x: ``register_quantization_config``,
+``register_quantizer``, ``HfQuantizer.{_process_model_before_weight_loading,
+_process_model_after_weight_loading, is_serializable, is_trainable, validate_environment}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from liftquant.checkpoint import CHECKPOINT_FORMAT_VERSION, QUANT_METHOD, CheckpointError
+from liftquant.log import get_logger
+
+logger = get_logger("hf")
+
+_REGISTERED: dict[str, Any] = {}
+
+
+def _define_classes() -> tuple[type, type]:
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class LiftQuantConfig(QuantizationConfigMixin):
+        """The ``quantization_config`` block of a LiftQuant ``config.json`` (all keys kept)."""
+
+        def __init__(self, quantized_modules: list[str] | None = None,
+                     modules_to_not_convert: list[str] | None = None, backend: str = "auto",
+                     **kwargs: Any) -> None:
+            kwargs.pop("quant_method", None)
+            self.quant_method = QUANT_METHOD
+            self.quantized_modules = list(quantized_modules or [])
+            self.modules_to_not_convert = list(modules_to_not_convert or [])
+            self.backend = backend
+            for key, value in kwargs.items():
+                setattr(self, key, value)
+
+        def to_dict(self) -> dict[str, Any]:
+            out = {k: v for k, v in self.__dict__.items() if k != "backend"}
+            out["quant_method"] = QUANT_METHOD
+            return out
+
+    class LiftQuantHfQuantizer(HfQuantizer):
+        """Swaps target linears for ``PackedLiftLinear`` before transformers loads weights."""
+
+        requires_calibration = True  # only pre-quantized LiftQuant checkpoints can be loaded
+
+        def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+            qc = self.quantization_config
+            if not self.pre_quantized:
+                raise ValueError("LiftQuant quantizes with `python main.py`, not on the fly in "
+                                 "from_pretrained: pass a LiftQuant checkpoint folder")
+            version = getattr(qc, "format_version", None)
+            if version != CHECKPOINT_FORMAT_VERSION:
+                raise CheckpointError(f"LiftQuant format_version {version}; this liftquant reads "
+                                      f"version {CHECKPOINT_FORMAT_VERSION}")
+
+        def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+            import torch
+
+            from liftquant.lattice import LatticeSpec
+            from liftquant.linear import PackedLiftLinear
+            from liftquant.models.adapters import set_module
+
+            qc = self.quantization_config
+            spec = LatticeSpec(qc.lifted_dim, qc.target_dim)
+            modules = dict(model.named_modules())
+            for name in qc.quantized_modules:
+                lin = modules.get(name)
+                if lin is None or not hasattr(lin, "in_features"):
+                    raise CheckpointError(f"quantized module {name!r} does not exist in "
+                                          f"{type(model).__name__}")
+                layer = PackedLiftLinear(lin.in_features, lin.out_features, spec=spec,
+                                         bias=lin.bias is not None, device=torch.device("meta"))
+                layer.backend = getattr(qc, "backend", "auto")
+                set_module(model, name, layer)
+            return model
+
+        def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+            from liftquant.kernels.registry import set_backend
+
+            model.requires_grad_(False)
+            n = set_backend(model, getattr(self.quantization_config, "backend", "auto"))
+            logger.info("from_pretrained: %d packed LiftQuant layers", n)
+            return model
+
+        def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+            return False
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    return LiftQuantConfig, LiftQuantHfQuantizer
+
+
+def register() -> bool:
+    """Register the config and quantizer with transformers (idempotent); False if impossible."""
+    if _REGISTERED:
+        return True
+    try:
+        from transformers.quantizers.auto import (
+            AUTO_QUANTIZATION_CONFIG_MAPPING,
+            AUTO_QUANTIZER_MAPPING,
+            register_quantization_config,
+            register_quantizer,
+        )
+
+        config_cls, quantizer_cls = _define_classes()
+        if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+            register_quantization_config(QUANT_METHOD)(config_cls)
+        if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+            register_quantizer(QUANT_METHOD)(quantizer_cls)
+    except Exception as exc:  # noqa: BLE001 - an optional integration must not break import
+        logger.warning("liftquant: could not register the transformers quantizer (%s: %s); "
+                       "use liftquant.load_quantized(path) instead", type(exc).__name__, exc)
+        return False
+    _REGISTERED.update(config=AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD],
+                       quantizer=AUTO_QUANTIZER_MAPPING[QUANT_METHOD])
+    return True
+
+
+def __getattr__(name: str) -> Any:  # LiftQuantConfig / LiftQuantHfQuantizer after register()
+    key = {"LiftQuantConfig": "config", "LiftQuantHfQuantizer": "quantizer"}.get(name)
+    if key is not None and register():
+        return _REGISTERED[key]
+    raise AttributeError(name)
