@@ -287,6 +287,17 @@ def _save_block(path: Path, block: nn.Module, row: dict) -> None:
     os.replace(tmp, path)  # the .safetensors appears last: it marks the block as finished
 
 
+def _load_finished_block(block: nn.Module, path: Path, *, adapter: ModelAdapter,
+                         spec: LatticeSpec, backend: str, device: torch.device) -> dict:
+    """Resume: swap in packed skeletons, load the saved block strictly, return its report row."""
+    swap_to_packed(block, adapter, spec)
+    block.load_state_dict({k: v.to(device) for k, v in load_file(str(path)).items()}, strict=True)
+    for m in block.modules():
+        if isinstance(m, PackedLiftLinear):
+            m.backend = backend
+    return json.loads(path.with_suffix(".json").read_text())
+
+
 def _propagate_quantized(block, data: BlockData, bs: int) -> None:
     with torch.no_grad():
         for start in range(0, len(data.inputs), bs):
@@ -322,53 +333,51 @@ def quantize_model(
                 n, seq_len, hidden, cache_dtype, need / 2**30, mode)
     X = ActivationCache(n, seq_len, hidden, dtype=cache_dtype, mode=mode, path=cfg.calib.cache_dir)
     Y = ActivationCache(n, seq_len, hidden, dtype=cache_dtype, mode=mode, path=cfg.calib.cache_dir)
-    kwargs = capture_block_inputs(model, adapter, calib_ids, cache=X,
-                                  batch_size=cfg.calib.batch_size, device=device)
-    logger.info("device memory estimate for one block in training: %.2f GiB",
-                estimate_block_train_bytes(adapter.get_blocks(model)[0], adapter, spec,
-                                           tokens=cfg.calib.batch_size * seq_len) / 2**30)
-    n_hold = cfg.train.holdout or max(1, n // 32)
-    split = {"train_idx": list(range(n - n_hold)), "holdout_idx": list(range(n - n_hold, n))}
-    blocks = adapter.get_blocks(model)
-    rows = []
-    for i in tqdm(range(len(blocks)), desc="blocks"):
-        t0 = time.time()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seed_everything(cfg.calib.seed + i)
-        block = blocks[i].to(device=device, dtype=torch.float32)
-        data = BlockData(inputs=X, targets=Y, block_kwargs=kwargs, device=device, **split)
-        path = _block_file(blocks_dir, i)
-        done = resume and path is not None and path.is_file()
-        fill = cfg.train.propagate == "fp" or not done
-        stats = fp_targets_and_stats(block, adapter, data, batch_size=cfg.calib.batch_size,
-                                     fill=fill)
-        if done:
-            swap_to_packed(block, adapter, spec)
-            block.load_state_dict({k: v.to(device) for k, v in load_file(str(path)).items()},
-                                  strict=True)
-            for m in block.modules():
-                if isinstance(m, PackedLiftLinear):
-                    m.backend = cfg.run.backend
-            row = json.loads(path.with_suffix(".json").read_text())
-            logger.info("block %d/%d resumed from %s", i + 1, len(blocks), path)
-        else:
-            row = {"block": i, **quantize_block(block, adapter=adapter, data=data, stats=stats,
-                                               M=M, spec=spec, cfg=cfg, seed=cfg.calib.seed + i)}
-            row["seconds"] = round(time.time() - t0, 2)
-            row["peak_gib"] = round(peak_memory_gib(device), 3)
-            _log_row(row, len(blocks))
-        if cfg.train.propagate == "fp":
-            X, Y = Y, X  # FP outputs of block i are the inputs of block i + 1
-        else:
-            _propagate_quantized(block, data, cfg.calib.batch_size)
-        cast_unquantized(block, model_dtype)
-        blocks[i] = block.to("cpu")
-        if path is not None and not done:
-            _save_block(path, blocks[i], row)
-        rows.append(row)
-    X.close()
-    Y.close()
+    try:
+        kwargs = capture_block_inputs(model, adapter, calib_ids, cache=X,
+                                      batch_size=cfg.calib.batch_size, device=device)
+        logger.info("device memory estimate for one block in training: %.2f GiB",
+                    estimate_block_train_bytes(adapter.get_blocks(model)[0], adapter, spec,
+                                               tokens=cfg.calib.batch_size * seq_len) / 2**30)
+        n_hold = cfg.train.holdout or max(1, n // 32)
+        split = {"train_idx": list(range(n - n_hold)), "holdout_idx": list(range(n - n_hold, n))}
+        blocks = adapter.get_blocks(model)
+        rows = []
+        for i in tqdm(range(len(blocks)), desc="blocks"):
+            t0 = time.time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seed_everything(cfg.calib.seed + i)
+            block = blocks[i].to(device=device, dtype=torch.float32)
+            data = BlockData(inputs=X, targets=Y, block_kwargs=kwargs, device=device, **split)
+            path = _block_file(blocks_dir, i)
+            done = resume and path is not None and path.is_file()
+            fill = cfg.train.propagate == "fp" or not done
+            stats = fp_targets_and_stats(block, adapter, data, batch_size=cfg.calib.batch_size,
+                                         fill=fill)
+            if done:
+                row = _load_finished_block(block, path, adapter=adapter, spec=spec,
+                                           backend=cfg.run.backend, device=device)
+                logger.info("block %d/%d resumed from %s", i + 1, len(blocks), path)
+            else:
+                row = {"block": i, **quantize_block(
+                    block, adapter=adapter, data=data, stats=stats, M=M, spec=spec, cfg=cfg,
+                    seed=cfg.calib.seed + i)}
+                row["seconds"] = round(time.time() - t0, 2)
+                row["peak_gib"] = round(peak_memory_gib(device), 3)
+                _log_row(row, len(blocks))
+            if cfg.train.propagate == "fp":
+                X, Y = Y, X  # FP outputs of block i are the inputs of block i + 1
+            else:
+                _propagate_quantized(block, data, cfg.calib.batch_size)
+            cast_unquantized(block, model_dtype)
+            blocks[i] = block.to("cpu")
+            if path is not None and not done:
+                _save_block(path, blocks[i], row)
+            rows.append(row)
+    finally:  # disk-backed caches delete their files here, also on errors
+        X.close()
+        Y.close()
     return rows
 
 
