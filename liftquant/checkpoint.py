@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from liftquant.lattice import LatticeSpec
 from liftquant.linear import PackedLiftLinear, cast_unquantized
-from liftquant.pack import PACK_LAYOUT
 from liftquant.log import get_logger
+from liftquant.pack import PACK_LAYOUT
 
 logger = get_logger("checkpoint")
 
@@ -71,16 +71,21 @@ def packed_module_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, PackedLiftLinear)]
 
 
-def _state_for_saving(model: nn.Module) -> dict[str, Tensor]:
-    """state_dict without tied duplicates (safetensors refuses shared storage)."""
-    state, seen = {}, {}
+def unique_state(model: nn.Module) -> dict[str, Tensor]:
+    """``state_dict`` without tied duplicates (e.g. lm_head.weight tied to the embedding):
+    what a checkpoint stores, and what safetensors accepts (it refuses shared storage)."""
+    state, seen = {}, set()
     for key, t in model.state_dict().items():
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.device.type != "meta" and ptr in seen:
-            continue  # e.g. lm_head.weight tied to model.embed_tokens.weight
-        seen[ptr] = key
-        state[key] = t.detach().contiguous().cpu()
+        if t.device.type != "meta" and t.numel() and ptr in seen:
+            continue
+        seen.add(ptr)
+        state[key] = t
     return state
+
+
+def _state_for_saving(model: nn.Module) -> dict[str, Tensor]:
+    return {k: t.detach().contiguous().cpu() for k, t in unique_state(model).items()}
 
 
 def save_quantized(
@@ -242,13 +247,9 @@ def bits_report(model: nn.Module, *, quantized: dict[str, dict[str, int]] | None
         layers[name] = {**b, "bpw_codes": b["code_bits"] / b["weights"],
                         "bpw_total": (b["code_bits"] + b["side_bits"]) / b["weights"]}
         code, side, weights = code + b["code_bits"], side + b["side_bits"], weights + b["weights"]
-    seen, embed_bits, head_bits, other_bits = set(), 0, 0, 0
-    for key, t in model.state_dict().items():
-        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+    embed_bits, head_bits, other_bits = 0, 0, 0
+    for key, t in unique_state(model).items():
         bits = t.numel() * t.element_size() * 8
-        if ptr in seen and t.numel():
-            continue
-        seen.add(ptr)
         mod = key.rsplit(".", 1)[0]
         if any(mod == n or mod.startswith(n + ".") for n in layers):
             continue

@@ -173,13 +173,19 @@ def dct_matrix(n: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
     return C.to(dtype)
 
 
+def positive_qr(A: Tensor) -> Tensor:
+    """Q of the QR decomposition of ``A`` with columns sign-fixed so that diag(R) >= 0.
+
+    This makes Q a function of A alone, whichever LAPACK produced the factorisation.
+    """
+    Q, R = torch.linalg.qr(A)
+    return Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q)[None, :]
+
+
 def random_orthogonal(n: int, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
     """Haar-random orthogonal matrix: QR of a seeded Gaussian with the signs of diag(R) fixed."""
     gen = torch.Generator().manual_seed(seed)
-    Q, R = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    signs = torch.sign(torch.diagonal(R))
-    signs[signs == 0] = 1.0
-    return (Q * signs[None, :]).to(dtype)
+    return positive_qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).to(dtype)
 
 
 def orthogonal_init(

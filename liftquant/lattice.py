@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from liftquant.hadamard import positive_qr, random_orthogonal
 from liftquant.log import get_logger
 
 logger = get_logger("lattice")
@@ -156,13 +157,17 @@ def shipped_lattices(root: str | Path | None = None) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Geometry helpers
 # --------------------------------------------------------------------------------------------
+def codes_from_index(idx: Tensor, n: int, *, dtype=torch.float32) -> Tensor:
+    """Sign vectors (len(idx), n) of code indices: bit j of index i is +1 iff (i >> j) & 1."""
+    bits = (idx.long()[:, None] >> torch.arange(n, device=idx.device)) & 1  # (len(idx), n)
+    return (bits * 2 - 1).to(dtype)
+
+
 def all_codes(n: int, *, device=None, dtype=torch.float32) -> Tensor:
-    """All 2^n sign vectors as a (2^n, n) tensor; row i has bit j = +1 iff (i >> j) & 1."""
+    """All 2^n sign vectors as a (2^n, n) tensor, in index order (:func:`codes_from_index`)."""
     if n > MAX_EXHAUSTIVE_DIM:
         raise ValueError(f"refusing to enumerate 2^{n} codes (max 2^{MAX_EXHAUSTIVE_DIM})")
-    idx = torch.arange(1 << n, device=device, dtype=torch.int64)
-    bits = (idx[:, None] >> torch.arange(n, device=device)) & 1  # (2^n, n)
-    return (bits * 2 - 1).to(dtype)
+    return codes_from_index(torch.arange(1 << n, device=device), n, dtype=dtype)
 
 
 _NULL_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -201,8 +206,7 @@ def _null_space(M: Tensor) -> tuple[Tensor, Tensor]:
     if S.min() <= S.max() * 1e-10:
         raise ValueError("lattice matrix M is rank deficient; it cannot decode d dimensions")
     M_pinv = torch.linalg.pinv(Md)  # (D, d)
-    Q, R = torch.linalg.qr(torch.eye(D, dtype=torch.float64) - M_pinv @ Md)
-    Q = Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q)  # sign-fixed columns
+    Q = positive_qr(torch.eye(D, dtype=torch.float64) - M_pinv @ Md)
     N = Q[:, : D - d].T  # (D - d, D)
     return M_pinv.to(M.dtype), N.to(M.dtype)
 
@@ -218,10 +222,8 @@ def null_bases(M: Tensor, n: int) -> list[Tensor]:
     out = [N]
     k = N.shape[0]
     for b in range(1, n):
-        g = torch.Generator().manual_seed(BASIS_SEED + b)
-        Q, R = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
-        Q = Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q)
-        out.append((Q.to(N.device, N.dtype) @ N))
+        Q = random_orthogonal(k, seed=BASIS_SEED + b, dtype=torch.float64)
+        out.append(Q.to(N.device, N.dtype) @ N)
     return out
 
 
@@ -254,7 +256,7 @@ def _search_exhaustive(z: Tensor, M: Tensor) -> Tensor:
     rows = _chunk_rows(z.shape[0], code_chunk)
     for start in range(0, 1 << D, code_chunk):
         idx = torch.arange(start, min(start + code_chunk, 1 << D), device=z.device)
-        codes = (((idx[:, None] >> torch.arange(D, device=z.device)) & 1) * 2 - 1).to(z.dtype)
+        codes = codes_from_index(idx, D, dtype=z.dtype)
         q = (codes @ M.T).square().sum(-1)  # (C,) ||M y||^2
         codes_t = codes.T.contiguous()  # (D, C)
         for r0 in range(0, z.shape[0], rows):
@@ -326,35 +328,35 @@ def _use_triton(kernel: str, z: Tensor) -> bool:
 _TRITON_FAILED: list[str] = []
 
 
-def _exhaustive_dispatch(z: Tensor, M: Tensor, kernel: str) -> Tensor:
-    """Exact search: the Triton kernel on CUDA (same fallback rule as the pinv search)."""
-    if _use_triton(kernel, z) and not (kernel == "auto" and _TRITON_FAILED):
-        from liftquant.kernels.search import search_exhaustive_triton
+def _with_triton_fallback(kernel: str, z: Tensor, triton_fn, torch_fn, *, what: str):
+    """Run ``triton_fn()`` when the fused kernel is asked for or available, else ``torch_fn()``.
 
+    With ``kernel="auto"`` a kernel that cannot be built on this machine falls back to torch,
+    warning once with the reason; ``kernel="triton"`` re-raises instead.
+    """
+    if _use_triton(kernel, z) and not (kernel == "auto" and _TRITON_FAILED):
         try:
-            return search_exhaustive_triton(z, M)
+            return triton_fn()
         except Exception as exc:  # noqa: BLE001 - any build/launch failure -> torch path
             if kernel == "triton":
                 raise
             _TRITON_FAILED.append(repr(exc))
-            logger.warning("Triton exhaustive kernel unavailable (%r); using torch", exc)
-    return _search_exhaustive(z, M)
+            logger.warning("Triton %s kernel unavailable (%r); using torch", what, exc)
+    return torch_fn()
+
+
+def _exhaustive_dispatch(z: Tensor, M: Tensor, kernel: str) -> Tensor:
+    from liftquant.kernels.search import search_exhaustive_triton
+
+    return _with_triton_fallback(kernel, z, lambda: search_exhaustive_triton(z, M),
+                                 lambda: _search_exhaustive(z, M), what="exhaustive search")
 
 
 def _pinv_dispatch(z: Tensor, M: Tensor, off: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
-    """Fused Triton search when asked for or available; "auto" falls back to torch (warning
-    once, naming the reason) if the kernel cannot be built on this machine."""
-    if _use_triton(kernel, z) and not (kernel == "auto" and _TRITON_FAILED):
-        from liftquant.kernels.search import search_pinv_triton
+    from liftquant.kernels.search import search_pinv_triton
 
-        try:
-            return search_pinv_triton(z, M, off)
-        except Exception as exc:  # noqa: BLE001 - any build/launch failure -> torch path
-            if kernel == "triton":
-                raise
-            _TRITON_FAILED.append(repr(exc))
-            logger.warning("Triton search kernel unavailable (%r); using the torch search", exc)
-    return _search_pinv(z, M, off)
+    return _with_triton_fallback(kernel, z, lambda: search_pinv_triton(z, M, off),
+                                 lambda: _search_pinv(z, M, off), what="pinv search")
 
 
 def encode(

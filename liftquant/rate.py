@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from liftquant.checkpoint import unique_state
 from liftquant.lattice import LatticeSpec, shipped_lattices
 from liftquant.linear import SIDE_DTYPE, lifted_width
 from liftquant.models.adapters import ModelAdapter
@@ -38,13 +39,9 @@ def estimate_checkpoint_bytes(model: nn.Module, adapter: ModelAdapter, spec: Lat
             quantized.add(f"{block_name}.{name}.bias")
             total += quantized_linear_bytes(lin.in_features, lin.out_features, spec,
                                             bias=lin.bias is not None)
-    seen = set()
-    for key, t in model.state_dict().items():  # persistent tensors only, as saved
-        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in quantized or ptr in seen:
-            continue
-        seen.add(ptr)
-        total += t.numel() * t.element_size()
+    for key, t in unique_state(model).items():  # persistent tensors, tied ones once, as saved
+        if key not in quantized:
+            total += t.numel() * t.element_size()
     return total
 
 

@@ -167,6 +167,7 @@ _Q_CACHE: dict[tuple, Tensor] = {}
 
 
 def _code_norms(M: Tensor) -> Tensor:
+    from liftquant.lattice import codes_from_index
 
     key = (M.device, M.data_ptr(), M._version, tuple(M.shape))
     if key not in _Q_CACHE:
@@ -177,7 +178,7 @@ def _code_norms(M: Tensor) -> Tensor:
         step = 1 << 20
         for s in range(0, 1 << D, step):  # chunked: all_codes(24) would be 1.6 GB at once
             idx = torch.arange(s, min(s + step, 1 << D), device=M.device)
-            y = (((idx[:, None] >> torch.arange(D, device=M.device)) & 1) * 2 - 1).float()
+            y = codes_from_index(idx, D)
             q[s:s + idx.numel()] = (y @ M.float().T).square().sum(-1)
         _Q_CACHE[key] = q
     return _Q_CACHE[key]
@@ -187,6 +188,8 @@ def search_exhaustive_triton(z: Tensor, M: Tensor) -> Tensor:
     """Exact nearest code for rows of z (B, d): (B, D) float +-1 (same as the torch oracle)."""
     if not HAS_TRITON or not (z.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise RuntimeError("search_exhaustive_triton needs CUDA tensors and Triton")
+    from liftquant.lattice import codes_from_index
+
     d, D = M.shape
     DP = _pow2_at_least(D)
     c = torch.zeros(z.shape[0], DP, device=z.device, dtype=torch.float32)
@@ -205,5 +208,4 @@ def search_exhaustive_triton(z: Tensor, M: Tensor) -> Tensor:
         _exhaustive_search_kernel[(triton.cdiv(B, 16),)](
             *args, N_CODES=1 << D, D=D, DP=DP, BLOCK_B=16, BLOCK_C=16
         )
-    idx = best_idx.long()
-    return (((idx[:, None] >> torch.arange(D, device=z.device)) & 1) * 2 - 1).float()
+    return codes_from_index(best_idx, D)
