@@ -36,7 +36,7 @@ from liftquant.cache import ActivationCache, choose_mode
 from liftquant.capture import capture_block_inputs, prepare_block_kwargs
 from liftquant.config import RunConfig
 from liftquant.lattice import LatticeSpec
-from liftquant.linear import LiftLinear, PackedLiftLinear, cast_unquantized
+from liftquant.linear import LiftLinear, PackedLiftLinear, cast_unquantized, lifted_width
 from liftquant.log import get_logger, peak_memory_gib, seed_everything
 from liftquant.models.adapters import ModelAdapter
 
@@ -385,8 +385,6 @@ def estimate_block_train_bytes(block: nn.Module, adapter: ModelAdapter, spec: La
                                *, tokens: int) -> int:
     """Rough fp32 footprint of stage-2 training of one block: parameters, latent signs with
     their gradient and Adam moments, and activations kept for backward (tokens per step)."""
-    from liftquant.linear import lifted_width
-
     params = sum(p.numel() for p in block.parameters())
     latents, acts = 0, 0
     for name in adapter.linear_names(block):
