@@ -25,6 +25,7 @@ from liftquant.lattice import (
     LatticeSpec,
     gaussian_mse,
     rate_distortion_bound,
+    search_bases,
 )
 from liftquant.lattice_train import (
     DEFAULT_BATCH,
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--method", default="auto", choices=["auto", "exhaustive", "pinv"],
                    help="search used to select restarts and to measure the final MSE")
+    p.add_argument("--bases", type=int, default=None,
+                   help="null-space bases of the pinv search (default: the index's entry for this "
+                        f"lattice, else {SEARCH_BASES}); recorded in the index with the MSE")
     p.add_argument("--n_eval", type=int, default=100_000, help="fresh Gaussian vectors for MSE")
     p.add_argument("--output", type=Path, default=None, help="default: lattice/<D>to<d>.pt")
     p.add_argument("--index", type=Path, default=None, help="default: <output dir>/index.json")
@@ -106,8 +110,8 @@ def update_index(path: Path, entry: dict) -> None:
     atomic_write(path, _write)
 
 
-def _search_fields(method: str) -> dict:
-    return {"search": method, "bases": SEARCH_BASES if method == "pinv" else None}
+def _search_fields(method: str, bases: int) -> dict:
+    return {"search": method, "bases": bases if method == "pinv" else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,20 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     spec = resolve_spec(args)
     method = spec.default_method() if args.method == "auto" else args.method
+    if args.bases is not None and args.bases < 1:
+        raise SystemExit("--bases must be >= 1")
+    bases = args.bases or search_bases(spec.lifted_dim, spec.target_dim)
     if args.eval:
         M = torch.load(args.eval, map_location="cpu", weights_only=True)
         if tuple(M.shape) != (spec.target_dim, spec.lifted_dim):
             raise SystemExit(f"{args.eval}: shape {tuple(M.shape)} is not (d, D) for {spec}")
         t0 = time.time()
-        mse = gaussian_mse(M, n=args.n_eval, method=method, device=args.device)
-        print(f"{spec.name}: mse {mse:.5f} ({method}, n={args.n_eval}, {time.time() - t0:.1f}s) "
+        mse = gaussian_mse(M, n=args.n_eval, method=method, device=args.device, bases=bases)
+        print(f"{spec.name}: mse {mse:.5f} ({method}, bases {bases}, n={args.n_eval}, {time.time() - t0:.1f}s) "
               f"rate-distortion bound {rate_distortion_bound(spec.bits_per_weight):.5f}")
         if args.register:
             index = args.index or (args.eval.parent / "index.json")
             row = {r["name"]: r for r in read_index(index)}.get(spec.name)
             if row is None:
                 raise SystemExit(f"{spec.name} is not in {index}; train it with this script")
-            update_index(index, {**row, **_search_fields(method), "mse": round(mse, 6),
+            update_index(index, {**row, **_search_fields(method, bases), "mse": round(mse, 6),
                                  "n_eval": args.n_eval, "eval_device": str(args.device),
                                  "eval_date": _dt.date.today().isoformat()})
         return 0
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         init=init, time_limit=args.time_limit, hard_time_limit=args.hard_time_limit,
     )
     train_s = time.time() - t0
-    mse = gaussian_mse(res.M, n=args.n_eval, method=method, device=args.device)
+    mse = gaussian_mse(res.M, n=args.n_eval, method=method, device=args.device, bases=bases)
     out = args.output or (LATTICE_DIR / f"{spec.name}.pt")
     index = args.index or (out.parent / "index.json")
     old = {r["name"]: r for r in read_index(index)}.get(spec.name)
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     update_index(index, {
         "name": spec.name, "D": spec.lifted_dim, "d": spec.target_dim,
         "bits": round(spec.bits_per_weight, 6), "mse": round(mse, 6), "n_eval": args.n_eval,
-        **_search_fields(method), "seed": args.seed, "steps": res.steps_done, "restarts": len(res.restart_mse),
+        **_search_fields(method, bases), "seed": args.seed, "steps": res.steps_done, "restarts": len(res.restart_mse),
         "restart_mse": [round(m, 6) for m in res.restart_mse], "tau": args.tau,
         "tau_final": args.tau_final or [args.tau], "lr": args.lr, "batch": args.batch,
         "budget": args.budget, "device": str(args.device), "train_seconds": round(train_s, 1),

@@ -78,7 +78,7 @@ def eval_tasks(model, tok, cfg: RunConfig, device: torch.device) -> dict[str, An
     """lm-eval on ``--tasks`` (offline pack names are mapped by :mod:`liftquant.tasks`)."""
     from liftquant.lmeval import evaluate_tasks, format_table
 
-    res = evaluate_tasks(model, tok, cfg.run.tasks, batch_size=cfg.calib.batch_size,
+    res = evaluate_tasks(model, tok, cfg.run.tasks, batch_size=cfg.run.eval_batch_size,
                          limit=cfg.run.tasks_limit, device=device)
     logger.info("lm-eval results:\n%s", format_table(res))
     return res

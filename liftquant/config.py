@@ -121,6 +121,7 @@ class RunArgs:
                            "or 'pack' for all) runs without the hub (liftquant.tasks)",
                            aliases=("--eval_tasks",))
     tasks_limit: int | None = _f(None, "lm-eval: at most this many examples per task")
+    eval_batch_size: int = _f(16, "lm-eval requests per forward pass")
     resume: bool = _f(False, "continue an interrupted run from <save_dir>/blocks")
     backend: str = _f("auto", "kernel backend of packed layers (evaluation, propagation)",
                       choices=("auto", "torch", "triton", "bitblas"))

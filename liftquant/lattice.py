@@ -25,6 +25,8 @@ memory stays bounded (``MAX_CHUNK_ELEMENTS``).
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -119,6 +121,24 @@ class LatticeSpec:
 # --------------------------------------------------------------------------------------------
 # Loading shipped lattices
 # --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _cached_index_bases(path: Path, mtime: float) -> dict[str, int]:
+    rows = json.loads(path.read_text())
+    return {r["name"]: int(r["bases"]) for r in rows if isinstance(r.get("bases"), int)}
+
+
+def search_bases(D: int, d: int, root: str | Path | None = None) -> int:
+    """Null-space bases the pinv search uses for ``DtoD``: the ``bases`` recorded for it in the
+    lattice index (a lattice may need a wider search to reach its measured MSE), else
+    :data:`SEARCH_BASES`."""
+    path = Path(root or LATTICE_DIR) / "index.json"
+    try:
+        table = _cached_index_bases(path, path.stat().st_mtime)
+    except (OSError, ValueError, KeyError, TypeError):
+        return SEARCH_BASES
+    return table.get(f"{D}to{d}", SEARCH_BASES)
+
+
 def lattice_path(spec: "LatticeSpec | str", root: str | Path | None = None) -> Path:
     spec = LatticeSpec.parse(spec)
     return Path(root or LATTICE_DIR) / f"{spec.name}.pt"
@@ -368,7 +388,7 @@ def encode(
     return_pre_sign: bool = False,
     offsets: Tensor | None = None,
     kernel: str = "auto",
-    bases: int = SEARCH_BASES,
+    bases: int | None = None,
 ):
     """Nearest lattice codes for sub-vectors ``w`` (..., d) under ``M`` (d, D).
 
@@ -379,7 +399,7 @@ def encode(
     ``kernel`` picks the pinv implementation: "auto" (the fused Triton kernel for CUDA inputs
     when Triton is importable, else torch), "torch" or "triton". ``refine`` defaults to True.
     ``bases``: pinv searches the union of the candidates of this many null-space bases
-    (ignored when ``offsets`` is given).
+    (default: :func:`search_bases` of the lattice; ignored when ``offsets`` is given).
     """
     d, D = M.shape
     if w.shape[-1] != d:
@@ -393,7 +413,9 @@ def encode(
         codes = _exhaustive_dispatch(z, Mw, kernel)
         pre = None
     elif method == "pinv":
-        off = offsets if offsets is not None else padding_offsets(Mw, bases=bases)
+        if offsets is None:
+            offsets = padding_offsets(Mw, bases=bases or search_bases(D, d))
+        off = offsets
         codes, pre = _pinv_dispatch(z, Mw, off.to(z.device), kernel)
         if refine is None or refine:
             codes = refine_flips(z, codes, Mw)
@@ -425,7 +447,7 @@ def gaussian_mse(
     device=None,
     batch: int = 1 << 16,
     kernel: str = "auto",
-    bases: int = SEARCH_BASES,
+    bases: int | None = None,
 ) -> float:
     """Per-dimension MSE of M on ``n`` fresh N(0, I_d) vectors with the given search."""
     device = torch.device(device) if device is not None else M.device
@@ -433,6 +455,7 @@ def gaussian_mse(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if method == "auto":
         method = LatticeSpec(Md.shape[1], Md.shape[0]).default_method(device.type)
+    bases = bases or search_bases(Md.shape[1], Md.shape[0])
     off = padding_offsets(Md, bases=bases) if method == "pinv" else None
     total, count = 0.0, 0
     for start in range(0, n, batch):

@@ -48,6 +48,31 @@ def append_rows(path: str | Path, rows: list[dict]) -> None:
         writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
 
 
+def merge(paths: list[str | Path], out: str | Path) -> int:
+    """Rows of several sweep CSVs (e.g. jobs run in parallel) into ``out``, one row per
+    (model, method, config) -- the last one read wins -- sorted by model, method, size.
+    Returns the number of rows written."""
+    rows: dict[tuple, dict] = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != COLUMNS:
+                raise ValueError(f"{path} has columns {reader.fieldnames}, expected {list(COLUMNS)}")
+            for r in reader:
+                rows[(r["model"], r["method"], r["config"])] = r
+    order = {"fp": 0, "liftquant": 1, "gptq": 2, "rtn": 3}
+    ranked = sorted(rows.values(), key=lambda r: (r["model"], order.get(r["method"], 9),
+                                                  _num(r["size_gb"]) or 0.0))
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(ranked)
+    tmp.replace(out)
+    return len(ranked)
+
+
 def _num(value: str) -> float | None:
     try:
         return float(value)
@@ -113,3 +138,25 @@ def csv_row(summary: dict, *, model: str, method: str, config: str, bits: dict, 
             "task_avg": round(tasks["task_avg"], 4) if tasks else "",
             "tasks": tasks_note if tasks else "", "calib_tokens": summary.get("calib_tokens", 0),
             "gpu": gpu, "commit": commit}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m liftquant.pareto merge A.csv B.csv ... --out quality.csv [--plot P --budget_gb X]``"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m liftquant.pareto", description=main.__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge sweep CSVs and redraw the plot")
+    m.add_argument("csvs", nargs="+")
+    m.add_argument("--out", required=True)
+    m.add_argument("--plot", default=None)
+    m.add_argument("--budget_gb", type=float, default=None)
+    args = p.parse_args(argv)
+    n = merge(args.csvs, args.out)
+    png = plot(args.out, args.plot, budget_gb=args.budget_gb) if args.plot else None
+    print(f"{n} rows -> {args.out}" + (f"; plot {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,7 +5,8 @@ Methods measured in one run, same lattices and inputs:
     (materialises the (B, 2^(D-d), D) candidate tensor in chunks), no refinement;
   * ``pinv_triton_flip``: the fused Triton kernel (lattice.encode on CUDA) + greedy bit flips,
     same single null-space basis as the baseline;
-  * ``pinv4b_triton_flip``: the quantizer's default: union of 4 null-space bases + flips;
+  * ``pinv<b>b_triton_flip``: the quantizer's search: union of ``lattice.search_bases`` null-space
+    bases (4 by default; the lattice index may ask for more) + flips;
   * ``exhaustive_torch``: exact search as one matmul per code chunk, where 2^D is small.
 
 Usage: python scripts/bench_lattice.py --lattices 16to8,20to8,24to8,24to10,30to14,32to16
@@ -61,7 +62,7 @@ def bench_one(name: str, *, n_weights: int, device: torch.device, repeats: int) 
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(n_weights // d, d, generator=gen).to(device)
     scale = 1e6 / (z.shape[0] * d)
-    off = L.padding_offsets(M)
+    off = L.padding_offsets(M)  # one basis: the published heuristic
     rows = []
 
     def record(method: str, fn) -> None:
@@ -81,9 +82,9 @@ def bench_one(name: str, *, n_weights: int, device: torch.device, repeats: int) 
         record("pinv_triton_flip", lambda: L.encode(z, M, method="pinv", offsets=off))
         record("pinv_triton_noflip",
                lambda: L.encode(z, M, method="pinv", offsets=off, refine=False))
-        off4 = L.padding_offsets(M, bases=L.SEARCH_BASES)
-        record(f"pinv{L.SEARCH_BASES}b_triton_flip",
-               lambda: L.encode(z, M, method="pinv", offsets=off4))
+        nb = L.search_bases(D, d)
+        offb = L.padding_offsets(M, bases=nb)
+        record(f"pinv{nb}b_triton_flip", lambda: L.encode(z, M, method="pinv", offsets=offb))
     else:
         record("pinv_torch_flip", lambda: L.encode(z, M, method="pinv", offsets=off))
     if D <= 20:

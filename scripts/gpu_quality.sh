@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# Bits-vs-quality sweep on the GPU machine (issue 4): bench/quality.csv + bench/quality.png.
-# FP, LiftQuant 16to8/24to10/20to8/24to8, RTN and GPTQ (group 128) at 2/3/4 bits, for
-# SmolLM2-135M and Qwen2.5-Coder-0.5B; perplexity on wiki-offline and the offline task pack.
-#   SCR=/tmp/lq_scratch OUT=/tmp/lq_out bash scripts/gpu_quality.sh
-# Needs lm-eval (pip install -r requirements-eval.txt); TASKS_LIMIT=N caps examples per task.
+# Bits-vs-quality sweep on the GPU machine (issue 4) for one model, in parallel jobs on one GPU
+# (a 135M-0.5B model leaves an H100 mostly idle; each job is a scripts/pareto.py process):
+#   PART=lq    LiftQuant 16to8, 24to10, 20to8, 24to8 (one job each; checkpoints kept for e2e)
+#   PART=base  FP + RTN 2/3/4 (one job) and GPTQ 2/3/4 (one job), group 128
+# Rows land in $SCR/quality/<label>-<job>.csv; all of them are merged into $OUT/quality.csv and
+# $OUT/quality.png. Assets must already be in $SCR/home (scripts/gpu_stage_b.sh stages them).
+#   SCR=/tmp/lq_scratch OUT=... MODEL=demo LABEL=smollm2-135m PART=lq bash scripts/gpu_quality.sh
 set -u
-OUT=${OUT:-/tmp/lq_out}; SCR=${SCR:-/tmp/lq_scratch}; mkdir -p "$OUT/logs"
+OUT=${OUT:-/tmp/lq_out}; SCR=${SCR:-/tmp/lq_scratch}; mkdir -p "$OUT/logs" "$SCR/quality"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LIFTQUANT_HOME=$SCR/home
-NSAMPLES=${NSAMPLES:-128}; SEQLEN=${SEQLEN:-2048}; EPOCHS=${EPOCHS:-2}; TASKS=${TASKS:-pack}
-LIMIT=${TASKS_LIMIT:+--tasks_limit $TASKS_LIMIT}
-python -m liftquant.tasks fetch > "$OUT/logs/tasks.log" 2>&1
-python -m liftquant.assets fetch qwen2.5-coder-0.5b --convert >> "$OUT/logs/tasks.log" 2>&1
-QWEN=$(python -m liftquant.assets path qwen2.5-coder-0.5b --hf)
-sweep() {  # label, model, budget GB
-  python scripts/pareto.py --model "$2" --model_name "$1" --configs 16to8,24to10,20to8,24to8 \
-    --baselines rtn:2,3,4 gptq:2,3,4 --group_size 128 --nsamples "$NSAMPLES" --seqlen "$SEQLEN" \
-    --epochs "$EPOCHS" --batch_size 4 --tasks "$TASKS" $LIMIT --save_dir "$SCR/pareto" \
-    --csv "$OUT/quality.csv" --plot "$OUT/quality.png" --budget_gb "$3" \
-    > "$OUT/logs/pareto_$1.log" 2>&1
-  echo "$1 rc=$?" >> "$OUT/logs/status.txt"
+MODEL=${MODEL:-demo}; LABEL=${LABEL:-smollm2-135m}; PART=${PART:-lq}
+COMMON=(--model "$MODEL" --model_name "$LABEL" --nsamples "${NSAMPLES:-128}"
+        --seqlen "${SEQLEN:-1024}" --epochs "${EPOCHS:-2}" --batch_size "${BATCH:-4}"
+        --group_size 128 --tasks "${TASKS:-pack}" --tasks_limit "${TASKS_LIMIT:-300}"
+        --save_dir "$SCR/pareto" --keep_checkpoints --budget_gb "${BUDGET:-0.1}" ${EXTRA:-})
+job() {  # name, extra pareto.py args
+  local name=$1; shift
+  OMP_NUM_THREADS=3 timeout "${JOB_S:-540}" python3 scripts/pareto.py "${COMMON[@]}" \
+    --csv "$SCR/quality/$LABEL-$name.csv" --plot "$SCR/quality/$LABEL-$name.png" "$@" \
+    > "$OUT/logs/$LABEL-$name.log" 2>&1
+  echo "$LABEL $name rc=$? $(date +%T)" >> "$OUT/logs/status.txt"
 }
-sweep smollm2-135m demo 0.1
-sweep qwen2.5-coder-0.5b "$QWEN" 0.35
-cd "$OUT" && tar czf logs.tar.gz logs && rm -rf logs
+echo "start $(date +%T)" >> "$OUT/logs/status.txt"
+if [ "$PART" = lq ]; then
+  for c in ${CONFIGS:-16to8 24to10 20to8 24to8}; do job "$c" --skip_fp --configs "$c" & done
+else
+  job fp-rtn --baselines rtn:2,3,4 &
+  job gptq --skip_fp --baselines gptq:2,3,4 &
+fi
+wait
+python3 -m liftquant.pareto merge "$SCR"/quality/*.csv --out "$OUT/quality.csv" \
+  --plot "$OUT/quality.png" > "$OUT/logs/merge.log" 2>&1
+cat "$OUT/logs/status.txt"; column -s, -t < "$OUT/quality.csv" 2>/dev/null | cut -c1-150

@@ -134,3 +134,20 @@ def test_plot_skips_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert pareto.plot(f, tmp_path / "q.png") is None
     assert not (tmp_path / "q.png").exists()
+
+
+def test_merge_keeps_last_row_per_config_and_sorts(tmp_path):
+    a, b, out = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "q.csv"
+    pareto.append_rows(a, [{**ROW, "method": "rtn", "config": "rtn-w3g128", "size_gb": 0.05},
+                           {**ROW, "ppl_wiki_offline": 99.0}])
+    pareto.append_rows(b, [ROW, {**ROW, "method": "fp", "config": "bfloat16", "size_gb": 0.27},
+                           {**ROW, "method": "liftquant", "config": "20to8", "size_gb": 0.04}])
+    assert pareto.main(["merge", str(a), str(b), "--out", str(out)]) == 0
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["method"], r["config"]) for r in rows] == [
+        ("fp", "bfloat16"), ("liftquant", "20to8"), ("gptq", "gptq-w3g128"), ("rtn", "rtn-w3g128")]
+    assert rows[2]["ppl_wiki_offline"] == "30.5"  # b's row replaced a's
+    (tmp_path / "bad.csv").write_text("model,ppl\nm,3\n")
+    with pytest.raises(ValueError, match="columns"):
+        pareto.merge([tmp_path / "bad.csv"], out)
