@@ -54,6 +54,9 @@ class ChatArgs:
     compile: bool | None = _f(None, "torch.compile the decode step with CUDA graphs "
                               "(default: on for CUDA, off on CPU)")
     system: str | None = _f(None, "system prompt")
+    warmup: bool = _f(True, "one throw-away prefill + decode steps before the first question, so "
+                      "compilation, CUDA-graph capture and kernel tuning are not counted in the "
+                      "first answer's tokens/s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +171,20 @@ class ChatSession:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    @torch.inference_mode()
+    def warm_up(self, prompt_len: int = 16, steps: int = 4) -> float:
+        """Run the prefill and decode paths once on dummy tokens; returns the seconds spent."""
+        t0 = time.perf_counter()
+        ids = torch.zeros(1, prompt_len, dtype=torch.long, device=self.device)
+        self.cache.reset()
+        token = self._pick(self._forward(ids, torch.arange(prompt_len, device=self.device)))
+        for step in range(steps):  # reduce-overhead compiles, then records the graph
+            pos = torch.tensor([prompt_len + step], device=self.device)
+            token = self._pick(self.decode(token.reshape(1, 1), pos))
+        self._sync()
+        self.cache.reset()
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ one turn
     @torch.inference_mode()
     def ask(self, text: str) -> str:
@@ -228,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     args, prompts = parse_args(argv)
     model, tok, device = load_chat_model(args)
     session = ChatSession(model, tok, args, device)
+    if args.warmup:
+        logger.info("warm-up (compilation, CUDA graphs, kernel tuning): %.1f s", session.warm_up())
     if prompts:
         for p in prompts:
             print(f"user: {p}\nassistant: ", end="", flush=True)

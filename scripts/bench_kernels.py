@@ -2,9 +2,12 @@
 
 For every Llama-3 8B/70B weight shape and lattice, with random packed weights:
 
-* kernel rows (``triton-gemv``: the best of the GEMV tuning candidates, ``-noasm``: the same
-  loop without inline PTX) are ``triton.testing.do_bench`` medians (L2 cleared before every
-  run) against cuBLAS fp16 ``F.linear`` of the original shape timed the same way;
+* kernel rows are ``triton.testing.do_bench`` medians (L2 cleared before every run) against
+  cuBLAS fp16 ``F.linear`` of the original shape timed the same way. The GEMV tuner
+  (``liftquant.kernels.gemv_tuner``) times all its candidates first; the rows re-time its best
+  overall (``triton-gemv``), best split-K row stream (``triton-gemv-splitk``), best row tile
+  (``triton-gemv-rowtile``, the previous kernel) and the best split-K configuration without
+  inline PTX (``triton-gemv-splitk-noasm``); ``kernel`` names the configuration;
 * layer rows (``triton-transform``/``torch-transform``: T* alone; ``triton``/``torch``: the
   backends' whole ``linear``) are per-call times of back-to-back calls in one CUDA graph, as a
   graphed decode step runs them, against fp16 ``F.linear`` timed the same way.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 from itertools import cycle
@@ -25,15 +29,16 @@ from itertools import cycle
 import torch
 import torch.nn.functional as F
 
-from liftquant.kernels import registry
+from liftquant.kernels import gemv_tuner, registry
 from liftquant.kernels import triton_int1 as ti
+from liftquant.kernels.gemv_splitk import SplitKConfig
 from liftquant.linear import PackedLiftLinear
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
 LATTICES = ["16to8", "24to10", "20to8", "24to8"]
 ROTATE_BYTES = 200 * 2**20  # > 3x the H100's 50 MB L2
 COLUMNS = ["shape", "config", "backend", "time_us", "weight_gbps", "copy_gbps", "fraction_of_copy",
-           "fp16_time_us", "speedup_vs_fp16", "gpu", "commit"]
+           "fp16_time_us", "speedup_vs_fp16", "kernel", "gpu", "commit"]
 
 
 @torch.no_grad()
@@ -115,20 +120,8 @@ def bench_shape(N: int, n: int, spec: str, rows: list, sweep_log: dict, base: di
     t16 = bench(F.linear, cycle(f16_args))  # kernel rows compare with this
     t16_graph = graph_bench(F.linear, f16_args)  # layer rows compare with this
 
-    def gemv(block_n, num_warps, asm):
-        return lambda xp, wsc, ly: ti.launch_gemv(xp, wsc, ly.packed_signs, ly.scale, None, dt,
-                                                  block_n=block_n, block_w=128 * num_warps,
-                                                  num_warps=num_warps, use_asm=asm)
-
-    aligned = proto.packed_signs.shape[1] % 16 == 0
     gemv_args = [(xp, wsc, ly) for (xp, wsc), ly in zip(pairs, layers)]
-    cands = [c for c in ti.GEMV_CANDIDATES if aligned or c[0] <= ti.UNALIGNED_MAX_BLOCK_N]
-    times = {c: bench(gemv(*c, True), cycle(gemv_args)) for c in cands}
-    best = min(times, key=times.get)
-    sweep_log[f"{N}x{n}/{spec}"] = {"best": best, "aligned": aligned,
-                                    "times_us": {f"{k[0]}x{k[1]}": v for k, v in times.items()}}
-    kernel = {"triton-gemv": times[best],
-              "triton-gemv-noasm": bench(gemv(*best, False), cycle(gemv_args))}
+    kernel, labels = tune_gemv(gemv_args, dt, sweep_log, f"{N}x{n}/{spec}")
     layer = {
         "triton-transform": graph_bench(lambda x, s: ti.launch_transform(x, *s, d=d, D=D,
                                                                          pairs=True),
@@ -145,10 +138,41 @@ def bench_shape(N: int, n: int, spec: str, rows: list, sweep_log: dict, base: di
             rows.append({**base, "shape": f"{N}x{n}", "config": spec, "backend": backend,
                          "time_us": f"{t:.2f}", "weight_gbps": f"{gbps:.1f}",
                          "fraction_of_copy": f"{gbps / base['copy_gbps']:.3f}",
-                         "fp16_time_us": f"{ref:.2f}", "speedup_vs_fp16": f"{ref / t:.2f}"})
-            print(f"{N}x{n} {spec:>6} {backend:>17} {t:9.2f} us {gbps:7.1f} GB/s "
-                  f"frac {gbps / base['copy_gbps']:.3f} fp16 {ref:8.2f} us x{ref / t:.2f}",
-                  flush=True)
+                         "fp16_time_us": f"{ref:.2f}", "speedup_vs_fp16": f"{ref / t:.2f}",
+                         "kernel": labels.get(backend, "")})
+            print(f"{N}x{n} {spec:>6} {backend:>24} {t:9.2f} us {gbps:7.1f} GB/s "
+                  f"frac {gbps / base['copy_gbps']:.3f} fp16 {ref:8.2f} us x{ref / t:.2f} "
+                  f"{labels.get(backend, '')}", flush=True)
+
+
+def tune_gemv(gemv_args: list, dt: torch.dtype, sweep_log: dict, name: str):
+    """Tune the shape with the library's tuner (whose choice the layer rows then use) and
+    re-time the best configuration of each kind over rotating inputs."""
+    tuner = ti.GEMV_TUNER
+    xp, wsc, ly = gemv_args[0]
+    args = (xp, wsc, ly.packed_signs, ly.scale, None, dt)
+    key = tuner.key(xp, ly.packed_signs, None, dt)
+    best = tuner.cache.get(key, lambda: tuner.tune(args, key=key))
+    timings = tuner.timings.get(key, {})
+    n_sm = torch.cuda.get_device_properties(xp.device).multi_processor_count
+    by_label = {c.label: c for c in tuner.candidates(key, n_sm, tuner.asm_failed is None)}
+    kinds = {"triton-gemv": best}
+    for kind, cls in (("triton-gemv-splitk", SplitKConfig), ("triton-gemv-rowtile", None)):
+        labels = [lb for lb in timings if isinstance(by_label.get(lb), cls or ti.GemvConfig)]
+        if labels:
+            kinds[kind] = by_label[min(labels, key=timings.get)]
+    if "triton-gemv-splitk" in kinds:
+        kinds["triton-gemv-splitk-noasm"] = dataclasses.replace(kinds["triton-gemv-splitk"],
+                                                                use_asm=False)
+    sweep_log[name] = {"best": best.label, "times_us": timings,
+                       "rejected": tuner.rejected.get(key, {})}
+
+    def run(cfg):
+        return lambda xp, wsc, ly: gemv_tuner.launch_config(cfg, xp, wsc, ly.packed_signs,
+                                                            ly.scale, None, dt)
+
+    times = {kind: bench(run(cfg), cycle(gemv_args)) for kind, cfg in kinds.items()}
+    return times, {kind: cfg.label for kind, cfg in kinds.items()}
 
 
 def main() -> None:

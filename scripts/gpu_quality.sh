@@ -3,6 +3,9 @@
 # (a 135M-0.5B model leaves an H100 mostly idle; each job is a scripts/pareto.py process):
 #   PART=lq    LiftQuant 16to8, 24to10, 20to8, 24to8 (one job each; checkpoints kept for e2e)
 #   PART=base  FP + RTN 2/3/4 (one job) and GPTQ 2/3/4 (one job), group 128
+#   PART=all   both at once
+# A job whose CSV already exists is skipped, and LiftQuant jobs run with --resume, so the same
+# command issued again after a call ran out of time finishes only what is missing.
 # Rows land in $SCR/quality/<label>-<job>.csv; all of them are merged into $OUT/quality.csv and
 # $OUT/quality.png. Assets must already be in $SCR/home (scripts/gpu_stage_b.sh stages them).
 #   SCR=/tmp/lq_scratch OUT=... MODEL=demo LABEL=smollm2-135m PART=lq bash scripts/gpu_quality.sh
@@ -16,15 +19,17 @@ COMMON=(--model "$MODEL" --model_name "$LABEL" --nsamples "${NSAMPLES:-128}"
         --save_dir "$SCR/pareto" --keep_checkpoints --budget_gb "${BUDGET:-0.1}" ${EXTRA:-})
 job() {  # name, extra pareto.py args
   local name=$1; shift
+  [ -s "$SCR/quality/$LABEL-$name.csv" ] && { echo "$LABEL $name done before" >> "$OUT/logs/status.txt"; return; }
   OMP_NUM_THREADS=3 timeout "${JOB_S:-540}" python3 scripts/pareto.py "${COMMON[@]}" \
     --csv "$SCR/quality/$LABEL-$name.csv" --plot "$SCR/quality/$LABEL-$name.png" "$@" \
     > "$OUT/logs/$LABEL-$name.log" 2>&1
   echo "$LABEL $name rc=$? $(date +%T)" >> "$OUT/logs/status.txt"
 }
 echo "start $(date +%T)" >> "$OUT/logs/status.txt"
-if [ "$PART" = lq ]; then
-  for c in ${CONFIGS:-16to8 24to10 20to8 24to8}; do job "$c" --skip_fp --configs "$c" & done
-else
+if [ "$PART" != base ]; then
+  for c in ${CONFIGS:-16to8 24to10 20to8 24to8}; do job "$c" --skip_fp --resume --configs "$c" & done
+fi
+if [ "$PART" != lq ]; then
   job fp-rtn --baselines rtn:2,3,4 &
   job gptq --skip_fp --baselines gptq:2,3,4 &
 fi

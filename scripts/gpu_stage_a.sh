@@ -20,12 +20,12 @@ timeout 150 python3 scripts/bench_lattice.py --output bench/lattice.csv > "$L/be
 echo "bench rc=$?" >> "$L/bench.log"
 for b in ${BASES:-4 6 8 12}; do
   cp lattice/index.json "$SCR/index_b$b.json"
-  timeout 60 python3 lattice_generator.py --expc 32to16 --eval lattice/32to16.pt --bases "$b" \
+  timeout 90 python3 lattice_generator.py --expc 32to16 --eval lattice/32to16.pt --bases "$b" \
     --register --index "$SCR/index_b$b.json" --device cuda >> "$L/bases.log" 2>&1
   cp "$SCR/index_b$b.json" "$L/"
 done
-timeout ${TRAIN_S:-330} python3 lattice_generator.py --expc 32to16 \
-  ${LG_ARGS:-"--steps 5000 --restarts 4 --tau_final 10,60"} --budget 134217728 \
+LG_ARGS=${LG_ARGS:-"--steps 5000 --restarts 4 --tau_final 10,60"}
+timeout ${TRAIN_S:-330} python3 lattice_generator.py --expc 32to16 $LG_ARGS --budget 134217728 \
   --init lattice/32to16.pt --keep_better --time_limit ${TRAIN_SOFT:-220} \
   --hard_time_limit ${TRAIN_HARD:-290} --output "$SCR/32to16_new.pt" \
   --index lattice/parts/32to16.json --device cuda --no_progress > "$L/train.log" 2>&1

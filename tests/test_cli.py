@@ -84,13 +84,14 @@ def _commands_in(text: str, script: str, *, markdown: bool) -> list[str]:
 
 
 # Values for shell variables that are not given a ${VAR:-default} in the script itself.
-SHELL_VARS = {"spec": "24to10", "OUT": "/tmp/x", "name": "run", "SCR": "/tmp/s"}
+SHELL_VARS = {"spec": "24to10", "OUT": "/tmp/x", "name": "run", "SCR": "/tmp/s", "b": "8", "L": "/tmp/l"}
 
 
 def _expand_shell_vars(text: str) -> str:
     values = dict(SHELL_VARS)
     values.update({k: v.strip('"') for k, v in re.findall(r"(\w+)=\$\{\w+:-([^}]*)\}", text)})
     text = text.replace('"$@"', "")  # a wrapper's pass-through arguments
+    text = re.sub(r"\$\{\w+:-([^}]*)\}", lambda m: m.group(1).strip('"'), text)  # inline defaults
     return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), text)
 
 

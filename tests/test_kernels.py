@@ -2,8 +2,11 @@
 
 CPU: the reference equals the dense dequantized layer; registry fallbacks; the Triton kernels
 under ``TRITON_INTERPRET=1`` in a subprocess (Triton picks interpreter mode when a kernel is
-defined, so it cannot be switched inside this process). CUDA (skipped without a GPU): every
-backend against the reference, fp16 and bf16, batch 1 and 7, in_features not a multiple of d.
+defined, so it cannot be switched inside this process); the benchmark decode step against the
+HF forward. CUDA (skipped without a GPU): every backend against the reference, fp16 and bf16,
+batch 1 (both GEMV kernels), 7 and 33, in_features not a multiple of d; every GEMV tuner
+candidate; the tuner; the split-K GEMV replayed in a CUDA graph. The split-K kernel's CPU
+checks are in ``test_gemv_splitk.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -162,9 +166,13 @@ CUDA_SHAPES = [(4096, 1024, "24to10"), (1000, 333, "16to8"), (517, 130, "20to8")
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "bitblas"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 7, 33])
+@pytest.mark.parametrize("batch,gemv", [(1, "splitk"), (1, "rowtile"), (7, "-"), (33, "-")])
 @pytest.mark.parametrize("n,N,spec", CUDA_SHAPES)
-def test_backend_matches_reference_cuda(backend, dtype, batch, n, N, spec):
+def test_backend_matches_reference_cuda(backend, dtype, batch, gemv, n, N, spec, monkeypatch):
+    # Batch 1 runs each GEMV kernel with its heuristic configuration (every tuner candidate is
+    # checked in test_gemv_every_candidate_cuda); skipping the timing keeps builds few.
+    monkeypatch.setenv("LIFTQUANT_TUNE", "0")
+    monkeypatch.setenv("LIFTQUANT_GEMV", gemv if batch == 1 else "auto")
     layer = rand_layer(n, N, spec, bias=N % 2 == 1, seed=n + batch, device="cuda")
     x = torch.randn(batch, n, device="cuda", dtype=dtype)
     ref = torch_ref.linear(layer, x)
@@ -202,3 +210,114 @@ def test_custom_ops_opcheck_and_compile_cuda():
     for _ in range(3):
         out = compiled(x)
     assert rel_err(out, torch_ref.linear(layer, x)) < 2e-2
+
+
+# Unaligned rows with a split that does not divide the 308 words; aligned rows, 700 rows.
+GEMV_SHAPES = [(4096, 1024, "24to10"), (4096, 700, "16to8")]
+
+
+def _gemv_inputs(n, N, spec, *, bias=True):
+    from liftquant.kernels import triton_int1 as ti
+
+    layer = rand_layer(n, N, spec, bias=bias, seed=N, device="cuda")
+    x = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
+    xp, wsc = ti.fused_transform(x, layer.s1, layer.L, layer.R, layer.s2_act,
+                                 layer.spec.target_dim, layer.spec.lifted_dim, True)
+    args = (xp, wsc, layer.packed_signs, layer.scale, layer.bias, torch.bfloat16)
+    return layer, x, args
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,N,spec", GEMV_SHAPES)
+def test_gemv_every_candidate_cuda(n, N, spec):
+    """Every configuration the tuner may pick (both kernels, both word loops, plain Triton)."""
+    from dataclasses import replace
+
+    from liftquant.kernels import gemv_splitk as gs
+    from liftquant.kernels import gemv_tuner as gt
+
+    layer, x, args = _gemv_inputs(n, N, spec)
+    ref = torch_ref.linear(layer, x)
+    tuner = gt.GemvTuner()
+    key = tuner.key(args[0], args[2], args[4], args[5])
+    cands = tuner.candidates(key, torch.cuda.get_device_properties(0).multi_processor_count,
+                             True)
+    cands += [replace(cands[0], use_asm=False), replace(cands[-1], use_asm=False)]
+    assert any(c.split(key[1]) > 1 for c in cands if isinstance(c, gs.SplitKConfig))
+    failures = {}
+    for cfg in cands:
+        try:
+            out = gt.launch_config(cfg, *args)
+            torch.cuda.synchronize()
+        except Exception as err:  # noqa: BLE001 - collect every failing candidate
+            failures[cfg.label] = f"{type(err).__name__}: {str(err)[:300]}"
+            continue
+        err = rel_err(out, ref)
+        if not torch.isfinite(out).all() or err > 2e-2:
+            failures[cfg.label] = f"rel err {err:.3e}"
+    assert not failures, failures
+    counters = gs.WORKSPACES.current[str(x.device)][1]
+    assert int(counters.abs().sum()) == 0  # every last-arriving program reset its counter
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gemv_tuner_cuda():
+    """The tuner builds, checks and times every candidate; none may be rejected."""
+    from liftquant.kernels import gemv_tuner as gt
+
+    layer, x, args = _gemv_inputs(*GEMV_SHAPES[0])
+    tuner = gt.GemvTuner()
+    best = tuner.tune(args, rep_ms=5)
+    key = tuner.key(args[0], args[2], args[4], args[5])
+    assert not tuner.rejected[key], tuner.rejected[key]
+    times = sorted(tuner.timings[key].items(), key=lambda kv: kv[1])
+    print("GEMV candidates (us):", ", ".join(f"{k} {v:.1f}" for k, v in times[:8]))
+    assert rel_err(gt.launch_config(best, *args), torch_ref.linear(layer, x)) < 2e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_splitk_gemv_in_cuda_graph_cuda():
+    """Replays reuse the workspace: counters reset themselves, results are bit-identical."""
+    from liftquant.kernels import gemv_splitk as gs
+
+    layer, x, args = _gemv_inputs(*GEMV_SHAPES[0])
+    cfg = gs.SplitKConfig(64, 16, 64, 4)
+    assert cfg.split(args[0].shape[-1]) == 5
+    eager = gs.launch_gemv_splitk(*args, cfg=cfg)  # also allocates the workspace
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [gs.launch_gemv_splitk(*args, cfg=cfg) for _ in range(3)]
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, eager) for o in outs)
+    assert rel_err(eager, torch_ref.linear(layer, x)) < 2e-2
+    assert int(gs.WORKSPACES.current[str(x.device)][1].abs().sum()) == 0
+
+
+def test_decode_step_equals_hf_forward():
+    """The benchmark's decode step (own KV cache, grouped-query attention, fused regions)
+    reproduces transformers' Llama forward, dense and with a packed linear, token by token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from liftquant.kernels.decode import DecodeStep
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                      max_position_embeddings=64, rope_theta=500000.0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.model.layers[1].mlp.up_proj = rand_layer(64, 96, "8to4", bias=False, seed=3)
+    ids = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        ref = model(ids).logits  # (1, 9, V)
+    step = DecodeStep(model, max_len=12)
+    logits = []
+    for t in range(ids.shape[1]):
+        step.ids.copy_(ids[:, t:t + 1])
+        logits.append(step())
+    torch.testing.assert_close(torch.cat(logits, 1), ref, atol=2e-5, rtol=2e-5)
+    assert step.ids.item() == ref[0, -1].argmax().item() and step.pos.item() == 9
+    with pytest.raises(ValueError, match="llama"):
+        DecodeStep(SimpleNamespace(config=SimpleNamespace(model_type="gpt2")), max_len=4)

@@ -1,0 +1,220 @@
+"""Per-shape choice of the decode GEMV, measured on the GPU (like ``triton.autotune``).
+
+Candidates are launch configurations of two kernels: the split-K row stream
+(:mod:`~liftquant.kernels.gemv_splitk`: slice width, hence split factor, rows per step, rows per
+program, warps, word loop) and the row tile (:mod:`~liftquant.kernels.gemv_rowtile`, validated
+on an H100 and needing no workspace). On the first call of a problem shape outside CUDA-graph
+capture every candidate is built, run once and compared with the first row-tile result (a
+candidate that fails to build or disagrees is skipped and recorded in ``rejected``), then
+timed with ``triton.testing.do_bench`` (L2 cleared per run); the fastest is cached per shape.
+During capture, in the interpreter, or with ``LIFTQUANT_TUNE=0`` a heuristic picks instead.
+``LIFTQUANT_GEMV=splitk|rowtile`` restricts the candidates to one kernel (default: both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from liftquant.kernels.gemv_rowtile import launch_gemv, pick_gemv_config, rowtile_candidates
+from liftquant.kernels.gemv_splitk import SplitKConfig, launch_gemv_splitk, workspace_ready
+from liftquant.kernels.int1_words import interpreting
+from liftquant.kernels.registry import KernelCache
+
+# Set LIFTQUANT_TUNE=0 to skip measuring the candidates (the heuristic is used instead).
+TUNE_ENV = "LIFTQUANT_TUNE"
+KIND_ENV = "LIFTQUANT_GEMV"
+KINDS = ("auto", "splitk", "rowtile")
+# Split-K kernel variants (block_w words per slice, block_n rows per step, warps, word loop).
+# block_w = 4 words x lanes along K, so the warps of a program sit along rows and share one
+# activation slice; 64-word slices keep the last slice's waste small for 8B shapes (KW 256-
+# 1344). 2 and 4 rows per thread per step; v1 is the shift-flip-add loop of bench/kernels.md.
+SPLITK_VARIANTS = ((64, 16, 4, "v2"), (64, 32, 4, "v2"), (128, 8, 4, "v2"), (128, 16, 4, "v2"),
+                   (64, 8, 1, "v2"), (128, 8, 4, "v1"))
+# Rows per program are set per shape so that the grid holds this many warps per SM: fewer,
+# longer programs reuse their activation slice over more rows (activation bytes read from L2
+# per weight byte: 16 / rows per program); more programs hide more latency.
+WARPS_PER_SM = (8, 16, 32)
+HEURISTIC_SPLITK = (64, 16, 4, "v2", 16)
+# A candidate whose output differs from the reference candidate's by more than this (relative
+# Frobenius norm) is rejected: both round the same sums in fp16, so real results agree to ~1e-3.
+VERIFY_RTOL = 2e-2
+
+
+def rows_per_program(*, N: int, split: int, block_n: int, num_warps: int, n_sm: int,
+                     warps_per_sm: int) -> int:
+    """Rows per program so that ``split * ceil(N / rows) * num_warps ~ warps_per_sm * n_sm``."""
+    rows = -(-N * split * num_warps // (warps_per_sm * n_sm))
+    rows = -(-rows // block_n) * block_n
+    return max(block_n, min(rows, -(-N // block_n) * block_n))
+
+
+def splitk_candidates(*, N: int, KW: int, n_sm: int, use_asm: bool) -> list[SplitKConfig]:
+    out = []
+    for block_w, block_n, num_warps, loop in SPLITK_VARIANTS:
+        split = -(-KW // block_w)
+        for wps in WARPS_PER_SM:
+            rpp = rows_per_program(N=N, split=split, block_n=block_n, num_warps=num_warps,
+                                   n_sm=n_sm, warps_per_sm=wps)
+            cfg = SplitKConfig(block_w, block_n, rpp, num_warps, use_asm, loop)
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def pick_splitk_config(*, N: int, KW: int, n_sm: int, use_asm: bool) -> SplitKConfig:
+    """Heuristic when not tuning: 64-word slices, 16 rows per step over 4 warps, 16 warps/SM."""
+    block_w, block_n, num_warps, loop, wps = HEURISTIC_SPLITK
+    rpp = rows_per_program(N=N, split=-(-KW // block_w), block_n=block_n, num_warps=num_warps,
+                           n_sm=n_sm, warps_per_sm=wps)
+    return SplitKConfig(block_w, block_n, rpp, num_warps, use_asm, loop)
+
+
+def launch_config(cfg, xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
+                  bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    if isinstance(cfg, SplitKConfig):
+        return launch_gemv_splitk(xp, wsc, packed, scale, bias, out_dtype, cfg=cfg)
+    return launch_gemv(xp, wsc, packed, scale, bias, out_dtype, block_n=cfg.block_n,
+                       block_w=cfg.block_w, num_warps=cfg.num_warps, use_asm=cfg.use_asm)
+
+
+def _kind() -> str:
+    kind = os.environ.get(KIND_ENV, "auto").lower()
+    if kind not in KINDS:
+        raise ValueError(f"{KIND_ENV}={kind!r}; choose from {', '.join(KINDS)}")
+    return kind
+
+
+def _n_sm(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: an H100's count keeps the heuristics' shapes realistic
+
+
+def _rel_diff(a: Tensor, b: Tensor) -> float:
+    a, b = a.float(), b.float()
+    scale = max(float(a.norm()), float(b.norm()), 1e-30)
+    return float((a - b).norm()) / scale
+
+
+class GemvTuner:
+    """GEMV launch configuration per problem shape, measured once; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.cache = KernelCache("triton-gemv")
+        self.timings: dict[tuple, dict[str, float]] = {}  # key -> {label: us}
+        self.rejected: dict[tuple, dict[str, str]] = {}  # key -> {label: reason}
+        self.asm_failed: str | None = None  # why the inline-PTX kernels do not build here
+
+    @staticmethod
+    def key(xp: Tensor, packed: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> tuple:
+        aligned = packed.shape[1] % 16 == 0
+        return (packed.shape[0], xp.shape[-1], aligned, out_dtype, bias is not None,
+                str(xp.device), _kind())
+
+    def candidates(self, key: tuple, n_sm: int, use_asm: bool) -> list:
+        N, KW, aligned, *_, kind = key
+        cands = [] if kind == "splitk" else rowtile_candidates(aligned=aligned, use_asm=use_asm)
+        if kind != "rowtile":
+            cands += splitk_candidates(N=N, KW=KW, n_sm=n_sm, use_asm=use_asm)
+        return cands
+
+    def heuristic(self, key: tuple, n_sm: int, *, splitk: bool = True):
+        N, KW, _, *_, kind = key
+        use_asm = self.asm_failed is None and not interpreting()
+        if splitk and kind != "rowtile":
+            return pick_splitk_config(N=N, KW=KW, n_sm=n_sm, use_asm=use_asm)
+        return dataclasses.replace(pick_gemv_config(N, KW, n_sm), use_asm=use_asm)
+
+    def run(self, xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None,
+            out_dtype: torch.dtype) -> Tensor:
+        """``scale * (Y @ x) + bias`` with the configuration chosen for this shape."""
+        args = (xp, wsc, packed, scale, bias, out_dtype)
+        key = self.key(xp, packed, bias, out_dtype)
+        n_sm = _n_sm(xp.device)
+        capturing = xp.is_cuda and torch.cuda.is_current_stream_capturing()
+        cfg = self.cache.lookup(key)
+        if cfg is None and capturing:  # no timing inside a graph capture
+            cfg = self.heuristic(key, n_sm)
+        elif cfg is None and (interpreting() or os.environ.get(TUNE_ENV, "1") == "0"):
+            return self._first_run(key, n_sm, args)
+        elif cfg is None:
+            cfg = self.cache.get(key, lambda: self.tune(args, key=key, n_sm=n_sm))
+        if capturing and isinstance(cfg, SplitKConfig) and not workspace_ready(xp, packed, cfg):
+            cfg = self.heuristic(key, n_sm, splitk=False)  # no allocation inside a capture
+        return launch_config(cfg, *args)
+
+    def _first_run(self, key: tuple, n_sm: int, args: tuple) -> Tensor:
+        """The heuristic's first launch for ``key``. A build failure falls back to the plain
+        Triton loop (warning once), then to the row tile; what ran is cached."""
+        cfg = self.heuristic(key, n_sm)
+        while True:
+            try:
+                out = launch_config(cfg, *args)
+                self.cache.get(key, lambda c=cfg: c)
+                return out
+            except Exception as err:  # compiler / PTX assembler failure
+                if cfg.use_asm:
+                    self._asm_unavailable(err)
+                    cfg = dataclasses.replace(cfg, use_asm=False)
+                elif isinstance(cfg, SplitKConfig):
+                    cfg = self.heuristic(key, n_sm, splitk=False)
+                else:
+                    raise
+
+    def _asm_unavailable(self, err: Exception) -> None:
+        if self.asm_failed is None:
+            self.asm_failed = f"{type(err).__name__}: {err}"[:500]
+            warnings.warn("liftquant: inline-PTX int1 GEMV unavailable, using the plain Triton "
+                          f"loop ({self.asm_failed})", RuntimeWarning, stacklevel=3)
+
+    def tune(self, args: tuple, *, key: tuple | None = None, n_sm: int | None = None,
+             rep_ms: int = 20):
+        """Build, check and time every candidate for ``args``; returns the fastest."""
+        from triton.testing import do_bench
+
+        xp, packed = args[0], args[2]
+        key = key or self.key(xp, packed, args[4], args[5])
+        n_sm = n_sm or _n_sm(xp.device)
+        use_asm = self.asm_failed is None
+        times, rejected, ref = {}, self.rejected.setdefault(key, {}), None
+        for cfg in self.candidates(key, n_sm, use_asm):
+            try:
+                out = launch_config(cfg, *args)
+                if xp.is_cuda:
+                    torch.cuda.synchronize(xp.device)  # asynchronous launch errors surface here
+            except Exception as err:  # noqa: BLE001 - a candidate that does not build
+                rejected[cfg.label] = f"{type(err).__name__}: {err}"[:300]
+                continue
+            if not torch.isfinite(out).all():
+                rejected[cfg.label] = "non-finite output"
+                continue
+            if ref is None:
+                ref = out
+            elif (diff := _rel_diff(out, ref)) > VERIFY_RTOL:
+                rejected[cfg.label] = f"differs from the reference candidate by {diff:.2e}"
+                continue
+            times[cfg] = do_bench(lambda c=cfg: launch_config(c, *args), warmup=5, rep=rep_ms,
+                                  return_mode="median")
+        if not times:
+            if use_asm:  # nothing with inline PTX built: the plain Triton loops
+                self._asm_unavailable(RuntimeError(next(iter(rejected.values()), "no candidate")))
+                return self.tune(args, key=key, n_sm=n_sm, rep_ms=rep_ms)
+            raise RuntimeError(f"no int1 GEMV candidate ran for {key}: {rejected}")
+        self.timings[key] = {c.label: t * 1e3 for c, t in times.items()}
+        return min(times, key=times.get)
+
+
+GEMV_TUNER = GemvTuner()
+
+
+def gemv(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None,
+         out_dtype: torch.dtype) -> Tensor:
+    """Decode GEMV from the pair layout with the configuration chosen for this shape."""
+    return GEMV_TUNER.run(xp, wsc, packed, scale, bias, out_dtype)
+
+
