@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -67,6 +68,9 @@ def eval_perplexity(model, tok, cfg: RunConfig, device: torch.device) -> float:
 
 
 def git_sha() -> str:
+    """Short commit of this checkout; ``LQ_COMMIT`` overrides it (a copied tree has no .git)."""
+    if os.environ.get("LQ_COMMIT"):
+        return os.environ["LQ_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()

@@ -57,7 +57,8 @@ def merge(paths: list[str | Path], out: str | Path) -> int:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             if tuple(reader.fieldnames or ()) != COLUMNS:
-                raise ValueError(f"{path} has columns {reader.fieldnames}, expected {list(COLUMNS)}")
+                raise ValueError(f"{path} has columns {reader.fieldnames}, "
+                                 f"expected {list(COLUMNS)}")
             for r in reader:
                 rows[(r["model"], r["method"], r["config"])] = r
     order = {"fp": 0, "liftquant": 1, "gptq": 2, "rtn": 3}
@@ -141,7 +142,7 @@ def csv_row(summary: dict, *, model: str, method: str, config: str, bits: dict, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m liftquant.pareto merge A.csv B.csv ... --out quality.csv [--plot P --budget_gb X]``"""
+    """``python -m liftquant.pareto merge A.csv B.csv --out quality.csv [--plot P]``"""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m liftquant.pareto", description=main.__doc__)

@@ -38,7 +38,7 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192
 LATTICES = ["16to8", "24to10", "20to8", "24to8"]
 ROTATE_BYTES = 200 * 2**20  # > 3x the H100's 50 MB L2
 COLUMNS = ["shape", "config", "backend", "time_us", "weight_gbps", "copy_gbps", "fraction_of_copy",
-           "fp16_time_us", "speedup_vs_fp16", "kernel", "gpu", "commit"]
+           "fp16_time_us", "speedup_vs_fp16", "gpu", "commit", "kernel"]
 
 
 @torch.no_grad()

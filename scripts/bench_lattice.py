@@ -94,6 +94,17 @@ def bench_one(name: str, *, n_weights: int, device: torch.device, repeats: int) 
     return rows
 
 
+def _write(path: Path, rows: list[dict], commit: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "commit": commit})
+    tmp.replace(path)
+
+
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -117,12 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         rows += bench_one(name, n_weights=args.n_weights, device=device,
                           repeats=args.repeats)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "commit": commit})
+        _write(args.output, rows, commit)  # after every lattice: a run cut short keeps its rows
     print(f"\n{'lattice':8s} {'speedup(triton+flip vs baseline)':>34s} {'mse base':>9s} {'mse ours':>9s}")
     for name in names:
         base = next(r for r in rows if r["lattice"] == name and r["method"] == "pinv_torch_baseline")
