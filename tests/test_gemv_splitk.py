@@ -224,3 +224,13 @@ def test_inline_ptx_kernels_build_for_sm90():
     if proc.stdout.startswith("skip"):
         pytest.skip(proc.stdout)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_split_k_needs_a_clear_win_over_the_row_tile():
+    rt_a = GemvConfig(block_n=2, block_w=128, num_warps=1)
+    rt_b = GemvConfig(block_n=4, block_w=128, num_warps=1)
+    sk = SplitKConfig(block_w=64, block_n=16, rows_per_program=32, num_warps=4)
+    assert gemv_tuner.pick_fastest({rt_a: 10.0, rt_b: 12.0, sk: 9.8}) == rt_a  # 2 % is noise
+    assert gemv_tuner.pick_fastest({rt_a: 10.0, rt_b: 12.0, sk: 9.0}) == sk
+    assert gemv_tuner.pick_fastest({rt_a: 10.0, sk: 11.0}) == rt_a
+    assert gemv_tuner.pick_fastest({sk: 11.0}) == sk  # LIFTQUANT_GEMV=splitk: no row tile
