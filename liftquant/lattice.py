@@ -122,7 +122,7 @@ class LatticeSpec:
 # Loading shipped lattices
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
-def _cached_index_bases(path: Path, mtime: float) -> dict[str, int]:
+def _cached_index_bases(path: Path, mtime_ns: int, size: int) -> dict[str, int]:
     rows = json.loads(path.read_text())
     return {r["name"]: int(r["bases"]) for r in rows if isinstance(r.get("bases"), int)}
 
@@ -133,7 +133,8 @@ def search_bases(D: int, d: int, root: str | Path | None = None) -> int:
     :data:`SEARCH_BASES`."""
     path = Path(root or LATTICE_DIR) / "index.json"
     try:
-        table = _cached_index_bases(path, path.stat().st_mtime)
+        st = path.stat()
+        table = _cached_index_bases(path, st.st_mtime_ns, st.st_size)
     except (OSError, ValueError, KeyError, TypeError):
         return SEARCH_BASES
     return table.get(f"{D}to{d}", SEARCH_BASES)

@@ -180,3 +180,16 @@ def test_triton_search_kernels_match_torch():
     out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and "kernels ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_search_bases_follow_the_lattice_index(tmp_path):
+    from liftquant.lattice import SEARCH_BASES, search_bases
+
+    (tmp_path / "index.json").write_text(json.dumps(
+        [{"name": "32to16", "bases": 8}, {"name": "16to8", "bases": None}]))
+    assert search_bases(32, 16, tmp_path) == 8
+    assert search_bases(16, 8, tmp_path) == SEARCH_BASES  # exhaustive entries record none
+    assert search_bases(20, 8, tmp_path) == SEARCH_BASES  # not in the index
+    (tmp_path / "index.json").write_text("{not json")
+    assert search_bases(32, 16, tmp_path) == SEARCH_BASES  # unreadable index: the default
+    assert search_bases(32, 16, tmp_path / "missing") == SEARCH_BASES
