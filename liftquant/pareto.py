@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from liftquant.fileio import atomic_write
 from liftquant.log import get_logger
 
 log = get_logger("pareto")
@@ -64,13 +65,14 @@ def merge(paths: list[str | Path], out: str | Path) -> int:
     order = {"fp": 0, "liftquant": 1, "gptq": 2, "rtn": 3}
     ranked = sorted(rows.values(), key=lambda r: (r["model"], order.get(r["method"], 9),
                                                   _num(r["size_gb"]) or 0.0))
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(ranked)
-    tmp.replace(out)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(ranked)
+
+    atomic_write(out, write)
     return len(ranked)
 
 

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from liftquant import lattice as L  # noqa: E402
+from liftquant.fileio import atomic_write  # noqa: E402
 
 COLUMNS = ["lattice", "method", "device", "seconds_per_1M", "mse", "commit"]
 BASELINE_CHUNK_ELEMENTS = 1 << 28  # give the torch baseline large (1 GiB fp32) chunks on GPU
@@ -95,14 +96,13 @@ def bench_one(name: str, *, n_weights: int, device: torch.device, repeats: int) 
 
 
 def _write(path: Path, rows: list[dict], commit: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "commit": commit})
-    tmp.replace(path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows({**r, "commit": commit} for r in rows)
+
+    atomic_write(path, write)
 
 
 def _device_name(device: torch.device) -> str:

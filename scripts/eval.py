@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     ev = EvalArgs(**_given(ns, EvalArgs))
     if not ev.eval_ppl and not ev.tasks:
         parser.error("nothing to evaluate: give --eval_ppl and/or --tasks")
-    cfg = RunConfig(model=ModelArgs(**_given(ns, ModelArgs)), calib=CalibArgs(
-        batch_size=ev.batch_size), run=RunArgs(
+    cfg = RunConfig(model=ModelArgs(**_given(ns, ModelArgs)), calib=CalibArgs(), run=RunArgs(
         eval_ppl=ev.eval_ppl, eval_dataset=ev.eval_dataset, eval_seqlen=ev.eval_seqlen,
-        eval_max_windows=ev.eval_max_windows, tasks=ev.tasks, tasks_limit=ev.tasks_limit))
+        eval_max_windows=ev.eval_max_windows, tasks=ev.tasks, tasks_limit=ev.tasks_limit,
+        eval_batch_size=ev.batch_size))
     from liftquant import api
     from liftquant.baselines import load_checkpoint
     from liftquant.log import setup_logging
