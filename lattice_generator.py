@@ -5,6 +5,8 @@ Examples::
     python lattice_generator.py --expc 24to10 --device cuda
     python lattice_generator.py --D 16 --d 8 --steps 3000 --restarts 4
     python lattice_generator.py --eval lattice/24to10.pt          # measure an existing lattice
+    python lattice_generator.py --expc 32to16 --init lattice/32to16.pt --steps 0 --lloyd 6 \
+        --keep_better --device cuda                               # Lloyd-polish a shipped one
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from liftquant.lattice_train import (
     DEFAULT_LR_FINAL_RATIO,
     DEFAULT_STEPS,
     DEFAULT_TAU,
+    TrainResult,
+    lloyd_refine,
     train_projection,
 )
 from liftquant.log import get_logger, seed_everything, setup_logging
@@ -67,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, help="default: lattice/<D>to<d>.pt")
     p.add_argument("--index", type=Path, default=None, help="default: <output dir>/index.json")
     p.add_argument("--init", type=Path, default=None, help="start restart 0 from this matrix")
+    p.add_argument("--lloyd", type=int, default=0, metavar="K",
+                   help="then K Lloyd iterations (search codes, least-squares M); "
+                        "with --steps 0 and --init they start from that matrix")
+    p.add_argument("--lloyd_n", type=int, default=200_000,
+                   help="fresh Gaussian vectors per Lloyd iteration")
     p.add_argument("--keep_better", action="store_true",
                    help="do not overwrite an existing lattice with a higher-MSE one")
     p.add_argument("--eval", type=Path, default=None, metavar="PATH",
@@ -141,13 +150,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     seed_everything(args.seed)
     init = torch.load(args.init, map_location="cpu", weights_only=True) if args.init else None
+    if init is not None and tuple(init.shape) != (spec.target_dim, spec.lifted_dim):
+        raise SystemExit(f"--init {args.init}: shape {tuple(init.shape)} is not (d, D) for {spec}")
+    if args.steps < 0 or args.lloyd < 0:
+        raise SystemExit("--steps and --lloyd must be >= 0")
+    if args.steps == 0 and (init is None or not args.lloyd):
+        raise SystemExit("--steps 0 needs --init PATH and --lloyd K (polish an existing matrix)")
     t0 = time.time()
-    res = train_projection(
-        spec, steps=args.steps, batch=args.batch, lr=args.lr, lr_final_ratio=args.lr_final_ratio,
-        tau=args.tau, tau_final=args.tau_final, restarts=args.restarts, seed=args.seed,
-        device=args.device, budget=args.budget, method=method, progress=not args.no_progress,
-        init=init, time_limit=args.time_limit, hard_time_limit=args.hard_time_limit,
-    )
+    if args.steps == 0:
+        res = TrainResult(M=init.float(), mse=float("nan"))
+    else:
+        res = train_projection(
+            spec, steps=args.steps, batch=args.batch, lr=args.lr,
+            lr_final_ratio=args.lr_final_ratio, tau=args.tau, tau_final=args.tau_final,
+            restarts=args.restarts, seed=args.seed, device=args.device, budget=args.budget,
+            method=method, progress=not args.no_progress, init=init,
+            time_limit=args.time_limit, hard_time_limit=args.hard_time_limit,
+        )
+    lloyd_scores: list[float] = []
+    if args.lloyd:
+        res.M, lloyd_scores = lloyd_refine(res.M, iters=args.lloyd, n=args.lloyd_n,
+                                           seed=args.seed, method=method, bases=bases,
+                                           device=args.device, n_select=args.n_eval)
+        print(f"{spec.name}: lloyd held-out mse " + " -> ".join(f"{m:.5f}" for m in lloyd_scores))
     train_s = time.time() - t0
     mse = gaussian_mse(res.M, n=args.n_eval, method=method, device=args.device, bases=bases)
     out = args.output or (LATTICE_DIR / f"{spec.name}.pt")
@@ -157,17 +182,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{spec.name}: new mse {mse:.5f} not better than shipped {old['mse']:.5f}; kept")
         return 0
     atomic_write(out, lambda tmp: torch.save(res.M.contiguous().clone(), tmp))
-    update_index(index, {
-        "name": spec.name, "D": spec.lifted_dim, "d": spec.target_dim,
-        "bits": round(spec.bits_per_weight, 6), "mse": round(mse, 6), "n_eval": args.n_eval,
-        **_search_fields(method, bases), "seed": args.seed, "steps": res.steps_done, "restarts": len(res.restart_mse),
-        "restart_mse": [round(m, 6) for m in res.restart_mse], "tau": args.tau,
-        "tau_final": args.tau_final or [args.tau], "lr": args.lr, "batch": args.batch,
-        "budget": args.budget, "device": str(args.device), "train_seconds": round(train_s, 1),
-        "date": _dt.date.today().isoformat(),
-    })
-    print(f"{spec.name}: mse {mse:.5f} ({method}, n={args.n_eval}) -> {out} "
-          f"[restarts {', '.join(f'{m:.5f}' for m in res.restart_mse)}; {train_s:.0f}s]")
+    lloyd_fields = {"lloyd": args.lloyd, "lloyd_n": args.lloyd_n,
+                    "lloyd_mse": [round(m, 6) for m in lloyd_scores]} if args.lloyd else {}
+    head = {"name": spec.name, "D": spec.lifted_dim, "d": spec.target_dim,
+            "bits": round(spec.bits_per_weight, 6), "mse": round(mse, 6), "n_eval": args.n_eval,
+            **_search_fields(method, bases)}
+    if args.steps == 0:  # a polish: keep the training provenance of the matrix it started from
+        prov = old or {r["name"]: r for r in read_index(LATTICE_DIR / "index.json")}.get(spec.name)
+        prov = {k: v for k, v in (prov or {}).items() if not k.startswith("eval_")}
+        entry = {**prov, **head, **lloyd_fields, "init": args.init.name,
+                 "lloyd_seconds": round(train_s, 1), "device": str(args.device)}
+    else:
+        entry = {**head, "seed": args.seed, "steps": res.steps_done,
+                 "restarts": len(res.restart_mse),
+                 "restart_mse": [round(m, 6) for m in res.restart_mse], "tau": args.tau,
+                 "tau_final": args.tau_final or [args.tau], "lr": args.lr, "batch": args.batch,
+                 "budget": args.budget, "device": str(args.device),
+                 "train_seconds": round(train_s, 1), **lloyd_fields,
+                 **({"init": args.init.name} if args.init else {})}
+    update_index(index, {**entry, "date": _dt.date.today().isoformat()})
+    runs = f"restarts {', '.join(f'{m:.5f}' for m in res.restart_mse)}; " if res.restart_mse else ""
+    print(f"{spec.name}: mse {mse:.5f} ({method}, n={args.n_eval}) -> {out} [{runs}{train_s:.0f}s]")
     return 0
 
 

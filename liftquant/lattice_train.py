@@ -9,7 +9,8 @@ that fits the memory budget, otherwise a random subset of the published pinv can
 ``sign(M_pinv z + N^T p)`` (fresh paddings every step) plus their greedy bit-flip refinement.
 Adam with a cosine learning-rate decay, the temperature annealed geometrically from ``tau``
 to ``tau_final``, several random restarts; the restart with the lowest MSE under the real
-search (``lattice.gaussian_mse``) on held-out Gaussian vectors wins.
+search (``lattice.gaussian_mse``) on held-out Gaussian vectors wins. :func:`lloyd_refine` then
+alternates that search with the closed-form least-squares M (Lloyd iterations).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from liftquant.lattice import (
     encode,
     gaussian_mse,
     null_space,
+    padding_offsets,
     refine_flips,
+    search_bases,
 )
 from liftquant.log import get_logger
 
@@ -207,3 +210,58 @@ def train_projection(
         best_restart=best,
         steps_done=results[best][2],
     )
+
+
+def lloyd_refine(
+    M: Tensor,
+    *,
+    iters: int = 4,
+    n: int = 200_000,
+    seed: int = 0,
+    method: str = "auto",
+    bases: int | None = None,
+    device: "torch.device | str" = "cpu",
+    n_select: int = 20_000,
+    batch: int = 1 << 16,
+    ridge: float = 1e-6,
+) -> tuple[Tensor, list[float]]:
+    """Lloyd iterations on M: codes by the quantizer's search, then the least-squares M.
+
+    With the codes ``b`` of ``n`` fresh Gaussian vectors ``x`` fixed, the M minimising
+    ``sum ||x - M b||^2`` is ``(sum x b^T)(sum b b^T)^-1`` (a ridge keeps it solvable); the
+    search is then rerun under the new M. Soft-min training optimises a smoothed objective
+    over a candidate subset, so its M is in general not a fixed point of this map. Each
+    iterate is scored on ``n_select`` held-out vectors (a seed not used for fitting) and the
+    best M seen, the input included, is returned with the list of scores (input first).
+    """
+    device = torch.device(device)
+    d, D = M.shape
+    if iters < 0 or n < D:
+        raise ValueError(f"lloyd_refine: need iters >= 0 and n >= D (got {iters}, {n})")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    cur = M.detach().float().to(device)
+
+    def score(m: Tensor) -> float:
+        return gaussian_mse(m, n=n_select, seed=20_000 + seed, method=method, device=device,
+                            bases=bases)
+
+    scores = [score(cur)]
+    best, best_mse = cur.clone(), scores[0]
+    eye = torch.eye(D, dtype=torch.float64, device=device)
+    for it in range(iters):
+        G = torch.zeros(D, D, dtype=torch.float64, device=device)
+        C = torch.zeros(d, D, dtype=torch.float64, device=device)
+        off = padding_offsets(cur, bases=bases or search_bases(D, d)) if (
+            method == "pinv" or (method == "auto" and
+                                 LatticeSpec(D, d).default_method(device.type) == "pinv")) else None
+        for start in range(0, n, batch):
+            x = torch.randn(min(batch, n - start), d, generator=gen).to(device)
+            b = encode(x, cur, method=method, offsets=off).to(torch.float64)
+            G += b.T @ b
+            C += x.to(torch.float64).T @ b
+        cur = torch.linalg.solve(G + ridge * n * eye, C.T).T.float().contiguous()
+        scores.append(score(cur))
+        logger.info("lloyd %d/%d: held-out mse %.6f", it + 1, iters, scores[-1])
+        if scores[-1] < best_mse:
+            best, best_mse = cur.clone(), scores[-1]
+    return best.cpu(), scores

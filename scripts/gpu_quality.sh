@@ -4,6 +4,8 @@
 #   PART=lq    LiftQuant 16to8, 24to10, 20to8, 24to8 (one job each; checkpoints kept for e2e)
 #   PART=base  FP + RTN 2/3/4 (one job) and GPTQ 2/3/4 (one job), group 128
 #   PART=all   both at once
+# RTN_BITS / GPTQ_BITS (default 2,3,4) and SKIP_FP=1 narrow the baseline jobs, CONFIGS the
+# LiftQuant ones, e.g. to fill in rows a cut-short call left missing.
 # A job whose CSV already exists is skipped, and LiftQuant jobs run with --resume, so the same
 # command issued again after a call ran out of time finishes only what is missing.
 # Rows land in $SCR/quality/<label>-<job>.csv; all of them are merged into $OUT/quality.csv and
@@ -30,8 +32,13 @@ if [ "$PART" != base ]; then
   for c in ${CONFIGS:-16to8 24to10 20to8 24to8}; do job "$c" --skip_fp --resume --configs "$c" & done
 fi
 if [ "$PART" != lq ]; then
-  job fp-rtn --baselines rtn:2,3,4 &
-  job gptq --skip_fp --baselines gptq:2,3,4 &
+  RTN_BITS=${RTN_BITS:-2,3,4}; GPTQ_BITS=${GPTQ_BITS:-2,3,4}
+  if [ "${SKIP_FP:-0}" = 1 ]; then
+    job "rtn${RTN_BITS//,/}" --skip_fp --baselines "rtn:$RTN_BITS" &
+  else
+    job fp-rtn --baselines "rtn:$RTN_BITS" &
+  fi
+  job "gptq${GPTQ_BITS//,/}" --skip_fp --baselines "gptq:$GPTQ_BITS" &
 fi
 wait
 python3 -m liftquant.pareto merge "$SCR"/quality/*.csv --out "$OUT/quality.csv" \

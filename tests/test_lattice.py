@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from liftquant import lattice as L
-from liftquant.lattice_train import train_projection
+from liftquant.lattice_train import lloyd_refine, train_projection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,6 +149,47 @@ def test_generator_cli_trains_and_registers(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "lattice_generator.py"), "--expc", "8to9"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "impossible lattice" in bad.stderr
+
+
+def test_lloyd_least_squares_step_and_improvement():
+    """Lloyd polishing beats a random M by a wide margin, never returns a worse matrix than
+    its input, and its M-step is the exact least-squares solution for fixed codes."""
+    M = _rand_M(4, 8, seed=3)
+    best, scores = lloyd_refine(M, iters=3, n=20_000, n_select=5_000, seed=1)
+    assert len(scores) == 4 and min(scores) == pytest.approx(
+        L.gaussian_mse(best, n=5_000, seed=20_001, method="exhaustive"), rel=1e-6)
+    assert scores[-1] < 0.7 * scores[0]  # a random 8to4 matrix is far from a fixed point
+    # input already optimal for its codes -> returned unchanged when no iterate beats it
+    same, s2 = lloyd_refine(best, iters=0, n=20_000, n_select=5_000, seed=1)
+    assert torch.equal(same, best) and s2 == [pytest.approx(min(scores))]
+    # the M-step: for fixed codes no perturbation of M lowers the fit error
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4000, 4, generator=g)
+    b = L.encode(x, best).double()
+    M_ls = torch.linalg.lstsq(b, x.double()).solution.T
+    err = lambda m: float((x.double() - b @ m.T).square().mean())
+    for _ in range(5):
+        assert err(M_ls) <= err(M_ls + 1e-3 * torch.randn(4, 8, generator=g).double())
+    with pytest.raises(ValueError):
+        lloyd_refine(M, iters=1, n=4)
+
+
+def test_generator_cli_lloyd_polish(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    M = _rand_M(3, 6, seed=2)
+    torch.save(M, tmp_path / "start.pt")
+    out = tmp_path / "6to3.pt"
+    base = [sys.executable, str(ROOT / "lattice_generator.py"), "--D", "6", "--d", "3",
+            "--device", "cpu", "--no_progress", "--n_eval", "20000"]
+    bad = subprocess.run(base + ["--steps", "0"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "--init" in bad.stderr
+    subprocess.run(base + ["--steps", "0", "--init", str(tmp_path / "start.pt"), "--lloyd", "3",
+                           "--lloyd_n", "20000", "--output", str(out)],
+                   check=True, env=env, capture_output=True, timeout=120)
+    row = json.loads((tmp_path / "index.json").read_text())[0]
+    assert row["lloyd"] == 3 and len(row["lloyd_mse"]) == 4 and row["init"] == "start.pt"
+    assert row["mse"] < L.gaussian_mse(M, n=20_000, method="exhaustive")
 
 
 _KERNEL_CHECK = """
