@@ -178,6 +178,13 @@ class ChatSession:
         ids = torch.zeros(1, prompt_len, dtype=torch.long, device=self.device)
         self.cache.reset()
         token = self._pick(self._forward(ids, torch.arange(prompt_len, device=self.device)))
+        # One eager decode step first: the packed layers tune their GEMV and allocate split-K
+        # workspaces on their first batch-1 call. Inside torch.compile's CUDA-graph warm-up
+        # those allocations would land in the graph pool, which then refuses to record
+        # ("tensors in the cudagraph pool not tracked as outputs", seen on the H100).
+        pos = torch.tensor([prompt_len], device=self.device)
+        token = self._pick(self._decode_step(token.reshape(1, 1), pos))
+        prompt_len += 1
         for step in range(steps):  # reduce-overhead compiles, then records the graph
             pos = torch.tensor([prompt_len + step], device=self.device)
             token = self._pick(self.decode(token.reshape(1, 1), pos))

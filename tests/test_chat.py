@@ -115,3 +115,25 @@ def test_missing_or_bad_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
         main(["--prompt", "hi"])
     with pytest.raises(ValueError, match="not a LiftQuant checkpoint"):
         main(["--quant_model_path", str(tiny_model_dir), "--prompt", "hi", "--device", "cpu"])
+
+
+def test_warm_up_runs_one_eager_decode_step_before_the_compiled_one(chat_ckpt):
+    """The compiled (CUDA-graph) step must never be the first batch-1 call of the packed
+    layers: their GEMV tuning and split-K workspaces are set up by an eager step first."""
+    session, _ = _session(chat_ckpt)
+    calls = []
+    eager = session._decode_step
+
+    def eager_step(ids, pos):
+        calls.append("eager")
+        return eager(ids, pos)
+
+    def compiled_step(ids, pos):
+        assert calls and calls[0] == "eager", "compiled decode ran before any eager step"
+        calls.append("compiled")
+        return eager(ids, pos)
+
+    session._decode_step, session.decode = eager_step, compiled_step
+    assert session.warm_up(prompt_len=4, steps=3) >= 0
+    assert calls == ["eager"] + ["compiled"] * 3
+    assert int(session.cache.get_seq_length()) == 0  # reset: the next answer starts clean
