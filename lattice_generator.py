@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then K Lloyd iterations (search codes, least-squares M); "
                         "with --steps 0 and --init they start from that matrix")
     p.add_argument("--lloyd_n", type=int, default=200_000,
-                   help="fresh Gaussian vectors per Lloyd iteration")
+                   help="fresh Gaussian vectors per Lloyd iteration (--time_limit also "
+                        "stops starting new iterations)")
     p.add_argument("--keep_better", action="store_true",
                    help="do not overwrite an existing lattice with a higher-MSE one")
     p.add_argument("--eval", type=Path, default=None, metavar="PATH",
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.lloyd:
         res.M, lloyd_scores = lloyd_refine(res.M, iters=args.lloyd, n=args.lloyd_n,
                                            seed=args.seed, method=method, bases=bases,
-                                           device=args.device, n_select=args.n_eval)
+                                           device=args.device, n_select=args.n_eval,
+                                           time_limit=args.time_limit)
         print(f"{spec.name}: lloyd held-out mse " + " -> ".join(f"{m:.5f}" for m in lloyd_scores))
     train_s = time.time() - t0
     mse = gaussian_mse(res.M, n=args.n_eval, method=method, device=args.device, bases=bases)

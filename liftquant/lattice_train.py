@@ -224,6 +224,7 @@ def lloyd_refine(
     n_select: int = 20_000,
     batch: int = 1 << 16,
     ridge: float = 1e-6,
+    time_limit: float | None = None,
 ) -> tuple[Tensor, list[float]]:
     """Lloyd iterations on M: codes by the quantizer's search, then the least-squares M.
 
@@ -233,6 +234,7 @@ def lloyd_refine(
     over a candidate subset, so its M is in general not a fixed point of this map. Each
     iterate is scored on ``n_select`` held-out vectors (a seed not used for fitting) and the
     best M seen, the input included, is returned with the list of scores (input first).
+    ``time_limit`` (seconds) stops starting new iterations once exceeded.
     """
     device = torch.device(device)
     d, D = M.shape
@@ -248,7 +250,11 @@ def lloyd_refine(
     scores = [score(cur)]
     best, best_mse = cur.clone(), scores[0]
     eye = torch.eye(D, dtype=torch.float64, device=device)
+    start = time.monotonic()
     for it in range(iters):
+        if time_limit is not None and it and time.monotonic() - start > time_limit:
+            logger.info("lloyd: time limit reached after %d iterations", it)
+            break
         G = torch.zeros(D, D, dtype=torch.float64, device=device)
         C = torch.zeros(d, D, dtype=torch.float64, device=device)
         off = padding_offsets(cur, bases=bases or search_bases(D, d)) if (

@@ -85,7 +85,7 @@ def _commands_in(text: str, script: str, *, markdown: bool) -> list[str]:
 
 # Values for shell variables that are not given a ${VAR:-default} in the script itself.
 SHELL_VARS = {"spec": "24to10", "OUT": "/tmp/x", "name": "run", "SCR": "/tmp/s", "b": "8",
-              "L": "/tmp/l", "Q": "/tmp/q"}
+              "L": "/tmp/l", "Q": "/tmp/q", "e": "4"}
 
 
 def _expand_shell_vars(text: str) -> str:
