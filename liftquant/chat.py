@@ -53,6 +53,11 @@ class ChatArgs:
     seed: int = _f(0, "sampling seed")
     compile: bool | None = _f(None, "torch.compile the decode step with CUDA graphs "
                               "(default: on for CUDA, off on CPU)")
+    engine: str = _f("auto", "generation loop: 'step' = liftquant.kernels.decode (own KV cache, "
+                     "token-by-token prefill, one CUDA graph per token on CUDA; Llama/Qwen2/"
+                     "Mistral), 'hf' = the model's forward with a StaticCache and "
+                     "torch.compile (any architecture); auto: step where it applies",
+                     choices=("auto", "step", "hf"))
     system: str | None = _f(None, "system prompt")
     warmup: bool = _f(True, "one throw-away prefill + decode steps before the first question, so "
                       "compilation, CUDA-graph capture and kernel tuning are not counted in the "
@@ -107,20 +112,47 @@ def load_chat_model(args: ChatArgs) -> tuple[Any, Any, torch.device]:
 
 
 class ChatSession:
-    """Conversation history + static-cache generation loop for one model."""
+    """Conversation history + static-cache generation loop for one model.
+
+    Two engines (``--engine``): ``hf`` runs the model's own forward over a transformers
+    ``StaticCache`` (batched prefill; the decode step under ``torch.compile`` with CUDA graphs);
+    ``step`` runs :class:`liftquant.kernels.decode.DecodeStep` (the loop of
+    ``scripts/bench_decode.py``: own KV cache, compiled non-linear regions, the whole step
+    captured as one CUDA graph on CUDA) and feeds the prompt token by token through it.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, args: ChatArgs, device: torch.device,
                  out: TextIO = sys.stdout) -> None:
-        from transformers import StaticCache
+        from liftquant.kernels.decode import LLAMA_LIKE
 
         self.model, self.tok, self.args, self.device, self.out = model, tokenizer, args, device, out
         self.history: list[dict[str, str]] = []
-        self.cache = StaticCache(config=model.config, max_cache_len=args.max_cache_len)
         self.generator = torch.Generator(device="cpu").manual_seed(args.seed)
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         use_compile = args.compile if args.compile is not None else device.type == "cuda"
+        cfg = model.config
+        step_ok = cfg.model_type in LLAMA_LIKE and getattr(cfg, "hidden_act", "silu") == "silu"
+        engine = args.engine
+        if engine == "auto":
+            engine = "step" if step_ok and device.type == "cuda" else "hf"
+        if engine == "step" and not step_ok:
+            raise ValueError(f"--engine step supports {LLAMA_LIKE} models with SiLU, not "
+                             f"{cfg.model_type}; use --engine hf")
+        self.engine = engine
+        self.stats: list[dict[str, float]] = []
+        if engine == "step":
+            from liftquant.kernels.decode import DecodeStep
+
+            self.step = DecodeStep(model, args.max_cache_len,
+                                   compile_mode="default" if use_compile else None)
+            self.use_graph = use_compile and device.type == "cuda"
+            self.graph = None
+            return
+        from transformers import StaticCache
+
+        self.cache = StaticCache(config=model.config, max_cache_len=args.max_cache_len)
         self.decode = self._decode_step
         if use_compile:
             if device.type != "cuda":
@@ -128,7 +160,6 @@ class ChatSession:
                                device.type)
             self.decode = torch.compile(self._decode_step, mode="reduce-overhead",
                                         fullgraph=False, dynamic=False)
-        self.stats: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ prompt
     def prompt_ids(self) -> Tensor:
@@ -150,6 +181,39 @@ class ChatSession:
 
     def _decode_step(self, ids: Tensor, cache_position: Tensor) -> Tensor:
         return self._forward(ids, cache_position)
+
+    def _run_step(self, token: Tensor) -> Tensor:
+        """Step engine: consume ``token`` at the step's position; next-token logits (1, V)."""
+        self.step.ids.copy_(token.reshape(1, 1))
+        if self.use_graph:
+            if self.graph is None:
+                self._capture()
+            self.graph.graph.replay()
+            return self.graph.logits[:, -1, :]
+        return self.step()[:, -1, :]
+
+    def _capture(self) -> None:
+        """Eager steps (kernel tuning, workspaces) then one CUDA-graph capture of the step."""
+        from liftquant.kernels.decode import GraphedDecode
+
+        self.graph = GraphedDecode(self.step, warmup=3)
+        self.step.pos.zero_()
+
+    def _prefill(self, ids: Tensor) -> Tensor:
+        """Fresh context from ``ids`` (1, n); logits (1, V) after its last token."""
+        if self.engine == "hf":
+            self.cache.reset()
+            return self._forward(ids, torch.arange(ids.shape[1], device=self.device))
+        self.step.pos.zero_()  # slots past pos are masked, so the old context needs no clearing
+        for t in range(ids.shape[1]):
+            logits = self._run_step(ids[:, t])
+        return logits
+
+    def _next(self, token: Tensor, pos: int) -> Tensor:
+        """Logits (1, V) after feeding ``token`` at position ``pos``."""
+        if self.engine == "hf":
+            return self.decode(token.reshape(1, 1), torch.tensor([pos], device=self.device))
+        return self._run_step(token)
 
     def _pick(self, logits: Tensor) -> Tensor:
         a = self.args
@@ -176,6 +240,15 @@ class ChatSession:
         """Run the prefill and decode paths once on dummy tokens; returns the seconds spent."""
         t0 = time.perf_counter()
         ids = torch.zeros(1, prompt_len, dtype=torch.long, device=self.device)
+        if self.engine == "step":
+            if self.use_graph and self.graph is None:
+                self._capture()  # tuning and workspaces happen in its eager steps
+            token = self._pick(self._prefill(ids))
+            for step in range(steps):
+                token = self._pick(self._next(token, prompt_len + step))
+            self._sync()
+            self.step.pos.zero_()
+            return time.perf_counter() - t0
         self.cache.reset()
         token = self._pick(self._forward(ids, torch.arange(prompt_len, device=self.device)))
         # One eager decode step first: the packed layers tune their GEMV and allocate split-K
@@ -204,11 +277,9 @@ class ChatSession:
                                  f"{self.args.max_cache_len}")
             self.history = self.history[2:]  # drop the oldest exchange
             ids = self.prompt_ids()
-        self.cache.reset()
         n = ids.shape[1]
         t0 = time.perf_counter()
-        logits = self._forward(ids, torch.arange(n, device=self.device))
-        token = self._pick(logits)
+        token = self._pick(self._prefill(ids))
         self._sync()
         t1 = time.perf_counter()
         generated: list[int] = []
@@ -225,9 +296,7 @@ class ChatSession:
                 shown = text_now
             if step + 1 == self.args.max_new_tokens:
                 break
-            pos = torch.tensor([n + step], device=self.device)
-            logits = self.decode(token.reshape(1, 1), pos)
-            token = self._pick(logits)
+            token = self._pick(self._next(token, n + step))
         self._sync()
         t2 = time.perf_counter()
         answer = self.tok.decode(generated, skip_special_tokens=True)

@@ -137,3 +137,29 @@ def test_warm_up_runs_one_eager_decode_step_before_the_compiled_one(chat_ckpt):
     assert session.warm_up(prompt_len=4, steps=3) >= 0
     assert calls == ["eager"] + ["compiled"] * 3
     assert int(session.cache.get_seq_length()) == 0  # reset: the next answer starts clean
+
+
+def test_step_engine_matches_hf_engine_greedy(chat_ckpt):
+    """--engine step (liftquant.kernels.decode, token-by-token prefill) answers exactly like
+    the HF-forward engine under greedy decoding, over two turns, after its warm-up."""
+    hf, _ = _session(chat_ckpt, "--max_new_tokens", "6", "--engine", "hf")
+    st, out = _session(chat_ckpt, "--max_new_tokens", "6", "--engine", "step")
+    assert (hf.engine, st.engine) == ("hf", "step")
+    assert st.warm_up(prompt_len=5, steps=2) >= 0 and int(st.step.pos) == 0
+    for prompt in ("the quick fox", "a lazy dog"):
+        assert st.ask(prompt) == hf.ask(prompt)
+        assert st.last_token_ids == hf.last_token_ids and st.last_token_ids
+    assert out.getvalue().count("tok/s") == 4
+
+
+def test_engine_auto_and_unsupported_architecture(chat_ckpt, monkeypatch):
+    s, _ = _session(chat_ckpt)
+    assert s.engine == "hf"  # auto on CPU: the HF forward
+    from liftquant.chat import ChatSession, load_chat_model, parse_args
+
+    args, _ = parse_args(["--quant_model_path", str(chat_ckpt), "--device", "cpu",
+                          "--backend", "torch", "--engine", "step"])
+    model, tok, device = load_chat_model(args)
+    monkeypatch.setattr(model.config, "model_type", "gpt2")
+    with pytest.raises(ValueError, match="--engine hf"):
+        ChatSession(model, tok, args, device)

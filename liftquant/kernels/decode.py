@@ -142,7 +142,7 @@ class GraphedDecode:
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            step()
+            self.logits = step()  # static output: each replay rewrites it
 
     def tokens_per_s(self, n: int) -> float:
         torch.cuda.synchronize()
