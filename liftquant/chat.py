@@ -142,6 +142,8 @@ class ChatSession:
                              f"{cfg.model_type}; use --engine hf")
         self.engine = engine
         self.stats: list[dict[str, float]] = []
+        self.use_compile = use_compile
+        self.engine_fallback = args.engine == "auto"
         if engine == "step":
             from liftquant.kernels.decode import DecodeStep
 
@@ -149,15 +151,19 @@ class ChatSession:
                                    compile_mode="default" if use_compile else None)
             self.use_graph = use_compile and device.type == "cuda"
             self.graph = None
-            return
+        else:
+            self._init_hf()
+
+    def _init_hf(self) -> None:
         from transformers import StaticCache
 
-        self.cache = StaticCache(config=model.config, max_cache_len=args.max_cache_len)
+        self.engine = "hf"
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.args.max_cache_len)
         self.decode = self._decode_step
-        if use_compile:
-            if device.type != "cuda":
+        if self.use_compile:
+            if self.device.type != "cuda":
                 logger.warning("--compile is meant for CUDA (CUDA graphs); compiling on %s",
-                               device.type)
+                               self.device.type)
             self.decode = torch.compile(self._decode_step, mode="reduce-overhead",
                                         fullgraph=False, dynamic=False)
 
@@ -241,14 +247,22 @@ class ChatSession:
         t0 = time.perf_counter()
         ids = torch.zeros(1, prompt_len, dtype=torch.long, device=self.device)
         if self.engine == "step":
-            if self.use_graph and self.graph is None:
-                self._capture()  # tuning and workspaces happen in its eager steps
-            token = self._pick(self._prefill(ids))
-            for step in range(steps):
-                token = self._pick(self._next(token, prompt_len + step))
-            self._sync()
-            self.step.pos.zero_()
-            return time.perf_counter() - t0
+            try:
+                if self.use_graph and self.graph is None:
+                    self._capture()  # tuning and workspaces happen in its eager steps
+                token = self._pick(self._prefill(ids))
+                for step in range(steps):
+                    token = self._pick(self._next(token, prompt_len + step))
+                self._sync()
+                self.step.pos.zero_()
+                return time.perf_counter() - t0
+            except Exception as err:
+                if not self.engine_fallback:
+                    raise
+                logger.warning("--engine step failed in the warm-up (%s: %s); using --engine hf",
+                               type(err).__name__, str(err)[:300])
+                self.step = self.graph = None
+                self._init_hf()
         self.cache.reset()
         token = self._pick(self._forward(ids, torch.arange(prompt_len, device=self.device)))
         # One eager decode step first: the packed layers tune their GEMV and allocate split-K

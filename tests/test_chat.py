@@ -163,3 +163,25 @@ def test_engine_auto_and_unsupported_architecture(chat_ckpt, monkeypatch):
     monkeypatch.setattr(model.config, "model_type", "gpt2")
     with pytest.raises(ValueError, match="--engine hf"):
         ChatSession(model, tok, args, device)
+
+
+def test_auto_engine_falls_back_to_hf_when_the_step_engine_fails(chat_ckpt, monkeypatch):
+    """--engine auto: a step engine that cannot run (e.g. a CUDA-graph capture error) is
+    replaced by the HF engine in the warm-up, with a warning; an explicit --engine step
+    re-raises instead."""
+    from liftquant.chat import ChatSession
+
+    def broken(self, token):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(ChatSession, "_run_step", broken)
+    auto, _ = _session(chat_ckpt, "--max_new_tokens", "4")
+    auto.engine = "step"  # what auto picks on CUDA
+    from liftquant.kernels.decode import DecodeStep
+
+    auto.step, auto.use_graph, auto.graph = DecodeStep(auto.model, 64), False, None
+    auto.warm_up(prompt_len=4, steps=1)
+    assert auto.engine == "hf" and auto.ask("the fox")
+    forced, _ = _session(chat_ckpt, "--engine", "step")
+    with pytest.raises(RuntimeError, match="capture failed"):
+        forced.warm_up(prompt_len=4, steps=1)
