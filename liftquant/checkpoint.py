@@ -30,12 +30,14 @@ from liftquant.lattice import LatticeSpec
 from liftquant.linear import PackedLiftLinear, cast_unquantized
 from liftquant.log import get_logger
 from liftquant.pack import PACK_LAYOUT
+from liftquant.whiten import BLOCK_SHAPE_RULES, DEFAULT_BLOCK_SHAPE_RULE
 
 logger = get_logger("checkpoint")
 
 QUANT_METHOD = "liftquant"
 CHECKPOINT_FORMAT_VERSION = 1
-BLOCK_SHAPE_RULE = "whiten.block_shape/v1"
+BLOCK_SHAPE_PREFIX = "whiten.block_shape/"
+BLOCK_SHAPE_RULE = BLOCK_SHAPE_PREFIX + DEFAULT_BLOCK_SHAPE_RULE
 LIFTQUANT_VERSION = "0.1.0"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -49,7 +51,8 @@ def tensor_sha256(t: Tensor) -> str:
 
 
 def quantization_config(
-    *, spec: LatticeSpec, M: Tensor, quantized_modules: list[str], not_converted: list[str]
+    *, spec: LatticeSpec, M: Tensor, quantized_modules: list[str], not_converted: list[str],
+    block_rule: str = DEFAULT_BLOCK_SHAPE_RULE,
 ) -> dict[str, Any]:
     return {
         "quant_method": QUANT_METHOD,
@@ -60,7 +63,7 @@ def quantization_config(
         "target_dim": spec.target_dim,
         "bits_per_weight": spec.bits_per_weight,
         "M_sha256": tensor_sha256(M),
-        "block_shape_rule": BLOCK_SHAPE_RULE,
+        "block_shape_rule": BLOCK_SHAPE_PREFIX + block_rule,
         "quantized_modules": sorted(quantized_modules),
         "modules_to_not_convert": sorted(not_converted),
         "liftquant_version": LIFTQUANT_VERSION,
@@ -149,7 +152,19 @@ def read_quantization_config(path: "str | Path") -> dict[str, Any]:
             "install the matching liftquant version")
     if qc.get("pack_layout") != PACK_LAYOUT:
         raise CheckpointError(f"unknown pack_layout {qc.get('pack_layout')!r}")
+    block_rule_of(qc)
     return qc
+
+
+def block_rule_of(qc: dict[str, Any]) -> str:
+    """The ``whiten.block_shape`` rule a checkpoint's layers were built with ("v1", "v2")."""
+    text = qc.get("block_shape_rule") or BLOCK_SHAPE_PREFIX + "v1"
+    rule = text[len(BLOCK_SHAPE_PREFIX):] if text.startswith(BLOCK_SHAPE_PREFIX) else None
+    if rule not in BLOCK_SHAPE_RULES:
+        raise CheckpointError(f"block_shape_rule {text!r} is unknown to this liftquant (knows "
+                              f"{[BLOCK_SHAPE_PREFIX + r for r in BLOCK_SHAPE_RULES]}): the "
+                              "checkpoint was written by a newer version; upgrade liftquant")
+    return rule
 
 
 def build_skeleton(config: Any, qc: dict[str, Any], *, dtype: torch.dtype) -> nn.Module:
@@ -169,7 +184,7 @@ def build_skeleton(config: Any, qc: dict[str, Any], *, dtype: torch.dtype) -> nn
             raise CheckpointError(f"quantized module {name!r} does not exist in this architecture")
         set_module(model, name, PackedLiftLinear(
             lin.in_features, lin.out_features, spec=spec, bias=lin.bias is not None,
-            device="meta"))
+            device="meta", block_rule=block_rule_of(qc)))
     return model
 
 

@@ -29,7 +29,7 @@ from liftquant.kernels.registry import get_backend
 from liftquant.lattice import LatticeSpec, decode, encode
 from liftquant.pack import pack_signs, packed_width, unpack_signs
 from liftquant.proxy import UniformProxy
-from liftquant.whiten import KronWhitening, apply_fused, block_shape
+from liftquant.whiten import DEFAULT_BLOCK_SHAPE_RULE, KronWhitening, apply_fused, block_shape
 
 # Row RMS floor before normalisation (all-zero rows stay zero instead of producing NaN).
 RMS_FLOOR = 1e-8
@@ -37,9 +37,10 @@ RMS_FLOOR = 1e-8
 SIDE_DTYPE = torch.float16
 
 
-def lifted_width(in_features: int, spec: LatticeSpec) -> int:
+def lifted_width(in_features: int, spec: LatticeSpec,
+                 rule: str = DEFAULT_BLOCK_SHAPE_RULE) -> int:
     """Number of sign bits per output row: ``K = n1 * (n2 / d) * D``."""
-    n1, n2 = block_shape(in_features, spec.target_dim)
+    n1, n2 = block_shape(in_features, spec.target_dim, rule)
     return n1 * (n2 // spec.target_dim) * spec.lifted_dim
 
 
@@ -66,6 +67,7 @@ class LiftLinear(nn.Module):
         self.register_buffer("weight", weight.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.whiten = KronWhitening(self.in_features, self.spec.target_dim, init=init)
+        self.block_rule = self.whiten.block_rule
         bits = proxy_bits or max(1, math.floor(self.spec.bits_per_weight))
         self.proxy = UniformProxy(self.out_features, bits=bits)
         self.mode = "proxy"
@@ -156,7 +158,7 @@ class LiftLinear(nn.Module):
             raise RuntimeError("pack() needs round_to_lattice() first")
         layer = PackedLiftLinear(self.in_features, self.out_features, spec=self.spec,
                                  bias=self.bias is not None, side_dtype=dtype,
-                                 device=self.latent.device)
+                                 device=self.latent.device, block_rule=self.block_rule)
         layer.packed_signs.copy_(pack_signs(self.latent >= 0))
         layer.scale.copy_(self.scale)
         layer.s1.copy_(self.s1)
@@ -184,12 +186,14 @@ class PackedLiftLinear(nn.Module):
         bias: bool = False,
         side_dtype: torch.dtype = SIDE_DTYPE,
         device: "torch.device | str | None" = None,
+        block_rule: str = DEFAULT_BLOCK_SHAPE_RULE,
     ) -> None:
         super().__init__()
         self.spec = LatticeSpec.parse(spec)
         self.in_features, self.out_features = in_features, out_features
         d, D = self.spec.target_dim, self.spec.lifted_dim
-        n1, n2 = block_shape(in_features, d)
+        self.block_rule = block_rule  # whiten.block_shape rule (the checkpoint's, when loaded)
+        n1, n2 = block_shape(in_features, d, block_rule)
         self.block_shape = (n1, n2)
         self.lifted_width = n1 * (n2 // d) * D
         kw = {"device": device}

@@ -43,9 +43,36 @@ from liftquant.hadamard import has_hadamard, orthogonal_init
 HADAMARD_COST_SLACK = 1.5
 
 
+# Block-shape rules. A checkpoint records the rule its layers were built with
+# ("whiten.block_shape/<rule>"); loading rebuilds the layers with that rule.
+BLOCK_SHAPE_RULES = ("v1", "v2")
+DEFAULT_BLOCK_SHAPE_RULE = "v2"
+# v2 keeps v1's shape unless its cost n1 + n2 exceeds this factor of 2 sqrt(n1 n2) (a square's)
+# and then allows up to PAD_FRACTION * n extra padded columns (at least d) to find a better one.
+BALANCE_SLACK = 1.5
+PAD_FRACTION = 0.01
+
+
+def _shapes(n_pad: int, d: int) -> list[tuple[int, int]]:
+    return [(n_pad // n2, n2) for n2 in range(d, n_pad + 1, d) if n_pad % n2 == 0]
+
+
+def _best_shape(shapes: list[tuple[int, int]]) -> tuple[int, int]:
+    """v1's preference among ``shapes``: Hadamard pairs within the cost slack, then the most
+    balanced, then the least padding, then the smaller ``n2``."""
+    budget = HADAMARD_COST_SLACK * min(n1 + n2 for n1, n2 in shapes)
+
+    def key(shape: tuple[int, int]) -> tuple[bool, int, int, int]:
+        n1, n2 = shape
+        hadamard_pair = n1 + n2 <= budget and has_hadamard(n1) and has_hadamard(n2)
+        return (not hadamard_pair, n1 + n2, n1 * n2, n2)
+
+    return min(shapes, key=key)
+
+
 @functools.cache
-def block_shape(in_features: int, d: int) -> tuple[int, int]:
-    """The one rule for the Kronecker factorisation ``(n1, n2)`` of a row of length ``n``.
+def block_shape(in_features: int, d: int, rule: str = DEFAULT_BLOCK_SHAPE_RULE) -> tuple[int, int]:
+    """The rule for the Kronecker factorisation ``(n1, n2)`` of a row of length ``n``.
 
     Guarantees ``n2 % d == 0`` and ``n1 * n2 >= n``; padding is ``n1 * n2 - n``. Rule, in order:
 
@@ -63,26 +90,30 @@ def block_shape(in_features: int, d: int) -> tuple[int, int]:
 
     Examples with ``d = 8`` all land on Hadamard pairs except 11008 (86 is not a Hadamard
     order, P1 starts from the DCT); ``d = 10`` sizes need padding and DCT factors.
+
+    Rule ``v2`` (the default since checkpoints record their rule) is ``v1`` unless that shape
+    is badly unbalanced (``n1 + n2 > BALANCE_SLACK * 2 sqrt(n1 n2)``). Then it also considers
+    paddings up to ``max(d, PAD_FRACTION * n)`` columns more and applies rules 2-4 to all of
+    them (ties: less padding). Example: (4864, 10) is 487 x 10 under v1, a 487 x 487 left
+    factor, and 70 x 70 (36 padded columns) under v2. ``rule="v1"`` rebuilds old checkpoints.
     """
     n, d = int(in_features), int(d)
     if n < 1 or d < 1:
         raise ValueError(f"in_features and d must be >= 1, got {n}, {d}")
+    if rule not in BLOCK_SHAPE_RULES:
+        raise ValueError(f"unknown block-shape rule {rule!r}: one of {BLOCK_SHAPE_RULES}")
     n_pad = -(-n // d) * d  # smallest multiple of d >= n: the minimal padded size
-    shapes = [(n_pad // n2, n2) for n2 in range(d, n_pad + 1, d) if n_pad % n2 == 0]
-    best_cost = min(n1 + n2 for n1, n2 in shapes)
-    budget = HADAMARD_COST_SLACK * best_cost
-
-    def key(shape: tuple[int, int]) -> tuple[bool, int, int]:
-        n1, n2 = shape
-        hadamard_pair = n1 + n2 <= budget and has_hadamard(n1) and has_hadamard(n2)
-        return (not hadamard_pair, n1 + n2, n2)
-
-    return min(shapes, key=key)
+    n1, n2 = _best_shape(_shapes(n_pad, d))
+    if rule == "v1" or n1 + n2 <= BALANCE_SLACK * 2 * (n1 * n2) ** 0.5:
+        return n1, n2
+    extra = max(d, int(PAD_FRACTION * n))
+    sizes = range(n_pad, n_pad + extra + 1, d)
+    return _best_shape([shape for size in sizes for shape in _shapes(size, d)])
 
 
-def padded_in_features(in_features: int, d: int) -> int:
+def padded_in_features(in_features: int, d: int, rule: str = DEFAULT_BLOCK_SHAPE_RULE) -> int:
     """``n1 * n2`` of :func:`block_shape`: the row length after padding."""
-    n1, n2 = block_shape(in_features, d)
+    n1, n2 = block_shape(in_features, d, rule)
     return n1 * n2
 
 
@@ -147,10 +178,12 @@ class KronWhitening(nn.Module):
         learn_s1: bool = True,
         learn_s2: bool = True,
         dtype: torch.dtype = torch.float32,
+        block_rule: str = DEFAULT_BLOCK_SHAPE_RULE,
     ) -> None:
         super().__init__()
         self.in_features, self._d = int(in_features), int(d)
-        self.n1, self.n2 = block_shape(self.in_features, self._d)
+        self.block_rule = block_rule
+        self.n1, self.n2 = block_shape(self.in_features, self._d, block_rule)
         self.init_kind = init
         self.s1 = nn.Parameter(torch.ones(self.in_features, dtype=dtype), requires_grad=learn_s1)
         self.s2 = nn.Parameter(

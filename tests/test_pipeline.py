@@ -189,3 +189,40 @@ def test_load_with_dtype_casts_dense_tensors_only(quantized_llama, tmp_path, tin
     assert loaded.model.norm.weight.dtype == torch.bfloat16
     q = loaded.model.layers[0].self_attn.q_proj
     assert q.scale.dtype == torch.float16 and q.packed_signs.dtype == torch.uint8
+
+
+def test_checkpoints_rebuild_layers_with_their_block_shape_rule(tmp_path):
+    """Layers are rebuilt with the block-shape rule recorded in the checkpoint: v1 checkpoints
+    (written before v2) keep their shapes, new ones use v2, unknown rules are refused."""
+    import json
+
+    from transformers import LlamaConfig
+
+    from liftquant.checkpoint import (
+        BLOCK_SHAPE_RULE,
+        CheckpointError,
+        block_rule_of,
+        build_skeleton,
+        read_quantization_config,
+    )
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=4864, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, vocab_size=32)
+    qc = {"lifted_dim": 24, "target_dim": 10, "quantized_modules": ["model.layers.0.mlp.down_proj"]}
+    old = build_skeleton(config, {**qc, "block_shape_rule": "whiten.block_shape/v1"},
+                         dtype=torch.float32).get_submodule("model.layers.0.mlp.down_proj")
+    new = build_skeleton(config, {**qc, "block_shape_rule": BLOCK_SHAPE_RULE},
+                         dtype=torch.float32).get_submodule("model.layers.0.mlp.down_proj")
+    assert BLOCK_SHAPE_RULE == "whiten.block_shape/v2"
+    assert old.block_shape == (487, 10) and tuple(old.L.shape) == (487, 487)
+    assert new.block_shape == (70, 70) and tuple(new.L.shape) == (70, 70)
+    assert old.block_rule == "v1" and new.block_rule == "v2"
+    assert new.storage_bits()["side_bits"] < old.storage_bits()["side_bits"] / 10
+    assert block_rule_of({}) == "v1"  # no field: the only rule that existed before it
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "liftquant", "format_version": 1, "pack_layout": "signs_lsb_first_v1",
+        "block_shape_rule": "whiten.block_shape/v7"}}))
+    with pytest.raises(CheckpointError, match="upgrade liftquant"):
+        read_quantization_config(folder)

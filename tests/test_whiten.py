@@ -67,13 +67,33 @@ def test_block_shape_grid_is_valid_and_fast() -> None:
     start = time.perf_counter()
     for n in MODEL_SIZES + ODD_SIZES:
         for d in TARGET_DIMS:
-            n1, n2 = block_shape(n, d)
+            n1, n2 = block_shape(n, d, "v1")
             assert n2 % d == 0 and n1 * n2 >= n, (n, d, n1, n2)
             assert n1 * n2 - n < d, (n, d, n1, n2)  # minimal padding
             if n % d == 0:
                 assert n1 * n2 == n, (n, d, n1, n2)
-            assert padded_in_features(n, d) == n1 * n2
+            assert padded_in_features(n, d, "v1") == n1 * n2
+            m1, m2 = block_shape(n, d)  # v2: v1 unless unbalanced, then a little more padding
+            assert m2 % d == 0 and m1 * m2 >= n and padded_in_features(n, d) == m1 * m2
+            assert m1 * m2 - n <= max(d, int(0.01 * n)) + d, (n, d, m1, m2)
+            if n1 + n2 <= 1.5 * 2 * (n1 * n2) ** 0.5:
+                assert (m1, m2) == (n1, n2), (n, d)
+            else:
+                assert m1 + m2 <= n1 + n2, (n, d)  # never less balanced (may be the same)
     assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(("n", "d", "v1", "v2"), [
+    (4864, 10, (487, 10), (70, 70)),      # Qwen2.5-0.5B down_proj at 24to10
+    (3584, 10, (359, 10), (60, 60)),      # Qwen2.5-7B hidden at 24to10
+    (11008, 14, (787, 14), (132, 84)),    # Llama-2-7B down_proj at 30to14
+    (4096, 8, (64, 64), (64, 64)),        # balanced shapes are the same under both rules
+    (4096, 10, (82, 50), (82, 50)),
+])
+def test_block_shape_v2_fixes_unbalanced_factorisations(n, d, v1, v2) -> None:
+    assert block_shape(n, d, "v1") == v1 and block_shape(n, d) == v2
+    with pytest.raises(ValueError, match="unknown block-shape rule"):
+        block_shape(n, d, "v9")
 
 
 @pytest.mark.parametrize(
@@ -90,7 +110,7 @@ def test_block_shape_grid_is_valid_and_fast() -> None:
     ],
 )
 def test_block_shape_documented_examples(n: int, d: int, expected: tuple[int, int]) -> None:
-    assert block_shape(n, d) == expected
+    assert block_shape(n, d) == expected == block_shape(n, d, "v1")
 
 
 def test_block_shape_prefers_hadamard_pairs() -> None:

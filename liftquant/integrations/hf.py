@@ -26,7 +26,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from liftquant.checkpoint import CHECKPOINT_FORMAT_VERSION, QUANT_METHOD, CheckpointError
+from liftquant.checkpoint import (
+    CHECKPOINT_FORMAT_VERSION,
+    QUANT_METHOD,
+    CheckpointError,
+    block_rule_of,
+)
 from liftquant.log import get_logger
 
 logger = get_logger("hf")
@@ -71,6 +76,7 @@ def _define_classes() -> tuple[type, type]:
             if version != CHECKPOINT_FORMAT_VERSION:
                 raise CheckpointError(f"LiftQuant format_version {version}; this liftquant reads "
                                       f"version {CHECKPOINT_FORMAT_VERSION}")
+            block_rule_of(qc.to_dict())  # an unknown block-shape rule: a clear error now
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             import torch
@@ -88,7 +94,8 @@ def _define_classes() -> tuple[type, type]:
                     raise CheckpointError(f"quantized module {name!r} does not exist in "
                                           f"{type(model).__name__}")
                 layer = PackedLiftLinear(lin.in_features, lin.out_features, spec=spec,
-                                         bias=lin.bias is not None, device=torch.device("meta"))
+                                         bias=lin.bias is not None, device=torch.device("meta"),
+                                         block_rule=block_rule_of(qc.to_dict()))
                 layer.backend = getattr(qc, "backend", "auto")
                 set_module(model, name, layer)
             return model
