@@ -174,7 +174,7 @@ def build_skeleton(config: Any, qc: dict[str, Any], *, dtype: torch.dtype) -> nn
 
     from liftquant.models.adapters import set_module
 
-    spec = LatticeSpec(qc["lifted_dim"], qc["target_dim"])
+    spec, block_rule = LatticeSpec(qc["lifted_dim"], qc["target_dim"]), block_rule_of(qc)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     modules = dict(model.named_modules())
@@ -184,7 +184,7 @@ def build_skeleton(config: Any, qc: dict[str, Any], *, dtype: torch.dtype) -> nn
             raise CheckpointError(f"quantized module {name!r} does not exist in this architecture")
         set_module(model, name, PackedLiftLinear(
             lin.in_features, lin.out_features, spec=spec, bias=lin.bias is not None,
-            device="meta", block_rule=block_rule_of(qc)))
+            device="meta", block_rule=block_rule))
     return model
 
 

@@ -242,6 +242,9 @@ def lloyd_refine(
         raise ValueError(f"lloyd_refine: need iters >= 0 and n >= D (got {iters}, {n})")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     cur = M.detach().float().to(device)
+    if method == "auto":
+        method = LatticeSpec(D, d).default_method(device.type)
+    bases = bases or search_bases(D, d)
 
     def score(m: Tensor) -> float:
         return gaussian_mse(m, n=n_select, seed=20_000 + seed, method=method, device=device,
@@ -257,9 +260,7 @@ def lloyd_refine(
             break
         G = torch.zeros(D, D, dtype=torch.float64, device=device)
         C = torch.zeros(d, D, dtype=torch.float64, device=device)
-        off = padding_offsets(cur, bases=bases or search_bases(D, d)) if (
-            method == "pinv" or (method == "auto" and
-                                 LatticeSpec(D, d).default_method(device.type) == "pinv")) else None
+        off = padding_offsets(cur, bases=bases) if method == "pinv" else None
         for start in range(0, n, batch):
             x = torch.randn(min(batch, n - start), d, generator=gen).to(device)
             b = encode(x, cur, method=method, offsets=off).to(torch.float64)

@@ -87,6 +87,7 @@ def _define_classes() -> tuple[type, type]:
 
             qc = self.quantization_config
             spec = LatticeSpec(qc.lifted_dim, qc.target_dim)
+            block_rule = block_rule_of(qc.to_dict())
             modules = dict(model.named_modules())
             for name in qc.quantized_modules:
                 lin = modules.get(name)
@@ -95,7 +96,7 @@ def _define_classes() -> tuple[type, type]:
                                           f"{type(model).__name__}")
                 layer = PackedLiftLinear(lin.in_features, lin.out_features, spec=spec,
                                          bias=lin.bias is not None, device=torch.device("meta"),
-                                         block_rule=block_rule_of(qc.to_dict()))
+                                         block_rule=block_rule)
                 layer.backend = getattr(qc, "backend", "auto")
                 set_module(model, name, layer)
             return model
