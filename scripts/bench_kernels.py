@@ -35,6 +35,10 @@ from liftquant.kernels.gemv_splitk import SplitKConfig
 from liftquant.linear import PackedLiftLinear
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
+# Sibling groups run as one T* and one GEMV launch (liftquant.kernels.groups): (name, member
+# rows, in_features) of Llama-3 8B and 70B.
+GROUPS = [("qkv", (4096, 1024, 1024), 4096), ("gate_up", (14336, 14336), 4096),
+          ("qkv", (8192, 1024, 1024), 8192), ("gate_up", (28672, 28672), 8192)]
 LATTICES = ["16to8", "24to10", "20to8", "24to8"]
 ROTATE_BYTES = 200 * 2**20  # > 3x the H100's 50 MB L2
 COLUMNS = ["shape", "config", "backend", "time_us", "weight_gbps", "copy_gbps", "fraction_of_copy",
@@ -145,6 +149,43 @@ def bench_shape(N: int, n: int, spec: str, rows: list, sweep_log: dict, base: di
                   f"{labels.get(backend, '')}", flush=True)
 
 
+def bench_group(name: str, members: tuple, n: int, spec: str, rows: list, base: dict) -> None:
+    """Layer rows of a sibling group: ``triton-group`` (one grouped T* and one grouped GEMV)
+    against ``triton-members`` (the same layers one by one), both in one CUDA graph over
+    rotating weights, and fp16 ``F.linear`` per member timed the same way."""
+    from liftquant.kernels.groups import PackedGroup
+
+    dt = torch.bfloat16
+    proto = [random_packed_layer(n, N, spec, seed=i) for i, N in enumerate(members)]
+    wbytes = sum(ly.packed_signs.numel() for ly in proto)
+    sets = [proto] + [[random_packed_layer(n, N, spec, seed=100 * c + i)
+                       for i, N in enumerate(members)]
+                      for c in range(1, max(1, -(-ROTATE_BYTES // wbytes)))]
+    groups = [PackedGroup(s) for s in sets]
+    for g in groups:
+        registry.set_backend(g, "triton")
+    xs = [torch.randn(1, n, device="cuda", dtype=dt) for _ in groups]
+    w16 = [[torch.randn(N, n, device="cuda", dtype=torch.float16) for N in members]
+           for _ in range(max(1, -(-ROTATE_BYTES // (2 * n * sum(members)))))]
+    t16 = graph_bench(lambda x, ws: [F.linear(x, w) for w in ws],
+                      [(x.half(), ws) for x, ws in zip(cycle(xs), w16)])
+    times = {
+        "triton-group": graph_bench(lambda x, g: g(x), list(zip(xs, groups))),
+        "triton-members": graph_bench(lambda x, g: [m(x) for m in g.layers],
+                                      list(zip(xs, groups))),
+    }
+    shape = f"{name}:{'+'.join(map(str, members))}x{n}"
+    for backend, t in times.items():
+        gbps = wbytes / t / 1e3
+        rows.append({**base, "shape": shape, "config": spec, "backend": backend,
+                     "time_us": f"{t:.2f}", "weight_gbps": f"{gbps:.1f}",
+                     "fraction_of_copy": f"{gbps / base['copy_gbps']:.3f}",
+                     "fp16_time_us": f"{t16:.2f}", "speedup_vs_fp16": f"{t16 / t:.2f}",
+                     "kernel": ""})
+        print(f"{shape} {spec:>6} {backend:>24} {t:9.2f} us {gbps:7.1f} GB/s "
+              f"frac {gbps / base['copy_gbps']:.3f} fp16 {t16:8.2f} us x{t16 / t:.2f}", flush=True)
+
+
 def tune_gemv(gemv_args: list, dt: torch.dtype, sweep_log: dict, name: str):
     """Tune the shape with the library's tuner (whose choice the layer rows then use) and
     re-time the best configuration of each kind over rotating inputs."""
@@ -181,6 +222,8 @@ def main() -> None:
     ap.add_argument("--sweep-json", default=None, help="also write the GEMV config sweep here")
     ap.add_argument("--lattices", default=",".join(LATTICES))
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,28672x8192 (out x in)")
+    ap.add_argument("--groups", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the q/k/v and gate/up groups (liftquant.kernels.groups)")
     args = ap.parse_args()
     torch.manual_seed(0)
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x")))
@@ -189,9 +232,15 @@ def main() -> None:
             "copy_gbps": round(copy_gbps(), 1)}
     print(f"{base['gpu']}: copy {base['copy_gbps']} GB/s (read + write)", flush=True)
     rows, sweep_log = [], {}
-    for N, n in shapes:
+    jobs = [(bench_shape, (N, n)) for N, n in shapes]
+    if args.groups:
+        jobs += [(bench_group, g) for g in GROUPS if g[2] in {n for _, n in shapes}]
+    for fn, shape in jobs:
         for spec in args.lattices.split(","):
-            bench_shape(N, n, spec, rows, sweep_log, base)
+            if fn is bench_shape:
+                bench_shape(*shape, spec, rows, sweep_log, base)
+            else:
+                bench_group(*shape, spec, rows, base)
             torch.cuda.empty_cache()
             with open(args.out, "w", newline="") as fh:  # rewritten as rows arrive
                 writer = csv.DictWriter(fh, fieldnames=COLUMNS)

@@ -197,7 +197,7 @@ SM90_BUILD = textwrap.dedent("""
         variants = gt.SPLITK_VARIANTS if aligned else gt.SPLITK_VARIANTS[:1]
         for block_w, block_n, warps, loop in variants:
             k = gs._splitk_kernel.warmup(
-                W, XP, XSC, SC, SC, OUT, PART, CNT, N, KW, -(-KW // 4), RS, 1024, 64, 5,
+                W, XP, XSC, SC, SC, OUT, PART, CNT, N, N, 0, KW, -(-KW // 4), RS, 1024, 64, 5,
                 HAS_BIAS=True, ALIGNED=aligned, USE_ASM=True, V1=loop == "v1", BN=block_n,
                 BW=block_w, RC=gs.REDUCE_ROWS, num_warps=warps, grid=(1,))
             ptx = k.asm["ptx"]

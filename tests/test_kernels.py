@@ -319,5 +319,20 @@ def test_decode_step_equals_hf_forward():
         logits.append(step())
     torch.testing.assert_close(torch.cat(logits, 1), ref, atol=2e-5, rtol=2e-5)
     assert step.ids.item() == ref[0, -1].argmax().item() and step.pos.item() == 9
+    # Packed q/k/v and gate/up in layer 0 form groups; the step still equals the HF forward.
+    att, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    for mod, name, n_in, n_out in ((att, "q_proj", 64, 64), (att, "k_proj", 64, 32),
+                                   (att, "v_proj", 64, 32), (mlp, "gate_proj", 64, 96),
+                                   (mlp, "up_proj", 64, 96)):
+        setattr(mod, name, rand_layer(n_in, n_out, "8to4", bias=False, seed=n_out + len(name)))
+    with torch.no_grad():
+        ref = model(ids).logits
+    step = DecodeStep(model, max_len=12)
+    assert set(step.groups[0]) == {"qkv", "gate_up"} and step.groups[1] == {}
+    logits = []
+    for t in range(ids.shape[1]):
+        step.ids.copy_(ids[:, t:t + 1])
+        logits.append(step())
+    torch.testing.assert_close(torch.cat(logits, 1), ref, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="llama"):
         DecodeStep(SimpleNamespace(config=SimpleNamespace(model_type="gpt2")), max_len=4)

@@ -70,9 +70,12 @@ class DecodeStep:
     ``compile_mode``: None runs eagerly; otherwise the three region functions are wrapped in
     ``torch.compile(mode=compile_mode, dynamic=False, fullgraph=True)`` (``"default"``,
     ``"max-autotune-no-cudagraphs"``; graphs are captured by :class:`GraphedDecode`).
+    ``group``: run packed q/k/v and gate/up as one transform and one GEMV each
+    (:mod:`~liftquant.kernels.groups`; their buffers become views of the group's tensors).
     """
 
-    def __init__(self, model: nn.Module, max_len: int, *, compile_mode: str | None = None):
+    def __init__(self, model: nn.Module, max_len: int, *, compile_mode: str | None = None,
+                 group: bool = True):
         cfg = model.config
         if cfg.model_type not in LLAMA_LIKE or getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"decode step supports {LLAMA_LIKE} with SiLU, not "
@@ -92,6 +95,12 @@ class DecodeStep:
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.eps, self.scaling = float(cfg.rms_norm_eps), hd**-0.5
+        if group:
+            from liftquant.kernels.groups import group_decoder_layers
+
+            self.groups = group_decoder_layers(model.model.layers)
+        else:
+            self.groups = [{} for _ in model.model.layers]
 
         def wrap(fn):
             if compile_mode is None:
@@ -108,12 +117,15 @@ class DecodeStep:
         h, x = self.add_norm(self.zero, m.embed_tokens(self.ids), layers[0].input_layernorm.weight,
                              self.eps)
         for i, layer in enumerate(layers):
-            att, mlp = layer.self_attn, layer.mlp
-            a = self.attend(att.q_proj(x), att.k_proj(x), att.v_proj(x), self.cos, self.sin,
-                            self.pos, *self.caches[i], self.scaling)
+            att, mlp, groups = layer.self_attn, layer.mlp, self.groups[i]
+            qkv = groups["qkv"](x) if "qkv" in groups else (att.q_proj(x), att.k_proj(x),
+                                                              att.v_proj(x))
+            a = self.attend(*qkv, self.cos, self.sin, self.pos, *self.caches[i], self.scaling)
             h, x = self.add_norm(h, att.o_proj(a), layer.post_attention_layernorm.weight,
                                  self.eps)
-            d = mlp.down_proj(self.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            gate_up = groups["gate_up"](x) if "gate_up" in groups else (mlp.gate_proj(x),
+                                                                        mlp.up_proj(x))
+            d = mlp.down_proj(self.silu_mul(*gate_up))
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else m.norm
             h, x = self.add_norm(h, d, norm.weight, self.eps)
         logits = self.model.lm_head(x)  # (1, 1, V)

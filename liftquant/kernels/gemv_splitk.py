@@ -184,17 +184,33 @@ if HAS_TRITON:
         tl.store(OUT + rows, out.to(OUT.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _splitk_body(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, KW, KQ, RS, NWT, RPP,
-                     n_steps, n_split, n_red, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
-                     USE_ASM: tl.constexpr, V1: tl.constexpr, BN: tl.constexpr,
-                     BW: tl.constexpr, RC: tl.constexpr):
+    def _member(N, N0, N1, RPP):
+        """Group member of row group ``program_id(1)``: (member, first row, row stop).
+
+        Members 0, 1, 2 own rows [0, N0), [N0, N0 + N1), [N0 + N1, N) of the concatenated
+        weights; each starts a new row group. A single layer is N0 = N, N1 = 0.
+        """
+        g = tl.program_id(1)
+        G0 = tl.cdiv(N0, RPP)
+        G1 = tl.cdiv(N1, RPP)
+        m = (g >= G0).to(tl.int32) + (g >= G0 + G1).to(tl.int32)
+        g_start = tl.where(m == 0, 0, tl.where(m == 1, G0, G0 + G1))
+        row0 = tl.where(m == 0, 0, tl.where(m == 1, N0, N0 + N1))
+        row_end = tl.where(m == 0, N0, tl.where(m == 1, N0 + N1, N))
+        r_first = row0 + (g - g_start) * RPP
+        return m, r_first, tl.minimum(r_first + RPP, row_end)
+
+    @triton.jit
+    def _splitk_body(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, KW, KQ, RS, NWT,
+                     m, r_first, r_stop, n_steps, n_split, n_red, HAS_BIAS: tl.constexpr,
+                     ALIGNED: tl.constexpr, USE_ASM: tl.constexpr, V1: tl.constexpr,
+                     BN: tl.constexpr, BW: tl.constexpr, RC: tl.constexpr):
         s = tl.program_id(0)
         g = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
+        xb = m.to(tl.int64) * tl.num_programs(2) + b  # member-major activations
         qs = s * BW + tl.arange(0, BW)
-        ys, xsc, corr = _slice_activations(XP + b * 16 * KW, XSC + b * KW, qs, KW, V1)
-        r_first = g * RPP
-        r_stop = tl.minimum(r_first + RPP, N)
+        ys, xsc, corr = _slice_activations(XP + xb * 16 * KW, XSC + xb * KW, qs, KW, V1)
         rows = r_first + tl.arange(0, BN)
         # Row addresses advance by one step per iteration (no per-step 64-bit multiplies).
         # Aligned: RS = words per row, a multiple of 4, and the K mask is 4-word granular
@@ -246,25 +262,27 @@ if HAS_TRITON:
 
     # KQ, RS and RPP are not specialised (no divisibility-by-16 variants): the loads get their
     # alignment from tl.multiple_of and the 4-word mask. NWT is a multiple of 16 by design.
-    @triton.jit(do_not_specialize=["N", "KW", "KQ", "RS", "RPP", "n_split"])
-    def _splitk_kernel(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, KW, KQ, RS, NWT, RPP,
+    @triton.jit(do_not_specialize=["N", "N0", "N1", "KW", "KQ", "RS", "RPP", "n_split"])
+    def _splitk_kernel(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, N0, N1, KW, KQ, RS, NWT, RPP,
                        n_split, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
                        USE_ASM: tl.constexpr, V1: tl.constexpr, BN: tl.constexpr,
                        BW: tl.constexpr, RC: tl.constexpr):
-        rows_here = tl.minimum(RPP, N - tl.program_id(1) * RPP)
-        _splitk_body(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, KW, KQ, RS, NWT, RPP,
-                     tl.cdiv(rows_here, BN), n_split, tl.cdiv(rows_here, RC), HAS_BIAS,
+        m, r_first, r_stop = _member(N, N0, N1, RPP)
+        rows_here = r_stop - r_first
+        _splitk_body(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, KW, KQ, RS, NWT, m, r_first,
+                     r_stop, tl.cdiv(rows_here, BN), n_split, tl.cdiv(rows_here, RC), HAS_BIAS,
                      ALIGNED, USE_ASM, V1, BN, BW, RC)
 
     @triton.jit
-    def _splitk_kernel_interp(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, KW, KQ, RS, NWT, RPP,
-                              n_steps: tl.constexpr, n_split: tl.constexpr,
+    def _splitk_kernel_interp(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, N0, N1, KW, KQ, RS,
+                              NWT, RPP, n_steps: tl.constexpr, n_split: tl.constexpr,
                               n_red: tl.constexpr, HAS_BIAS: tl.constexpr,
                               ALIGNED: tl.constexpr, USE_ASM: tl.constexpr, V1: tl.constexpr,
                               BN: tl.constexpr, BW: tl.constexpr, RC: tl.constexpr):
         # The interpreter (numpy 2) needs constexpr loop bounds; masks cover the last group.
-        _splitk_body(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, KW, KQ, RS, NWT, RPP,
-                     n_steps, n_split, n_red, HAS_BIAS, ALIGNED, USE_ASM, V1, BN, BW, RC)
+        m, r_first, r_stop = _member(N, N0, N1, RPP)
+        _splitk_body(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, KW, KQ, RS, NWT, m, r_first,
+                     r_stop, n_steps, n_split, n_red, HAS_BIAS, ALIGNED, USE_ASM, V1, BN, BW, RC)
 
 
 @dataclass(frozen=True)
@@ -332,31 +350,56 @@ def _allocate(device: torch.device, n_part: int, n_cnt: int) -> tuple[Tensor, Te
 WORKSPACES = _Workspaces()
 
 
-def _sizes(B: int, N: int, KW: int, cfg: SplitKConfig) -> tuple[int, int, int, int]:
+def _sizes(B: int, N: int, KW: int, cfg: SplitKConfig,
+           members: tuple[int, ...] | None = None) -> tuple[int, int, int, int]:
     """(split S, row groups G, partial floats, counters)."""
     S = cfg.split(KW)
-    G = -(-N // cfg.rows_per_program)
+    G = sum(-(-n // cfg.rows_per_program) for n in (members or (N,)))
     return S, G, (B * S * N if S > 1 else 0), (B * G if S > 1 else 0)
 
 
-def workspace_ready(xp: Tensor, packed: Tensor, cfg: SplitKConfig) -> bool:
+def check_members(members: tuple[int, ...] | None, N: int, M: int) -> tuple[int, int]:
+    """(N0, N1) kernel arguments of a group of ``M`` layers with ``members`` output rows."""
+    if members is None:
+        members = (N,)
+    if not 1 <= len(members) <= 3 or len(members) != M or sum(members) != N or min(members) < 1:
+        raise ValueError(f"a GEMV group has 1 to 3 members whose rows {members} sum to the "
+                         f"packed rows {N}, one activation block each ({M} given)")
+    return members[0], (members[1] if len(members) > 1 else 0)
+
+
+def workspace_ready(xp: Tensor, packed: Tensor, cfg: SplitKConfig,
+                    members: tuple[int, ...] | None = None) -> bool:
     """Whether a launch with ``cfg`` needs no new workspace (what a CUDA-graph capture needs)."""
-    _, _, n_part, n_cnt = _sizes(xp.shape[0], packed.shape[0], xp.shape[-1], cfg)
+    M = len(members) if members else 1
+    _, _, n_part, n_cnt = _sizes(xp.shape[0] // M, packed.shape[0], xp.shape[-1], cfg, members)
     return n_part == 0 or WORKSPACES.fits(xp.device, n_part, n_cnt)
 
 
 def launch_gemv_splitk(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
                        bias: Tensor | None, out_dtype: torch.dtype, *,
-                       cfg: SplitKConfig) -> Tensor:
+                       cfg: SplitKConfig, members: tuple[int, ...] | None = None) -> Tensor:
     """``out[b] = scale * (Y @ x_b) + bias`` from the pair layout (``xp`` int32 (B, 16, KW),
-    word scales ``wsc`` (B, KW)), split along K as ``cfg`` says."""
+    word scales ``wsc`` (B, KW)), split along K as ``cfg`` says.
+
+    ``members``: a group of layers that read the same input through different transforms
+    (q/k/v): their packed rows concatenated, ``members`` rows each, and one activation block
+    per member, member-major ((M B, 16, KW), as ``fused_transform`` writes for stacked side
+    tensors). The output is (B, sum(members)), the members' outputs side by side.
+    """
     check_triton(xp)
     if cfg.rows_per_program % cfg.block_n:
         raise ValueError(f"rows_per_program must be a multiple of block_n: {cfg}")
-    B, _, KW = xp.shape
+    M = len(members) if members else 1
+    MB, _, KW = xp.shape
+    B = MB // M
     N = packed.shape[0]
+    N0, N1 = check_members(members, N, M)
+    if MB != M * B or wsc.shape[0] != MB:
+        raise ValueError(f"activations for {MB} (member, token) pairs do not split into {M} "
+                         "members")
     words, aligned, rs, nwt = word_view(packed)
-    S, G, n_part, n_cnt = _sizes(B, N, KW, cfg)
+    S, G, n_part, n_cnt = _sizes(B, N, KW, cfg, members)
     if S > 1:
         part, cnt = WORKSPACES.get(xp.device, n_part, n_cnt)
     else:  # never touched; empty tensors keep the kernel signature (and its binary) the same
@@ -364,7 +407,7 @@ def launch_gemv_splitk(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
         cnt = torch.empty(0, device=xp.device, dtype=torch.int32)
     out = torch.empty(B, N, device=xp.device, dtype=out_dtype)
     args = (words, xp, wsc, scale, bias if bias is not None else scale, out, part, cnt,
-            N, KW, -(-KW // 4), rs, nwt, cfg.rows_per_program)
+            N, N0, N1, KW, -(-KW // 4), rs, nwt, cfg.rows_per_program)
     meta = {"HAS_BIAS": bias is not None, "ALIGNED": aligned, "V1": cfg.word_loop == "v1",
             "BN": cfg.block_n, "BW": cfg.block_w, "RC": REDUCE_ROWS, "num_warps": cfg.num_warps}
     with device_ctx(xp):

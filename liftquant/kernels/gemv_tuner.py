@@ -79,9 +79,13 @@ def pick_splitk_config(*, N: int, KW: int, n_sm: int, use_asm: bool) -> SplitKCo
 
 
 def launch_config(cfg, xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
-                  bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+                  bias: Tensor | None, out_dtype: torch.dtype,
+                  members: tuple[int, ...] | None = None) -> Tensor:
     if isinstance(cfg, SplitKConfig):
-        return launch_gemv_splitk(xp, wsc, packed, scale, bias, out_dtype, cfg=cfg)
+        return launch_gemv_splitk(xp, wsc, packed, scale, bias, out_dtype, cfg=cfg,
+                                  members=members)
+    if members is not None and len(members) > 1:
+        raise ValueError("the row-tile GEMV runs single layers; groups need split-K")
     return launch_gemv(xp, wsc, packed, scale, bias, out_dtype, block_n=cfg.block_n,
                        block_w=cfg.block_w, num_warps=cfg.num_warps, use_asm=cfg.use_asm)
 
@@ -115,10 +119,15 @@ class GemvTuner:
         self.asm_failed: str | None = None  # why the inline-PTX kernels do not build here
 
     @staticmethod
-    def key(xp: Tensor, packed: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> tuple:
+    def key(xp: Tensor, packed: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+            members: tuple[int, ...] | None = None) -> tuple:
+        """(rows, words, aligned, dtype, bias, device, group members, kind); a group (q/k/v as
+        one launch) only has split-K candidates."""
         aligned = packed.shape[1] % 16 == 0
+        group = tuple(members) if members is not None and len(members) > 1 else None
+        kind = "splitk" if group else _kind()
         return (packed.shape[0], xp.shape[-1], aligned, out_dtype, bias is not None,
-                str(xp.device), _kind())
+                str(xp.device), group, kind)
 
     def candidates(self, key: tuple, n_sm: int, use_asm: bool) -> list:
         N, KW, aligned, *_, kind = key
@@ -135,10 +144,11 @@ class GemvTuner:
         return dataclasses.replace(pick_gemv_config(N, KW, n_sm), use_asm=use_asm)
 
     def run(self, xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None,
-            out_dtype: torch.dtype) -> Tensor:
+            out_dtype: torch.dtype, members: tuple[int, ...] | None = None) -> Tensor:
         """``scale * (Y @ x) + bias`` with the configuration chosen for this shape."""
-        args = (xp, wsc, packed, scale, bias, out_dtype)
-        key = self.key(xp, packed, bias, out_dtype)
+        key = self.key(xp, packed, bias, out_dtype, members)
+        members = key[6]
+        args = (xp, wsc, packed, scale, bias, out_dtype, members)
         n_sm = _n_sm(xp.device)
         capturing = xp.is_cuda and torch.cuda.is_current_stream_capturing()
         cfg = self.cache.lookup(key)
@@ -148,7 +158,11 @@ class GemvTuner:
             return self._first_run(key, n_sm, args)
         elif cfg is None:
             cfg = self.cache.get(key, lambda: self.tune(args, key=key, n_sm=n_sm))
-        if capturing and isinstance(cfg, SplitKConfig) and not workspace_ready(xp, packed, cfg):
+        if capturing and isinstance(cfg, SplitKConfig) and not workspace_ready(xp, packed, cfg,
+                                                                               members):
+            if members:
+                raise RuntimeError("a grouped split-K GEMV needs its workspace before CUDA "
+                                   "graph capture: run one step eagerly first")
             cfg = self.heuristic(key, n_sm, splitk=False)  # no allocation inside a capture
         return launch_config(cfg, *args)
 
@@ -182,7 +196,7 @@ class GemvTuner:
         from triton.testing import do_bench
 
         xp, packed = args[0], args[2]
-        key = key or self.key(xp, packed, args[4], args[5])
+        key = key or self.key(xp, packed, args[4], args[5], *args[6:])
         n_sm = n_sm or _n_sm(xp.device)
         use_asm = self.asm_failed is None
         times, rejected, ref = {}, self.rejected.setdefault(key, {}), None
@@ -228,8 +242,9 @@ GEMV_TUNER = GemvTuner()
 
 
 def gemv(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None,
-         out_dtype: torch.dtype) -> Tensor:
-    """Decode GEMV from the pair layout with the configuration chosen for this shape."""
-    return GEMV_TUNER.run(xp, wsc, packed, scale, bias, out_dtype)
+         out_dtype: torch.dtype, members: tuple[int, ...] | None = None) -> Tensor:
+    """Decode GEMV from the pair layout with the configuration chosen for this shape
+    (``members``: a group of layers, see ``gemv_splitk.launch_gemv_splitk``)."""
+    return GEMV_TUNER.run(xp, wsc, packed, scale, bias, out_dtype, members)
 
 

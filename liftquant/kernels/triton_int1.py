@@ -67,39 +67,64 @@ if HAS_TRITON:
     ):
         rb = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
+        m = tl.program_id(2).to(tl.int64)  # group member: its own s1, L, R, s2, same x
+        o = m * tl.num_programs(1) + b  # output slot (member-major)
+        NB = C // D  # d-chunks per row of the (n1, n2) view: s2_act (n1, NB, 1)
+        S1 += m * n
+        L += m * n1 * n1
+        R += m * n2 * C
+        S2 += m * n1 * NB
         XDT = X.dtype.element_ty
         rows = rb * BR + tl.arange(0, BR)  # rows i of H
         rmask = rows < n1
         j2 = tl.arange(0, N2P)
-        # U = L[rows, :] @ Xs, Xs = pad(x) / s1 viewed (n1, n2)          (BR, N2P)
-        U = tl.zeros((BR, N2P), tl.float32)
+        # Every global load is issued before the first dot, so the program waits for memory
+        # once (this kernel is latency bound: a few programs, tiny matmuls).
+        rts = ()
+        s2s = ()
+        for c0 in tl.static_range(0, CP, CC):
+            c = c0 + tl.arange(0, CC)
+            rts = rts + (tl.load(R + j2[:, None] * C + c[None, :],
+                                 mask=(j2 < n2)[:, None] & (c < C)[None, :], other=0.0),)
+            s2s = s2s + (tl.load(S2 + rows[:, None] * NB + (c // D)[None, :],
+                                 mask=rmask[:, None] & (c < C)[None, :], other=0.0),)
+        lts = ()
+        xs = ()
         for a0 in tl.static_range(0, N1P, BK1):
             a = a0 + tl.arange(0, BK1)
-            lt = tl.load(L + rows[:, None] * n1 + a[None, :],
-                         mask=rmask[:, None] & (a < n1)[None, :], other=0.0).to(XDT)
+            lts = lts + (tl.load(L + rows[:, None] * n1 + a[None, :],
+                                 mask=rmask[:, None] & (a < n1)[None, :], other=0.0),)
             idx = a[:, None] * n2 + j2[None, :]  # (BK1, N2P) flat input index
-            m = (a < n1)[:, None] & (j2 < n2)[None, :] & (idx < n)
-            xv = tl.load(X + b * n + idx, mask=m, other=0.0)
-            s1v = tl.load(S1 + idx, mask=m, other=1.0).to(XDT)  # reference divides in XDT
-            U += tl.dot(lt, tl.fdiv(xv.to(tl.float32), s1v.to(tl.float32)).to(XDT))
+            msk = (a < n1)[:, None] & (j2 < n2)[None, :] & (idx < n)
+            xv = tl.load(X + b * n + idx, mask=msk, other=0.0)
+            s1v = tl.load(S1 + idx, mask=msk, other=1.0).to(XDT)  # reference divides in XDT
+            xs = xs + (tl.fdiv(xv.to(tl.float32), s1v.to(tl.float32)).to(XDT),)
+        # U = L[rows, :] @ Xs, Xs = pad(x) / s1 viewed (n1, n2)          (BR, N2P)
+        U = tl.zeros((BR, N2P), tl.float32)
+        for i in tl.static_range(N1P // BK1):
+            U += tl.dot(lts[i].to(XDT), xs[i])
         Uq = U.to(XDT)
-        NB = C // D  # d-chunks per row of the (n1, n2) view: s2_act (n1, NB, 1)
-        inv = 1.0
-        if PAIRS:  # pass 1: tile max |H| -> power-of-two scale
-            amax = 0.0
-            for c0 in tl.static_range(0, CP, CC):
-                h = _transform_cols(Uq, R, S2, rows, rmask, j2, c0, n2, C, D, NB, CC, XDT)
+        # H = (U @ R) * s2 per column chunk, each rounded to XDT as the reference does
+        hs = ()
+        amax = 0.0
+        for i in tl.static_range(CP // CC):
+            h = tl.dot(Uq, rts[i].to(XDT)).to(XDT).to(tl.float32)
+            h = (h * s2s[i].to(XDT).to(tl.float32)).to(XDT).to(tl.float32)
+            hs = hs + (h,)
+            if PAIRS:
                 amax = tl.maximum(amax, tl.max(tl.max(tl.abs(h), axis=1), axis=0))
+        inv = 1.0
+        if PAIRS:  # tile max |H| -> power-of-two scale
             e = tl.ceil(tl.log2(tl.maximum(amax, 1e-30)) + 10.0)  # |x| * 2^-e <= X_LIMIT
             e = tl.minimum(tl.maximum(e, -120.0), 120.0)
             inv = tl.exp2(-e)
             nwords = BR * C // 32  # tiles are word aligned (BR * C % 32 == 0)
             qi = rb * nwords + tl.arange(0, WT)
-            tl.store(WSC + b * KW + qi, tl.zeros((WT,), tl.float32) + tl.exp2(e),
+            tl.store(WSC + o * KW + qi, tl.zeros((WT,), tl.float32) + tl.exp2(e),
                      mask=(tl.arange(0, WT) < nwords) & (qi < KW))
-        for c0 in tl.static_range(0, CP, CC):  # pass 2: write
-            c = c0 + tl.arange(0, CC)
-            h = _transform_cols(Uq, R, S2, rows, rmask, j2, c0, n2, C, D, NB, CC, XDT)
+        for i in tl.static_range(CP // CC):
+            c = i * CC + tl.arange(0, CC)
+            h = hs[i]
             k = rows[:, None] * C + c[None, :]  # (BR, CC) lifted index
             if PAIRS:  # rows >= n1 are zero: they write the padding of the last word
                 q = k // 32
@@ -108,23 +133,11 @@ if HAS_TRITON:
                 # y_p = 2^e_p x for p < 15 (see the GEMV, pair_exponent), y_15 = -x
                 ep = tl.where(p == 12, 12, tl.where(p == 13, 8, tl.where(p == 14, 0, 25 - p)))
                 f = tl.where(p == 15, -1.0, tl.exp2(ep.to(tl.float32)))
-                hw = (b * 16 * KW + p * KW + q) * 2 + j // 16  # fp16 slot in XP
+                hw = (o * 16 * KW + p * KW + q) * 2 + j // 16  # fp16 slot in XP
                 tl.store(OUT + hw, (h * inv * f).to(tl.float16),
                          mask=(c < C)[None, :] & (k < KW * 32))
             else:
-                tl.store(OUT + b * K + k, h.to(XDT), mask=rmask[:, None] & (c < C)[None, :])
-
-    @triton.jit
-    def _transform_cols(Uq, R, S2, rows, rmask, j2, c0, n2: tl.constexpr, C: tl.constexpr,
-                        D: tl.constexpr, NB: tl.constexpr, CC: tl.constexpr, XDT: tl.constexpr):
-        """``(Uq @ R[:, c0:c0+CC]) * s2`` in fp32 with the reference's roundings to XDT."""
-        c = c0 + tl.arange(0, CC)
-        rt = tl.load(R + j2[:, None] * C + c[None, :],
-                     mask=(j2 < n2)[:, None] & (c < C)[None, :], other=0.0).to(XDT)
-        h = tl.dot(Uq, rt).to(XDT).to(tl.float32)
-        s2 = tl.load(S2 + rows[:, None] * NB + (c // D)[None, :],
-                     mask=rmask[:, None] & (c < C)[None, :], other=0.0).to(XDT).to(tl.float32)
-        return (h * s2).to(XDT).to(tl.float32)
+                tl.store(OUT + o * K + k, h.to(XDT), mask=rmask[:, None] & (c < C)[None, :])
 
     # ---------------------------------------------------------------- int1 GEMM (prefill)
     @triton.jit
@@ -194,10 +207,16 @@ def transform_tile_rows(C: int) -> int:
 def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor, *,
                      d: int, D: int, pairs: bool) -> tuple[Tensor, Tensor]:
     """``T*(x)`` for ``x`` (B, n): pairs -> (XP int32 (B, 16, KW), word scales (B, KW) fp32),
-    plain -> ((B, K) in x.dtype, empty)."""
+    plain -> ((B, K) in x.dtype, empty).
+
+    A group of ``M`` layers that read the same input (q/k/v) passes its side tensors stacked,
+    ``s1`` (M, n), ``L`` (M, n1, n1), ``R`` (M, n2, C), ``s2_act`` (M, n1, NB, 1): one launch,
+    outputs member-major, (M B, 16, KW) and (M B, KW) (plain: (M B, K)).
+    """
     check_triton(x)
     B, n = x.shape
-    n1, n2, C = L.shape[0], R.shape[0], R.shape[1]
+    M = L.shape[0] if L.dim() == 3 else 1
+    n1, n2, C = L.shape[-1], R.shape[-2], R.shape[-1]
     K = n1 * C
     KW = -(-K // WORD_BITS)
     BR = transform_tile_rows(C)
@@ -207,16 +226,17 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
     BK1 = min(N1P, 64)
     WT = _pow2(BR * CP // WORD_BITS, floor=1)
     if pairs:
-        out = torch.empty(B, 16, 2 * KW, device=x.device, dtype=torch.float16)
-        wsc = torch.empty(B, KW, device=x.device, dtype=torch.float32)
+        out = torch.empty(M * B, 16, 2 * KW, device=x.device, dtype=torch.float16)
+        wsc = torch.empty(M * B, KW, device=x.device, dtype=torch.float32)
     else:
-        out = torch.empty(B, K, device=x.device, dtype=x.dtype)
-        wsc = torch.empty(B, 0, device=x.device, dtype=torch.float32)
-    grid = (-(-n1 // BR), B)
+        out = torch.empty(M * B, K, device=x.device, dtype=x.dtype)
+        wsc = torch.empty(M * B, 0, device=x.device, dtype=torch.float32)
+    grid = (-(-n1 // BR), B, M)
     num_warps = 8 if max(N1P, N2P) >= 128 else 4
     with device_ctx(x):
         _transform_kernel[grid](
-            x.contiguous(), s1, L, R, s2_act, out, wsc, n=n, n1=n1, n2=n2, C=C, D=D, K=K, KW=KW,
+            x.contiguous(), s1.contiguous(), L.contiguous(), R.contiguous(),
+            s2_act.contiguous(), out, wsc, n=n, n1=n1, n2=n2, C=C, D=D, K=K, KW=KW,
             N1P=N1P, N2P=N2P, CP=CP, BR=BR, BK1=BK1, CC=CC, WT=WT, PAIRS=pairs,
             num_warps=num_warps)
     return (out.view(torch.int32), wsc) if pairs else (out, wsc)
@@ -250,7 +270,8 @@ def fused_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor,
 
 @fused_transform.register_fake
 def _(x, s1, L, R, s2_act, d, D, pairs):
-    B, K = x.shape[0], L.shape[0] * R.shape[1]
+    M = L.shape[0] if L.dim() == 3 else 1
+    B, K = x.shape[0] * M, L.shape[-1] * R.shape[-1]
     KW = -(-K // WORD_BITS)
     if pairs:
         return x.new_empty(B, 16, KW, dtype=torch.int32), x.new_empty(B, KW, dtype=torch.float32)
@@ -282,3 +303,18 @@ def int1_gemm(xs: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor])
 def _(xs, packed, scale, bias):
     return xs.new_empty(xs.shape[0], packed.shape[0])
 
+
+
+@torch.library.custom_op("liftquant::int1_gemv_group", mutates_args=())
+def int1_gemv_group(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
+                    bias: Optional[Tensor], out_dtype: torch.dtype,  # noqa: UP045
+                    members: list[int]) -> Tensor:
+    """One decode GEMV for a group of layers reading the same input through their own T*
+    (q/k/v, gate/up): ``xp`` (M B, 16, KW) member-major, packed rows concatenated with
+    ``members`` rows each; returns (B, sum(members))."""
+    return gemv(xp, wsc, packed, scale, bias, out_dtype, tuple(members))
+
+
+@int1_gemv_group.register_fake
+def _(xp, wsc, packed, scale, bias, out_dtype, members):
+    return xp.new_empty(xp.shape[0] // len(members), packed.shape[0], dtype=out_dtype)

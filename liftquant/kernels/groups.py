@@ -1,0 +1,123 @@
+"""Sibling packed layers that read the same input (q/k/v, gate/up) as one T* and one GEMV launch.
+
+At batch 1 each packed linear costs two kernel launches (``fused_transform`` then the GEMV),
+and on an H100 both are latency bound (``bench/kernels.md``). A :class:`PackedGroup` keeps each
+member's own transform and codes (no quantization change) but runs them together:
+
+* the members' side tensors are stacked, ``s1`` (M, n), ``L`` (M, n1, n1), ``R`` (M, n2, C),
+  ``s2_act`` (M, n1, NB, 1), and one ``fused_transform`` launch writes every member's pair-layout
+  activations;
+* their packed codes, scales and biases are concatenated along rows, and one
+  ``int1_gemv_group`` launch (split-K, ``gemv_splitk``) reads each member's rows against that
+  member's activations.
+
+The members' buffers become views of the stacked and concatenated tensors, so grouping copies
+nothing for good and the members still work one by one (the HF forward, other backends,
+prefill). Grouping needs the same input width, lattice, block shape, side dtype, device and
+bias presence; :func:`group_decoder_layers` groups what qualifies and leaves the rest alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from liftquant.kernels.registry import GEMV_MAX_TOKENS, get_backend
+from liftquant.linear import PackedLiftLinear
+
+# Sibling projections of Llama-like decoder layers, as module paths inside a layer.
+SIBLINGS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("mlp.gate_proj", "mlp.up_proj"))
+_SIDE = ("s1", "L", "R", "s2_act")
+
+
+def groupable(layers: list[nn.Module]) -> str | None:
+    """Why ``layers`` cannot form a group, or None when they can."""
+    if not 2 <= len(layers) <= 3:
+        return f"a group has 2 or 3 members, not {len(layers)}"
+    if not all(isinstance(m, PackedLiftLinear) for m in layers):
+        return "not every member is a PackedLiftLinear"
+    first = layers[0]
+
+    def sig(m: PackedLiftLinear) -> tuple:
+        return (m.in_features, m.spec.name, m.block_shape, m.lifted_width, m.s1.dtype,
+                m.packed_signs.device, m.bias is None, m.backend)
+
+    if any(sig(m) != sig(first) for m in layers[1:]):
+        return ("members differ in input width, lattice, block shape, side dtype, device, "
+                "bias or backend")
+    if first.packed_signs.device.type == "meta":
+        return "members are on the meta device"
+    return None
+
+
+class PackedGroup(nn.Module):
+    """``M`` packed layers with one input, run as one transform and one GEMV at batch 1.
+
+    ``group(x)`` returns the members' outputs as a tuple. Construction re-points every
+    member's buffers at views of the group's stacked tensors (the old storage is freed).
+    """
+
+    def __init__(self, layers: list[PackedLiftLinear]) -> None:
+        super().__init__()
+        reason = groupable(layers)
+        if reason is not None:
+            raise ValueError(f"cannot group these layers: {reason}")
+        self.members = tuple(m.out_features for m in layers)
+        self.layers = list(layers)  # plain list: the members stay owned by their parents
+        self.spec = layers[0].spec
+        with torch.no_grad():
+            for name in _SIDE:
+                stacked = torch.stack([getattr(m, name) for m in layers]).contiguous()
+                self.register_buffer(name, stacked, persistent=False)
+                for i, m in enumerate(layers):
+                    setattr(m, name, stacked[i])
+            for name in ("packed_signs", "scale", "bias"):
+                if getattr(layers[0], name) is None:
+                    self.register_buffer(name, None, persistent=False)
+                    continue
+                cat = torch.cat([getattr(m, name) for m in layers]).contiguous()
+                self.register_buffer(name, cat, persistent=False)
+                for m, part in zip(layers, cat.split(self.members)):
+                    setattr(m, name, part)
+
+    def fused_call(self, x: Tensor) -> bool:
+        """Whether ``x`` runs through the grouped Triton kernels (else member by member)."""
+        if x.dtype not in (torch.float16, torch.bfloat16) or (
+                x.requires_grad and torch.is_grad_enabled()):
+            return False
+        if x.numel() // x.shape[-1] > GEMV_MAX_TOKENS:
+            return False
+        return get_backend(self.layers[0].backend, x.device).name == "triton"
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        if not self.fused_call(x):
+            return tuple(m(x) for m in self.layers)
+        d, D = self.spec.target_dim, self.spec.lifted_dim
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        xp, wsc = torch.ops.liftquant.fused_transform(x2, self.s1, self.L, self.R, self.s2_act,
+                                                      d, D, True)
+        out = torch.ops.liftquant.int1_gemv_group(xp, wsc, self.packed_signs, self.scale,
+                                                  self.bias, x.dtype, list(self.members))
+        return tuple(o.reshape(*lead, o.shape[-1]) for o in out.split(self.members, dim=-1))
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}, lattice={self.spec.name}"
+
+
+def group_decoder_layers(layers: nn.ModuleList) -> list[dict[str, PackedGroup]]:
+    """Per decoder layer, the groups built from :data:`SIBLINGS` (keys ``"qkv"``, ``"gate_up"``)
+    where the members qualify (:func:`groupable`); layers without packed siblings get ``{}``."""
+    out = []
+    for layer in layers:
+        groups = {}
+        for key, paths in zip(("qkv", "gate_up"), SIBLINGS):
+            try:
+                mods = [layer.get_submodule(p) for p in paths]
+            except AttributeError:
+                continue
+            if groupable(mods) is None:
+                groups[key] = PackedGroup(mods)
+        out.append(groups)
+    return out
