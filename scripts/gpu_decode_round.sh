@@ -8,6 +8,7 @@ R=$OUT/round; mkdir -p "$R"
 STEPS=${STEPS:-"tests profile decode"}
 for s in $STEPS; do
   case $s in
+    sweep) timeout ${SWEEP_TIMEOUT:-240} python3 scripts/sweep_transform.py --json "$R/transform_sweep.json" > "$R/sweep.log" 2>&1; grep -A20 "^best per" "$R/sweep.log"; grep floor "$R/sweep.log" ;;
     tests) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_groups.py \
              tests/test_kernels.py -k "cuda or reference or registry or backend or group" \
              > "$R/tests.log" 2>&1; tail -3 "$R/tests.log" ;;

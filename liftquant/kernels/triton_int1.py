@@ -205,13 +205,17 @@ def transform_tile_rows(C: int) -> int:
 
 
 def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor, *,
-                     d: int, D: int, pairs: bool) -> tuple[Tensor, Tensor]:
+                     d: int, D: int, pairs: bool, tile_rows: int | None = None,
+                     chunk: int | None = None,
+                     num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """``T*(x)`` for ``x`` (B, n): pairs -> (XP int32 (B, 16, KW), word scales (B, KW) fp32),
     plain -> ((B, K) in x.dtype, empty).
 
     A group of ``M`` layers that read the same input (q/k/v) passes its side tensors stacked,
     ``s1`` (M, n), ``L`` (M, n1, n1), ``R`` (M, n2, C), ``s2_act`` (M, n1, NB, 1): one launch,
     outputs member-major, (M B, 16, KW) and (M B, KW) (plain: (M B, K)).
+    ``tile_rows`` (rows of H per program, word aligned), ``chunk`` (columns per dot) and
+    ``num_warps`` override the defaults (benchmarks).
     """
     check_triton(x)
     B, n = x.shape
@@ -219,9 +223,11 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
     n1, n2, C = L.shape[-1], R.shape[-2], R.shape[-1]
     K = n1 * C
     KW = -(-K // WORD_BITS)
-    BR = transform_tile_rows(C)
+    BR = tile_rows or transform_tile_rows(C)
+    if pairs and (BR * C) % WORD_BITS:
+        raise ValueError(f"tile_rows={BR}: a tile of {BR} x {C} is not whole 32-sign words")
     N1P, N2P = _pow2(n1), _pow2(n2)
-    CC = 64 if C > 32 else 32
+    CC = chunk or (64 if C > 32 else 32)
     CP = -(-C // CC) * CC
     BK1 = min(N1P, 64)
     WT = _pow2(BR * CP // WORD_BITS, floor=1)
@@ -232,7 +238,7 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
         out = torch.empty(M * B, K, device=x.device, dtype=x.dtype)
         wsc = torch.empty(M * B, 0, device=x.device, dtype=torch.float32)
     grid = (-(-n1 // BR), B, M)
-    num_warps = 8 if max(N1P, N2P) >= 128 else 4
+    num_warps = num_warps or (8 if max(N1P, N2P) >= 128 else 4)
     with device_ctx(x):
         _transform_kernel[grid](
             x.contiguous(), s1.contiguous(), L.contiguous(), R.contiguous(),
