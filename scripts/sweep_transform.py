@@ -50,10 +50,10 @@ def main() -> None:
             d, D = layers[0][0].spec.target_dim, layers[0][0].spec.lifted_dim
             C = layers[0][0].R.shape[1]
             xs = [torch.randn(1, n, device="cuda", dtype=dt) for _ in stacks]
-            for br in (16, 32, 64):
+            for br in (16, 32):
                 if (br * C) % 32 or br > 2 * ti._pow2(layers[0][0].block_shape[0]):
                     continue
-                for cc in (32, 64, 128):
+                for cc in (64, 128):
                     for nw in (4, 8):
                         for pairs in (True, False):
                             if not pairs and (br, cc) != (16, 64):

@@ -6,7 +6,8 @@ program, warps, word loop) and the row tile (:mod:`~liftquant.kernels.gemv_rowti
 on an H100 and needing no workspace). On the first call of a problem shape outside CUDA-graph
 capture every candidate is built, run once and compared with the first row-tile result (a
 candidate that fails to build or disagrees is skipped and recorded in ``rejected``), then
-timed with ``triton.testing.do_bench`` (L2 cleared per run); the fastest is cached per shape.
+timed back to back in a CUDA graph over rotating weight copies, as a graphed decode step runs
+them (:func:`graph_time`); the fastest is cached per shape.
 During capture, in the interpreter, or with ``LIFTQUANT_TUNE=0`` a heuristic picks instead.
 ``LIFTQUANT_GEMV=splitk|rowtile`` restricts the candidates to one kernel (default: both).
 """
@@ -47,6 +48,11 @@ VERIFY_RTOL = 2e-2
 # H100 sweep of commit c63a032 (bench/kernels.md), split-K winners within 5 % of the row tile
 # in the tuner's timing ran 1.6x slower than the row tile in the benchmark on 2 of 5 shapes.
 SPLITK_MARGIN = 0.95
+# The tuner times each candidate over rotating weight copies of at least this many bytes
+# (more than the H100's 50 MB L2), in a CUDA graph as the decode step runs it. Timing one copy
+# with do_bench (L2 flushed between runs) picked split-K configurations that then ran up to 2.8x
+# slower than the row tile in the benchmark (bench/kernels.md).
+ROTATE_BYTES = 128 * 2**20
 
 
 def rows_per_program(*, N: int, split: int, block_n: int, num_warps: int, n_sm: int,
@@ -126,7 +132,7 @@ class GemvTuner:
         aligned = packed.shape[1] % 16 == 0
         group = tuple(members) if members is not None and len(members) > 1 else None
         kind = "splitk" if group else _kind()
-        return (packed.shape[0], xp.shape[-1], aligned, out_dtype, bias is not None,
+        return (packed.shape[0], xp.shape[1], aligned, out_dtype, bias is not None,
                 str(xp.device), group, kind)
 
     def candidates(self, key: tuple, n_sm: int, use_asm: bool) -> list:
@@ -200,6 +206,7 @@ class GemvTuner:
         n_sm = n_sm or _n_sm(xp.device)
         use_asm = self.asm_failed is None
         times, rejected, ref = {}, self.rejected.setdefault(key, {}), None
+        copies = weight_copies(packed) if xp.is_cuda else [packed]
         for cfg in self.candidates(key, n_sm, use_asm):
             try:
                 out = launch_config(cfg, *args)
@@ -216,8 +223,12 @@ class GemvTuner:
             elif (diff := _rel_diff(out, ref)) > VERIFY_RTOL:
                 rejected[cfg.label] = f"differs from the reference candidate by {diff:.2e}"
                 continue
-            times[cfg] = do_bench(lambda c=cfg: launch_config(c, *args), warmup=5, rep=rep_ms,
-                                  return_mode="median")
+            if xp.is_cuda:
+                times[cfg] = graph_time(lambda w, c=cfg: launch_config(c, xp, args[1], w,
+                                                                       *args[3:]), copies)
+            else:
+                times[cfg] = do_bench(lambda c=cfg: launch_config(c, *args), warmup=5,
+                                      rep=rep_ms, return_mode="median")
         if not times:
             if use_asm:  # nothing with inline PTX built: the plain Triton loops
                 self._asm_unavailable(RuntimeError(next(iter(rejected.values()), "no candidate")))
@@ -225,6 +236,34 @@ class GemvTuner:
             raise RuntimeError(f"no int1 GEMV candidate ran for {key}: {rejected}")
         self.timings[key] = {c.label: t * 1e3 for c, t in times.items()}
         return pick_fastest(times)
+
+
+def weight_copies(packed: Tensor, total_bytes: int = ROTATE_BYTES) -> list[Tensor]:
+    """``packed`` and clones of it, enough that their bytes exceed the L2 cache (at most 16):
+    a decode step reads each weight once, from HBM."""
+    n = min(16, max(2, -(-total_bytes // max(packed.numel() * packed.element_size(), 1))))
+    return [packed] + [packed.clone() for _ in range(n - 1)]
+
+
+def graph_time(launch, copies: list[Tensor], min_calls: int = 8) -> float:
+    """Milliseconds per call of ``launch(weights)`` replayed back to back in one CUDA graph
+    over rotating weight copies: what a graphed decode step pays, launch gaps included."""
+    calls = max(len(copies), min_calls)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            launch(copies[i % len(copies)])
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return sorted(times)[2]
 
 
 def pick_fastest(times: dict):
