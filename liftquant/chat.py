@@ -303,7 +303,8 @@ class ChatSession:
             if tid in self.eos:
                 break
             generated.append(tid)
-            text_now = self.tok.decode(generated, skip_special_tokens=True)
+            text_now = self.tok.decode(generated, skip_special_tokens=True,
+                                       clean_up_tokenization_spaces=False)
             if not text_now.endswith("\ufffd"):  # wait for complete UTF-8 characters
                 self.out.write(text_now[len(shown):])
                 self.out.flush()
@@ -313,7 +314,8 @@ class ChatSession:
             token = self._pick(self._next(token, n + step))
         self._sync()
         t2 = time.perf_counter()
-        answer = self.tok.decode(generated, skip_special_tokens=True)
+        answer = self.tok.decode(generated, skip_special_tokens=True,
+                                 clean_up_tokenization_spaces=False)
         self.out.write(answer[len(shown):] + "\n")
         n_dec = max(0, len(generated) - 1)  # decode steps run (the first token came from prefill)
         stats = {"prefill_tokens": n, "prefill_tok_s": n / max(t1 - t0, 1e-9),
