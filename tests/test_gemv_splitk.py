@@ -63,7 +63,7 @@ SPLITK_CHECK = textwrap.dedent("""
         xp, wsc = ti.launch_transform(x, *side, d=layer.spec.target_dim,
                                       D=layer.spec.lifted_dim, pairs=True)
         dense = torch_ref.dense_linear(layer, x.float())
-        KW = xp.shape[1]
+        KW = xp.shape[-1]
         for block_w, block_n, rpp, loop in cfgs:
             cfg = gs.SplitKConfig(block_w, block_n, rpp, 1, word_loop=loop)
             seen.add((cfg.split(KW), KW % block_w == 0))
@@ -132,7 +132,7 @@ def test_tuner_skips_failed_and_wrong_candidates(monkeypatch):
 
     monkeypatch.setattr(gemv_tuner, "launch_config", fake_launch)
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
-    xp = torch.zeros(1, 40, 16, dtype=torch.int32)
+    xp = torch.zeros(1, 16, 40, dtype=torch.int32)
     packed = torch.zeros(64, 160, dtype=torch.uint8)
     args = (xp, torch.zeros(1, 40), packed, torch.ones(64), None, torch.bfloat16)
     best = tuner.tune(args, key=key, n_sm=132)

@@ -76,8 +76,8 @@ def test_torch_reference_matches_dense(n, N, spec):
 def test_pair_layout_round_trip():
     xs = torch.randn(2, 77)
     scale = torch.full((2, 3), 2.0**13)  # |xs| / scale <= 2^-10 keeps every y_p finite in fp16
-    xp = torch_ref.pair_layout(xs, scale).view(torch.int32)  # (2, 3, 16)
-    assert xp.shape == (2, 3, 16) and torch.isfinite(xp.view(torch.float16)).all()
+    xp = torch_ref.pair_layout(xs, scale).view(torch.int32)  # (2, 16, 3)
+    assert xp.shape == (2, 16, 3) and torch.isfinite(xp.view(torch.float16)).all()
     back = torch_ref.unpair(xp, scale, 77)
     assert rel_err(back, xs) < 1e-3
 
@@ -138,7 +138,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
         xs, _ = ti.launch_transform(x, *side, d=d, D=D, pairs=False)
         assert rel_err(xs, ref_xs) < 3e-3
         dense = torch_ref.dense_linear(layer, x.float())
-        cfg = ti.pick_gemv_config(N, xp.shape[1], 132)
+        cfg = ti.pick_gemv_config(N, xp.shape[-1], 132)
         out = ti.launch_gemv(xp, wsc, layer.packed_signs, layer.scale, layer.bias, torch.float16,
                              block_n=cfg.block_n, block_w=16, num_warps=1)
         assert out.dtype == torch.float16 and rel_err(out, dense) < 3e-3, (spec, rel_err(out, dense))
@@ -282,7 +282,7 @@ def test_splitk_gemv_in_cuda_graph_cuda():
 
     layer, x, args = _gemv_inputs(*GEMV_SHAPES[0])
     cfg = gs.SplitKConfig(64, 16, 64, 4)
-    assert cfg.split(args[0].shape[1]) == 5
+    assert cfg.split(args[0].shape[-1]) == 5
     eager = gs.launch_gemv_splitk(*args, cfg=cfg)  # also allocates the workspace
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

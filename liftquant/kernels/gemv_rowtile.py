@@ -60,7 +60,7 @@ if HAS_TRITON:
         acc = w  # placeholder, overwritten at p = 0
         corr = qs  # placeholder, overwritten at p = 0
         for p in tl.static_range(16):
-            y = tl.load(xp_ptr + qs * 16 + p, mask=qmask, other=0)
+            y = tl.load(xp_ptr + p * KW + qs, mask=qmask, other=0)
             if p < 15:
                 mask = pair_mask(p)
                 kb2 = _corr_bits(p)
@@ -86,7 +86,7 @@ if HAS_TRITON:
         """Same sum in plain Triton with fp32 arithmetic (interpreter, non-NVIDIA targets)."""
         part = tl.zeros(w.shape, tl.float32)
         for p in tl.static_range(16):
-            y = tl.load(xp_ptr + qs * 16 + p, mask=qmask, other=0)
+            y = tl.load(xp_ptr + p * KW + qs, mask=qmask, other=0)
             f = pair_factor(p)
             lo = half_to_f32(y & 0xFFFF) * f
             hi = half_to_f32((y >> 16) & 0xFFFF) * f
@@ -201,7 +201,7 @@ def launch_gemv(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Te
                 use_asm: bool = True) -> Tensor:
     """``out[b] = scale * (Y @ x_b) + bias`` from the pair layout (one program per BN rows)."""
     check_triton(xp)
-    B, KW, _ = xp.shape
+    B, _, KW = xp.shape
     N = packed.shape[0]
     words, aligned, rs, nwt = word_view(packed)
     out = torch.empty(B, N, device=xp.device, dtype=out_dtype)

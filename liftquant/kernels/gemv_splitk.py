@@ -101,7 +101,7 @@ if HAS_TRITON:
         xsum = tl.zeros(qs.shape, tl.float32)
         ys = ()
         for p in tl.static_range(16):
-            y = tl.load(XP + qs * 16 + p, mask=qmask, other=0)
+            y = tl.load(XP + p * KW + qs, mask=qmask, other=0)
             lo = half_to_f32(y & 0xFFFF) * pair_factor(p)  # x of sign 32q + p
             hi = half_to_f32((y >> 16) & 0xFFFF) * pair_factor(p)  # x of sign 32q + p + 16
             if V1:
@@ -372,26 +372,26 @@ def workspace_ready(xp: Tensor, packed: Tensor, cfg: SplitKConfig,
                     members: tuple[int, ...] | None = None) -> bool:
     """Whether a launch with ``cfg`` needs no new workspace (what a CUDA-graph capture needs)."""
     M = len(members) if members else 1
-    _, _, n_part, n_cnt = _sizes(xp.shape[0] // M, packed.shape[0], xp.shape[1], cfg, members)
+    _, _, n_part, n_cnt = _sizes(xp.shape[0] // M, packed.shape[0], xp.shape[-1], cfg, members)
     return n_part == 0 or WORKSPACES.fits(xp.device, n_part, n_cnt)
 
 
 def launch_gemv_splitk(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
                        bias: Tensor | None, out_dtype: torch.dtype, *,
                        cfg: SplitKConfig, members: tuple[int, ...] | None = None) -> Tensor:
-    """``out[b] = scale * (Y @ x_b) + bias`` from the pair layout (``xp`` int32 (B, KW, 16),
+    """``out[b] = scale * (Y @ x_b) + bias`` from the pair layout (``xp`` int32 (B, 16, KW),
     word scales ``wsc`` (B, KW)), split along K as ``cfg`` says.
 
     ``members``: a group of layers that read the same input through different transforms
     (q/k/v): their packed rows concatenated, ``members`` rows each, and one activation block
-    per member, member-major ((M B, KW, 16), as ``fused_transform`` writes for stacked side
+    per member, member-major ((M B, 16, KW), as ``fused_transform`` writes for stacked side
     tensors). The output is (B, sum(members)), the members' outputs side by side.
     """
     check_triton(xp)
     if cfg.rows_per_program % cfg.block_n:
         raise ValueError(f"rows_per_program must be a multiple of block_n: {cfg}")
     M = len(members) if members else 1
-    MB, KW, _ = xp.shape
+    MB, _, KW = xp.shape
     B = MB // M
     N = packed.shape[0]
     N0, N1 = check_members(members, N, M)

@@ -132,7 +132,7 @@ class GemvTuner:
         aligned = packed.shape[1] % 16 == 0
         group = tuple(members) if members is not None and len(members) > 1 else None
         kind = "splitk" if group else _kind()
-        return (packed.shape[0], xp.shape[1], aligned, out_dtype, bias is not None,
+        return (packed.shape[0], xp.shape[-1], aligned, out_dtype, bias is not None,
                 str(xp.device), group, kind)
 
     def candidates(self, key: tuple, n_sm: int, use_asm: bool) -> list:

@@ -2,9 +2,7 @@
 
 Packed signs are 32-bit words ``w``; word ``q`` of a row holds signs ``k = 32q .. 32q + 31``
 (LSB first, ``pack.py``). The GEMVs read activations in the *pair layout*: pair ``p`` of word
-``q`` (signs ``32q + p`` and ``32q + p + 16``) is one fp16x2 register ``XP[q, p] = 2^e_p x``,
-stored word-major ((B, KW, 16) int32: the transform's stores of consecutive signs stay within
-one 64-byte block).
+``q`` (signs ``32q + p`` and ``32q + p + 16``) is one fp16x2 register ``XP[p, q] = 2^e_p x``.
 ``w & mask_p`` keeps bits p and p + 16 in place, which makes each fp16 half 0 or
 ``Delta_p = 2 / 2^e_p`` (a subnormal for p <= 9, an exponent bit for 10 <= p <= 14), so
 ``fma.f16x2(w & mask_p, y_p, acc)`` adds ``2 x bit`` for two weights. The sign bit p = 15 is

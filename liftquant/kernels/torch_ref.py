@@ -45,9 +45,9 @@ def pair_factors(device=None) -> Tensor:
 
 
 def pair_layout(xs: Tensor, word_scale: Tensor) -> Tensor:
-    """The GEMV's activation operand: (B, K) -> fp16 (B, KW, 32), viewable as int32 (B, KW, 16).
+    """The GEMV's activation operand: (B, K) -> fp16 (B, 16, 2 KW), viewable as int32 (B, 16, KW).
 
-    ``[b, q, 2p + half] = f_p * xs[b, 32q + 16 half + p] / word_scale[b, q]`` (zero padded to
+    ``[b, p, 2q + half] = f_p * xs[b, 32q + 16 half + p] / word_scale[b, q]`` (zero padded to
     ``KW = ceil(K / 32)`` words; see ``triton_int1`` for ``f_p``).
     """
     B, K = xs.shape
@@ -55,14 +55,14 @@ def pair_layout(xs: Tensor, word_scale: Tensor) -> Tensor:
     padded = torch.nn.functional.pad(xs.float(), (0, KW * WORD_BITS - K))  # (B, KW * 32)
     words = padded.reshape(B, KW, 2, 16) / word_scale[:, :, None, None]  # [b, q, half, p]
     words = words * pair_factors(xs.device)
-    return words.permute(0, 1, 3, 2).contiguous().reshape(B, KW, 32).half()
+    return words.permute(0, 3, 1, 2).contiguous().reshape(B, 16, 2 * KW).half()
 
 
 def unpair(xp: Tensor, word_scale: Tensor, K: int) -> Tensor:
     """Inverse of :func:`pair_layout` for a kernel's (XP int32, word scales): (B, K) fp32."""
-    B, KW, _ = xp.shape
-    halves = xp.contiguous().view(torch.float16).reshape(B, KW, 16, 2).float()
-    words = halves.permute(0, 1, 3, 2) / pair_factors(xp.device)  # [b, q, half, p]
+    B, _, KW = xp.shape
+    halves = xp.contiguous().view(torch.float16).reshape(B, 16, KW, 2).float()
+    words = halves.permute(0, 2, 3, 1) / pair_factors(xp.device)  # [b, q, half, p]
     words = words.reshape(B, KW, WORD_BITS) * word_scale[:, :, None]
     return words.reshape(B, KW * WORD_BITS)[:, :K]
 

@@ -133,7 +133,7 @@ if HAS_TRITON:
                 # y_p = 2^e_p x for p < 15 (see the GEMV, pair_exponent), y_15 = -x
                 ep = tl.where(p == 12, 12, tl.where(p == 13, 8, tl.where(p == 14, 0, 25 - p)))
                 f = tl.where(p == 15, -1.0, tl.exp2(ep.to(tl.float32)))
-                hw = ((o * KW + q) * 16 + p) * 2 + j // 16  # fp16 slot in XP (word-major)
+                hw = (o * 16 * KW + p * KW + q) * 2 + j // 16  # fp16 slot in XP
                 tl.store(OUT + hw, (h * inv * f).to(tl.float16),
                          mask=(c < C)[None, :] & (k < KW * 32))
             else:
@@ -208,12 +208,12 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
                      d: int, D: int, pairs: bool, tile_rows: int | None = None,
                      chunk: int | None = None,
                      num_warps: int | None = None) -> tuple[Tensor, Tensor]:
-    """``T*(x)`` for ``x`` (B, n): pairs -> (XP int32 (B, KW, 16), word scales (B, KW) fp32),
+    """``T*(x)`` for ``x`` (B, n): pairs -> (XP int32 (B, 16, KW), word scales (B, KW) fp32),
     plain -> ((B, K) in x.dtype, empty).
 
     A group of ``M`` layers that read the same input (q/k/v) passes its side tensors stacked,
     ``s1`` (M, n), ``L`` (M, n1, n1), ``R`` (M, n2, C), ``s2_act`` (M, n1, NB, 1): one launch,
-    outputs member-major, (M B, KW, 16) and (M B, KW) (plain: (M B, K)).
+    outputs member-major, (M B, 16, KW) and (M B, KW) (plain: (M B, K)).
     ``tile_rows`` (rows of H per program, word aligned), ``chunk`` (columns per dot) and
     ``num_warps`` override the defaults (benchmarks).
     """
@@ -232,7 +232,7 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
     BK1 = min(N1P, 64)
     WT = _pow2(BR * CP // WORD_BITS, floor=1)
     if pairs:
-        out = torch.empty(M * B, KW, 32, device=x.device, dtype=torch.float16)
+        out = torch.empty(M * B, 16, 2 * KW, device=x.device, dtype=torch.float16)
         wsc = torch.empty(M * B, KW, device=x.device, dtype=torch.float32)
     else:
         out = torch.empty(M * B, K, device=x.device, dtype=x.dtype)
@@ -280,7 +280,7 @@ def _(x, s1, L, R, s2_act, d, D, pairs):
     B, K = x.shape[0] * M, L.shape[-1] * R.shape[-1]
     KW = -(-K // WORD_BITS)
     if pairs:
-        return x.new_empty(B, KW, 16, dtype=torch.int32), x.new_empty(B, KW, dtype=torch.float32)
+        return x.new_empty(B, 16, KW, dtype=torch.int32), x.new_empty(B, KW, dtype=torch.float32)
     return x.new_empty(B, K), x.new_empty(B, 0, dtype=torch.float32)
 
 
@@ -316,7 +316,7 @@ def int1_gemv_group(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
                     bias: Optional[Tensor], out_dtype: torch.dtype,  # noqa: UP045
                     members: list[int]) -> Tensor:
     """One decode GEMV for a group of layers reading the same input through their own T*
-    (q/k/v, gate/up): ``xp`` (M B, KW, 16) member-major, packed rows concatenated with
+    (q/k/v, gate/up): ``xp`` (M B, 16, KW) member-major, packed rows concatenated with
     ``members`` rows each; returns (B, sum(members))."""
     return gemv(xp, wsc, packed, scale, bias, out_dtype, tuple(members))
 
