@@ -88,7 +88,15 @@ def unique_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _state_for_saving(model: nn.Module) -> dict[str, Tensor]:
-    return {k: t.detach().contiguous().cpu() for k, t in unique_state(model).items()}
+    """CPU tensors that own their storage: views into a larger buffer (the members of a
+    ``kernels.groups.PackedGroup``) are copied, since safetensors refuses shared storage."""
+    out = {}
+    for k, t in unique_state(model).items():
+        t = t.detach().contiguous().cpu()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        out[k] = t
+    return out
 
 
 def save_quantized(

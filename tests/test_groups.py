@@ -156,3 +156,24 @@ def test_group_matches_members_cuda(n, members, spec, bias, dtype):
         assert torch.equal(e, r)
         assert rel_err(e, ref) < 2e-2 and rel_err(s, ref) < 2e-2
         assert rel_err(e, s) < 1e-2
+
+
+def test_grouped_model_saves_and_reloads(tmp_path):
+    """Grouping leaves the model savable (its buffers are views of the group's tensors)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from liftquant.checkpoint import _state_for_saving
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    model = LlamaForCausalLM(cfg)
+    att = model.model.layers[0].self_attn
+    for path, n_out in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32)):
+        setattr(att, path, rand_layer(64, n_out, "16to8", bias=False, seed=n_out))
+    group_decoder_layers(model.model.layers)
+    state = _state_for_saving(model)
+    save_file(state, str(tmp_path / "m.safetensors"))  # raises on shared storage
+    back = load_file(str(tmp_path / "m.safetensors"))
+    assert torch.equal(back["model.layers.0.self_attn.k_proj.packed_signs"],
+                       att.k_proj.packed_signs)
