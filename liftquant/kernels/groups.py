@@ -93,13 +93,21 @@ class PackedGroup(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         if not self.fused_call(x):
             return tuple(m(x) for m in self.layers)
+        from liftquant.kernels import fused_small
+
         d, D = self.spec.target_dim, self.spec.lifted_dim
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        xp, wsc = torch.ops.liftquant.fused_transform(x2, self.s1, self.L, self.R, self.s2_act,
-                                                      d, D, True)
-        out = torch.ops.liftquant.int1_gemv_group(xp, wsc, self.packed_signs, self.scale,
-                                                  self.bias, x.dtype, list(self.members))
+        side = (self.s1, self.L, self.R, self.s2_act)
+        if fused_small.enabled() and fused_small.fits(*self.layers[0].block_shape,
+                                                      self.R.shape[-1]):
+            out = torch.ops.liftquant.fused_small_linear(x2, *side, self.packed_signs,
+                                                         self.scale, self.bias, d, D,
+                                                         list(self.members))
+        else:
+            xp, wsc = torch.ops.liftquant.fused_transform(x2, *side, d, D, True)
+            out = torch.ops.liftquant.int1_gemv_group(xp, wsc, self.packed_signs, self.scale,
+                                                      self.bias, x.dtype, list(self.members))
         return tuple(o.reshape(*lead, o.shape[-1]) for o in out.split(self.members, dim=-1))
 
     def extra_repr(self) -> str:

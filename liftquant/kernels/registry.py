@@ -213,7 +213,7 @@ class TritonBackend:
         return "Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"
 
     def linear(self, layer: nn.Module, x: Tensor) -> Tensor:
-        from liftquant.kernels import torch_ref
+        from liftquant.kernels import fused_small, torch_ref
 
         if x.dtype not in (torch.float16, torch.bfloat16) or (
                 x.requires_grad and torch.is_grad_enabled()):
@@ -223,7 +223,11 @@ class TritonBackend:
         x2 = x.reshape(-1, layer.in_features)  # (B, n)
         B = x2.shape[0]
         side = (layer.s1, layer.L, layer.R, layer.s2_act)
-        if B <= GEMV_MAX_TOKENS:
+        if B <= GEMV_MAX_TOKENS and fused_small.enabled() and fused_small.fits(
+                *layer.block_shape, layer.R.shape[-1]):
+            out = torch.ops.liftquant.fused_small_linear(x2, *side, layer.packed_signs,
+                                                         layer.scale, layer.bias, d, D, [N])
+        elif B <= GEMV_MAX_TOKENS:
             xp, wsc = torch.ops.liftquant.fused_transform(x2, *side, d, D, True)
             out = torch.ops.liftquant.int1_gemv(xp, wsc, layer.packed_signs, layer.scale,
                                                 layer.bias, x.dtype)

@@ -1,0 +1,101 @@
+"""The one-launch small-layer decode (``kernels.fused_small``): T* computed inside the GEMV.
+
+Under ``TRITON_INTERPRET=1`` it matches the float64 dense layer for single layers (padding,
+odd block shapes, bias) and for q/k/v-style groups; the Triton backend and ``PackedGroup`` take
+it for small shapes and fall back to the two-kernel path when it is off or does not fit. On a
+GPU the same checks run against the two-kernel path.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from liftquant.kernels import fused_small, registry
+from liftquant.kernels.int1_words import HAS_TRITON
+from tests.test_gemv_splitk import _run_interpreted
+from tests.test_kernels import rand_layer, rel_err
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    registry.reset()
+    yield
+    registry.reset()
+
+
+def test_fits_bounds_the_shapes():
+    assert fused_small.fits(24, 24, 60)  # SmolLM2 q/k/v/o/gate/up at 20to8
+    assert fused_small.fits(48, 32, 80)  # SmolLM2 down_proj
+    assert not fused_small.fits(64, 64, 160)  # Llama-3-8B attention: two kernels
+    assert not fused_small.fits(128, 112, 280)
+
+
+def test_bad_environment_value_is_refused(monkeypatch):
+    monkeypatch.setenv(fused_small.FUSED_ENV, "yes")
+    with pytest.raises(ValueError, match="use 0 or 1"):
+        fused_small._read_env()
+
+
+FUSED_CHECK = textwrap.dedent("""
+    import torch
+    torch.set_num_threads(1)
+    from liftquant.kernels import fused_small as fs, registry, torch_ref
+    from liftquant.kernels.groups import PackedGroup
+    from tests.test_kernels import rand_layer, rel_err
+
+    # single layers: d-multiples, padding (37, 100), 16-byte and odd packed rows, bias
+    for n, N, spec, bias in [(64, 16, "16to8", True), (37, 9, "12to5", False),
+                             (100, 24, "24to10", True), (96, 33, "20to8", False)]:
+        layer = rand_layer(n, N, spec, bias=bias, seed=n)
+        x = torch.randn(2, n).half()
+        d, D = layer.spec.target_dim, layer.spec.lifted_dim
+        out = fs.launch_fused_small(x, layer.s1, layer.L, layer.R, layer.s2_act,
+                                    layer.packed_signs, layer.scale, layer.bias, d=d, D=D)
+        err = rel_err(out, torch_ref.dense_linear(layer, x.float()))
+        assert out.shape == (2, N) and err < 3e-3, (spec, err)
+        registry.set_backend(layer, "triton")  # the backend takes the one-launch path
+        err = rel_err(layer(x[:1]), torch_ref.dense_linear(layer, x[:1].float()))
+        assert err < 3e-3, (spec, err)
+    # a q/k/v-style group: members of different row counts
+    layers = [rand_layer(200, N, "24to10", bias=True, seed=N) for N in (24, 8, 8)]
+    dense = [torch_ref.dense_linear(m, torch.ones(1, 200)) for m in layers]
+    x = torch.randn(1, 200).half()
+    dense = [torch_ref.dense_linear(m, x.float()) for m in layers]
+    group = PackedGroup(layers)
+    for m in layers:
+        m.backend = "triton"
+    outs = group(x)
+    for o, ref in zip(outs, dense):
+        assert rel_err(o, ref) < 3e-3
+    fs.ENABLED = False  # the two-kernel path gives the same answers
+    for o, ref in zip(group(x), dense):
+        assert rel_err(o, ref) < 3e-3
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_fused_small_matches_reference_in_interpreter():
+    _run_interpreted(FUSED_CHECK)
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,N,spec", [(576, 576, "20to8"), (576, 1536, "24to10"),
+                                      (1536, 576, "20to8"), (896, 128, "16to8")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_small_matches_two_kernels_cuda(n, N, spec, dtype, monkeypatch):
+    layer = rand_layer(n, N, spec, bias=True, seed=1, device="cuda")
+    registry.set_backend(layer, "triton")
+    x = torch.randn(1, n, device="cuda", dtype=dtype)
+    ref = layer.fused_input(x.float()) @ layer.signs().T * layer.scale.float() + layer.bias.float()
+    assert fused_small.fits(*layer.block_shape, layer.R.shape[-1])
+    one = layer(x)
+    monkeypatch.setattr(fused_small, "ENABLED", False)
+    two = layer(x)
+    assert rel_err(one, ref) < 2e-2 and rel_err(two, ref) < 2e-2 and rel_err(one, two) < 1e-2
