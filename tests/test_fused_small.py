@@ -28,7 +28,8 @@ def _fresh_registry():
 
 def test_fits_bounds_the_shapes():
     assert fused_small.fits(24, 24, 60)  # SmolLM2 q/k/v/o/gate/up at 20to8
-    assert fused_small.fits(48, 32, 80)  # SmolLM2 down_proj
+    assert not fused_small.fits(48, 32, 80)  # SmolLM2 down_proj: measured slower
+    assert not fused_small.fits(28, 32, 80)  # Qwen2.5-0.5B attention
     assert not fused_small.fits(64, 64, 160)  # Llama-3-8B attention: two kernels
     assert not fused_small.fits(128, 112, 280)
 
@@ -87,7 +88,7 @@ CUDA = torch.cuda.is_available()
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n,N,spec", [(576, 576, "20to8"), (576, 1536, "24to10"),
-                                      (1536, 576, "20to8"), (896, 128, "16to8")])
+                                      (576, 192, "16to8"), (520, 64, "24to8")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_small_matches_two_kernels_cuda(n, N, spec, dtype, monkeypatch):
     layer = rand_layer(n, N, spec, bias=True, seed=1, device="cuda")
