@@ -43,11 +43,16 @@ def shape_config(name: str):
 
 
 def category(kernel: str) -> str:
+    """Kernel name -> category. Our Triton kernels are named ``_<name>_kernel``; cuBLAS's own
+    GEMV kernels (``gemv2T_kernel...``, ``gemvx...``) must not count as int1 GEMVs (the runs
+    recorded before this fix did count them: see bench/kernels.md)."""
     k = kernel.lower()
-    if "transform" in k:
+    if k.startswith("_transform_kernel"):
         return "T*"
-    if "splitk" in k or "gemv_kernel" in k or "_rowtile" in k or "int1" in k:
+    if k.startswith(("_splitk_kernel", "_gemv_kernel")):
         return "int1 GEMV"
+    if k.startswith("_fused_small_kernel"):
+        return "T* + int1 GEMV (one launch)"
     if "triton" in k:
         return "compiled (norm/attn/act)"
     if "gemv" in k or "gemm" in k or "cutlass" in k or "sm90" in k or "nvjet" in k:

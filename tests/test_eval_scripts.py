@@ -151,3 +151,19 @@ def test_merge_keeps_last_row_per_config_and_sorts(tmp_path):
     (tmp_path / "bad.csv").write_text("model,ppl\nm,3\n")
     with pytest.raises(ValueError, match="columns"):
         pareto.merge([tmp_path / "bad.csv"], out)
+
+
+def test_profile_decode_kernel_categories(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # its bench_decode / bench_kernels imports
+    prof = _script("profile_decode")
+    assert prof.category("_transform_kernel") == "T*"
+    assert prof.category("_splitk_kernel") == "int1 GEMV"
+    assert prof.category("_gemv_kernel") == "int1 GEMV"
+    assert prof.category("_fused_small_kernel") == "T* + int1 GEMV (one launch)"
+    # cuBLAS's own GEMV kernels are not int1 GEMVs
+    assert prof.category("void gemv2T_kernel_val<int, int, __nv_bfloat16, 128>") == "cuBLAS"
+    assert prof.category("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT") == "cuBLAS"
+    assert prof.category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == \
+        "compiled (norm/attn/act)"
+    with pytest.raises(ValueError, match="unknown shape"):
+        prof.shape_config("gpt2")

@@ -242,7 +242,13 @@ def weight_copies(packed: Tensor, total_bytes: int = ROTATE_BYTES) -> list[Tenso
     """``packed`` and clones of it, enough that their bytes exceed the L2 cache (at most 16):
     a decode step reads each weight once, from HBM."""
     n = min(16, max(2, -(-total_bytes // max(packed.numel() * packed.element_size(), 1))))
-    return [packed] + [packed.clone() for _ in range(n - 1)]
+    copies = [packed]
+    try:
+        copies += [packed.clone() for _ in range(n - 1)]
+    except torch.OutOfMemoryError:  # a nearly full GPU: time over the one copy (L2-warm)
+        warnings.warn("liftquant: no memory for rotating weight copies while tuning the GEMV; "
+                      "timing one copy", RuntimeWarning, stacklevel=3)
+    return copies
 
 
 def graph_time(launch, copies: list[Tensor], min_calls: int = 8) -> float:
