@@ -48,8 +48,9 @@ VERIFY_RTOL = 2e-2
 # H100 sweep of commit c63a032 (bench/kernels.md), split-K winners within 5 % of the row tile
 # in the tuner's timing ran 1.6x slower than the row tile in the benchmark on 2 of 5 shapes.
 SPLITK_MARGIN = 0.95
-# The tuner times each candidate over rotating weight copies of at least this many bytes
-# (more than the H100's 50 MB L2), in a CUDA graph as the decode step runs it. Timing one copy
+# The tuner times each candidate over rotating weight copies totalling this many bytes (more
+# than the H100's 50 MB L2; 2 to 16 copies, so layers under 8 MB rotate through less), in a
+# CUDA graph as the decode step runs it. Timing one copy
 # with do_bench (L2 flushed between runs) picked split-K configurations that then ran up to 2.8x
 # slower than the row tile in the benchmark (bench/kernels.md).
 ROTATE_BYTES = 128 * 2**20
