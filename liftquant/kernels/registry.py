@@ -4,8 +4,8 @@ Backends (each exposes ``linear(layer, x) -> Tensor``):
 
 * ``torch``: unpack -> matmul (``torch_ref``); always available, the numerical oracle.
 * ``triton``: fused ``T*`` transform + int1 GEMV (decode; split-K row stream or row tile,
-  chosen per shape by ``gemv_tuner``) / GEMM (batches) (``triton_int1``); CUDA, or CPU tensors
-  under ``TRITON_INTERPRET=1``.
+  chosen per shape by ``gemv_tuner``; the smallest layers in one launch, ``fused_small``) /
+  GEMM (batches) (``triton_int1``); CUDA, or CPU tensors under ``TRITON_INTERPRET=1``.
 * ``bitblas``: BitBLAS int1 matmul (``bitblas_backend``), imported lazily. BitBLAS 0.1.x links
   the CUDA 12 runtime and fails to build its kernels on Hopper with CUDA 13; asking for it then
   warns once with the reason and falls back to ``auto``.
