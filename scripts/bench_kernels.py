@@ -3,7 +3,7 @@
 For every Llama-3 8B/70B weight shape and lattice, with random packed weights:
 
 * kernel rows are per-call times of back-to-back calls over rotating inputs in one CUDA graph
-  (since commit 2033f9e; before, ``do_bench`` medians with L2 cleared) against cuBLAS fp16
+  (since commit 1f3e136; before, ``do_bench`` medians with L2 cleared) against cuBLAS fp16
   ``F.linear`` of the original shape timed the same way. The GEMV tuner
   (``liftquant.kernels.gemv_tuner``) times all its candidates first; the rows re-time its best
   overall (``triton-gemv``), best split-K row stream (``triton-gemv-splitk``), best row tile
@@ -68,51 +68,24 @@ def random_packed_layer(n: int, N: int, spec: str, *, device="cuda", seed: int =
     return fill_random_(PackedLiftLinear(n, N, spec=spec, device=device), seed)
 
 
-def bench(fn, args_cycle) -> float:
-    """Kernel time (us): median per-call time of back-to-back calls over rotating inputs in a
-    CUDA graph (:func:`graph_bench`), the GEMV tuner's method. do_bench with L2 cleared per run
-    (the method of the earlier runs) gave the same configuration 21 and 234 us within one run."""
-    args = []
-    for a in args_cycle:
-        if args and a is args[0]:
-            break
-        args.append(a)
-        if len(args) >= 64:
-            break
-    return graph_bench(fn, args)
-
-
 def graph_bench(fn, args: list, min_calls: int = 16) -> float:
-    """Per-call time (us) of back-to-back calls over rotating args captured in one CUDA graph:
-    what a graphed decode step pays (launch gaps included, no host overhead)."""
+    """Per-call time (us) of back-to-back calls over rotating args captured in one CUDA graph
+    (``gemv_tuner.graph_time``, the tuner's method): what a graphed decode step pays, launch
+    gaps included, no host overhead. Kernel rows use it too since commit 1f3e136: do_bench with
+    L2 cleared per run gave one configuration 21 and 234 us within one run."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up: builds kernels, tunes GEMV shapes
         for a in args[:3]:
             fn(*a)
     torch.cuda.current_stream().wait_stream(stream)
-    calls = max(len(args), min_calls)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(*args[i % len(args)])
-    graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return sorted(times)[2]
+    return gemv_tuner.graph_time(fn, args, min_calls) * 1e3
 
 
 def copy_gbps() -> float:
     x = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
     y = torch.empty_like(x)
-    t = bench(lambda a, b: b.copy_(a), cycle([(x, y)]))
+    t = graph_bench(lambda a, b: b.copy_(a), [(x, y)])
     return 2 * x.numel() / t / 1e3  # read + write, GB/s
 
 
@@ -129,8 +102,7 @@ def bench_shape(N: int, n: int, spec: str, rows: list, sweep_log: dict, base: di
     w16 = torch.randn(N, n, device="cuda", dtype=torch.float16)
     w16s = [w16] + [torch.randn_like(w16) for _ in range(-(-ROTATE_BYTES // w16.numel() // 2) - 1)]
     f16_args = [(x.half(), w) for x, w in zip(cycle(xs), w16s)]
-    t16 = bench(F.linear, cycle(f16_args))  # kernel rows compare with this
-    t16_graph = graph_bench(F.linear, f16_args)  # layer rows compare with this
+    t16 = graph_bench(F.linear, f16_args)  # kernel and layer rows compare with this
 
     gemv_args = [(xp, wsc, ly) for (xp, wsc), ly in zip(pairs, layers)]
     kernel, labels = tune_gemv(gemv_args, dt, sweep_log, f"{N}x{n}/{spec}")
@@ -144,17 +116,23 @@ def bench_shape(N: int, n: int, spec: str, rows: list, sweep_log: dict, base: di
         "torch": graph_bench(registry.get_backend("torch", "cuda").linear,
                              list(zip(layers, xs))[:4], min_calls=4),
     }
-    for results, ref in ((kernel, t16), (layer, t16_graph)):
-        for backend, t in results.items():
-            gbps = wbytes / t / 1e3
-            rows.append({**base, "shape": f"{N}x{n}", "config": spec, "backend": backend,
-                         "time_us": f"{t:.2f}", "weight_gbps": f"{gbps:.1f}",
-                         "fraction_of_copy": f"{gbps / base['copy_gbps']:.3f}",
-                         "fp16_time_us": f"{ref:.2f}", "speedup_vs_fp16": f"{ref / t:.2f}",
-                         "kernel": labels.get(backend, "")})
-            print(f"{N}x{n} {spec:>6} {backend:>24} {t:9.2f} us {gbps:7.1f} GB/s "
-                  f"frac {gbps / base['copy_gbps']:.3f} fp16 {ref:8.2f} us x{ref / t:.2f} "
-                  f"{labels.get(backend, '')}", flush=True)
+    for backend, t in {**kernel, **layer}.items():
+        add_row(rows, base, f"{N}x{n}", spec, backend, t, wbytes, t16, labels.get(backend, ""))
+
+
+def add_row(rows: list, base: dict, shape: str, spec: str, backend: str, t: float,
+            wbytes: int, t16: float, kernel: str = "") -> None:
+    """One ``kernels.csv`` row (time ``t`` us for ``wbytes`` packed bytes, fp16 time ``t16``),
+    also printed."""
+    gbps = wbytes / t / 1e3
+    rows.append({**base, "shape": shape, "config": spec, "backend": backend,
+                 "time_us": f"{t:.2f}", "weight_gbps": f"{gbps:.1f}",
+                 "fraction_of_copy": f"{gbps / base['copy_gbps']:.3f}",
+                 "fp16_time_us": f"{t16:.2f}", "speedup_vs_fp16": f"{t16 / t:.2f}",
+                 "kernel": kernel})
+    print(f"{shape} {spec:>6} {backend:>24} {t:9.2f} us {gbps:7.1f} GB/s "
+          f"frac {gbps / base['copy_gbps']:.3f} fp16 {t16:8.2f} us x{t16 / t:.2f} {kernel}",
+          flush=True)
 
 
 def bench_group(name: str, members: tuple, n: int, spec: str, rows: list, base: dict) -> None:
@@ -184,14 +162,7 @@ def bench_group(name: str, members: tuple, n: int, spec: str, rows: list, base: 
     }
     shape = f"{name}:{'+'.join(map(str, members))}x{n}"
     for backend, t in times.items():
-        gbps = wbytes / t / 1e3
-        rows.append({**base, "shape": shape, "config": spec, "backend": backend,
-                     "time_us": f"{t:.2f}", "weight_gbps": f"{gbps:.1f}",
-                     "fraction_of_copy": f"{gbps / base['copy_gbps']:.3f}",
-                     "fp16_time_us": f"{t16:.2f}", "speedup_vs_fp16": f"{t16 / t:.2f}",
-                     "kernel": ""})
-        print(f"{shape} {spec:>6} {backend:>24} {t:9.2f} us {gbps:7.1f} GB/s "
-              f"frac {gbps / base['copy_gbps']:.3f} fp16 {t16:8.2f} us x{t16 / t:.2f}", flush=True)
+        add_row(rows, base, shape, spec, backend, t, wbytes, t16)
 
 
 def tune_gemv(gemv_args: list, dt: torch.dtype, sweep_log: dict, name: str):
@@ -220,7 +191,7 @@ def tune_gemv(gemv_args: list, dt: torch.dtype, sweep_log: dict, name: str):
         return lambda xp, wsc, ly: gemv_tuner.launch_config(cfg, xp, wsc, ly.packed_signs,
                                                             ly.scale, None, dt)
 
-    times = {kind: bench(run(cfg), cycle(gemv_args)) for kind, cfg in kinds.items()}
+    times = {kind: graph_bench(run(cfg), gemv_args) for kind, cfg in kinds.items()}
     return times, {kind: cfg.label for kind, cfg in kinds.items()}
 
 

@@ -13,17 +13,10 @@ import textwrap
 import pytest
 import torch
 
-from liftquant.kernels import fused_small, registry
+from liftquant.kernels import fused_small, registry, torch_ref
 from liftquant.kernels.int1_words import HAS_TRITON
 from tests.test_gemv_splitk import _run_interpreted
-from tests.test_kernels import rand_layer, rel_err
-
-
-@pytest.fixture(autouse=True)
-def _fresh_registry():
-    registry.reset()
-    yield
-    registry.reset()
+from tests.test_kernels import _fresh_registry, rand_layer, rel_err  # noqa: F401 (autouse)
 
 
 def test_fits_bounds_the_shapes():
@@ -45,7 +38,7 @@ FUSED_CHECK = textwrap.dedent("""
     torch.set_num_threads(1)
     from liftquant.kernels import fused_small as fs, registry, torch_ref
     from liftquant.kernels.groups import PackedGroup
-    from tests.test_kernels import rand_layer, rel_err
+    from tests.test_kernels import _fresh_registry, rand_layer, rel_err  # noqa: F401 (autouse)
 
     # single layers: d-multiples, padding (37, 100), 16-byte and odd packed rows, bias
     for n, N, spec, bias in [(64, 16, "16to8", True), (37, 9, "12to5", False),
@@ -94,7 +87,7 @@ def test_fused_small_matches_two_kernels_cuda(n, N, spec, dtype, monkeypatch):
     layer = rand_layer(n, N, spec, bias=True, seed=1, device="cuda")
     registry.set_backend(layer, "triton")
     x = torch.randn(1, n, device="cuda", dtype=dtype)
-    ref = layer.fused_input(x.float()) @ layer.signs().T * layer.scale.float() + layer.bias.float()
+    ref = torch_ref.linear(layer, x.float())
     assert fused_small.fits(*layer.block_shape, layer.R.shape[-1])
     one = layer(x)
     monkeypatch.setattr(fused_small, "ENABLED", False)

@@ -16,18 +16,11 @@ import textwrap
 import pytest
 import torch
 
-from liftquant.kernels import registry
+from liftquant.kernels import registry, torch_ref
 from liftquant.kernels.groups import PackedGroup, group_decoder_layers, groupable
 from liftquant.kernels.int1_words import HAS_TRITON
 from tests.test_gemv_splitk import _run_interpreted
-from tests.test_kernels import rand_layer, rel_err
-
-
-@pytest.fixture(autouse=True)
-def _fresh_registry():
-    registry.reset()
-    yield
-    registry.reset()
+from tests.test_kernels import _fresh_registry, rand_layer, rel_err  # noqa: F401 (autouse)
 
 
 def test_group_keeps_outputs_and_shares_storage():
@@ -76,7 +69,7 @@ GROUP_CHECK = textwrap.dedent("""
     torch.set_num_threads(1)
     from liftquant.kernels import gemv_splitk as gs, registry, torch_ref, triton_int1 as ti
     from liftquant.kernels.groups import PackedGroup
-    from tests.test_kernels import rand_layer, rel_err
+    from tests.test_kernels import _fresh_registry, rand_layer, rel_err  # noqa: F401 (autouse)
 
     # (in, member rows, lattice, bias, split configs (block_w, block_n, rows/program))
     CASES = [(200, (24, 8, 8), "24to10", True, [(4, 2, 4), (16, 4, 8)]),
@@ -141,8 +134,7 @@ def test_group_matches_members_cuda(n, members, spec, bias, dtype):
     registry.set_backend(torch.nn.ModuleList(layers), "triton")
     x = torch.randn(1, n, device="cuda", dtype=dtype)
     single = [m(x) for m in layers]
-    refs = [m.fused_input(x.float()) @ m.signs().T * m.scale.float()
-            + (m.bias.float() if bias else 0) for m in layers]
+    refs = [torch_ref.linear(m, x.float()) for m in layers]
     group = PackedGroup(layers)
     assert group.fused_call(x)
     eager = group(x)

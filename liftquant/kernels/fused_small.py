@@ -63,6 +63,11 @@ def fits(n1: int, n2: int, C: int) -> bool:
     return _pow2(n1) * _pow2(C) <= MAX_H_TILE and _pow2(n1) * _pow2(n2) <= MAX_X_TILE
 
 
+def applies(layer) -> bool:
+    """Whether a packed layer (or a group's first member) takes the one-launch path."""
+    return enabled() and fits(*layer.block_shape, layer.R.shape[-1])
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl

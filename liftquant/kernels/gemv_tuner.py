@@ -226,7 +226,8 @@ class GemvTuner:
                 continue
             if xp.is_cuda:
                 times[cfg] = graph_time(lambda w, c=cfg: launch_config(c, xp, args[1], w,
-                                                                       *args[3:]), copies)
+                                                                       *args[3:]),
+                                        [(w,) for w in copies])
             else:
                 times[cfg] = do_bench(lambda c=cfg: launch_config(c, *args), warmup=5,
                                       rep=rep_ms, return_mode="median")
@@ -252,14 +253,15 @@ def weight_copies(packed: Tensor, total_bytes: int = ROTATE_BYTES) -> list[Tenso
     return copies
 
 
-def graph_time(launch, copies: list[Tensor], min_calls: int = 8) -> float:
-    """Milliseconds per call of ``launch(weights)`` replayed back to back in one CUDA graph
-    over rotating weight copies: what a graphed decode step pays, launch gaps included."""
-    calls = max(len(copies), min_calls)
+def graph_time(launch, args: list[tuple], min_calls: int = 8) -> float:
+    """Milliseconds per call of ``launch(*args[i])`` replayed back to back in one CUDA graph,
+    rotating over ``args`` (weight copies): what a graphed decode step pays, launch gaps
+    included. Median of 5 replays."""
+    calls = max(len(args), min_calls)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(calls):
-            launch(copies[i % len(copies)])
+            launch(*args[i % len(args)])
     graph.replay()
     times = []
     for _ in range(5):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from liftquant.kernels.registry import GEMV_MAX_TOKENS, get_backend
+from liftquant.kernels.registry import GEMV_MAX_TOKENS, get_backend, kernel_input
 from liftquant.linear import PackedLiftLinear
 
 # Sibling projections of Llama-like decoder layers, as module paths inside a layer.
@@ -83,8 +83,7 @@ class PackedGroup(nn.Module):
 
     def fused_call(self, x: Tensor) -> bool:
         """Whether ``x`` runs through the grouped Triton kernels (else member by member)."""
-        if x.dtype not in (torch.float16, torch.bfloat16) or (
-                x.requires_grad and torch.is_grad_enabled()):
+        if not kernel_input(x):
             return False
         if x.numel() // x.shape[-1] > GEMV_MAX_TOKENS:
             return False
@@ -99,8 +98,7 @@ class PackedGroup(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         side = (self.s1, self.L, self.R, self.s2_act)
-        if fused_small.enabled() and fused_small.fits(*self.layers[0].block_shape,
-                                                      self.R.shape[-1]):
+        if fused_small.applies(self.layers[0]):
             out = torch.ops.liftquant.fused_small_linear(x2, *side, self.packed_signs,
                                                          self.scale, self.bias, d, D,
                                                          list(self.members))

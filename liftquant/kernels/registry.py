@@ -190,6 +190,13 @@ def set_backend(model: nn.Module, name: str) -> int:
     return len(layers)
 
 
+def kernel_input(x: Tensor) -> bool:
+    """Whether ``x`` can go through the Triton kernels: half precision, and no autograd (they
+    have no backward formula); anything else takes the torch reference."""
+    return x.dtype in (torch.float16, torch.bfloat16) and not (
+        x.requires_grad and torch.is_grad_enabled())
+
+
 class TritonBackend:
     """Fused T* + int1 GEMV for decode, T* + unpack-to-tile GEMM for batches."""
 
@@ -215,16 +222,14 @@ class TritonBackend:
     def linear(self, layer: nn.Module, x: Tensor) -> Tensor:
         from liftquant.kernels import fused_small, torch_ref
 
-        if x.dtype not in (torch.float16, torch.bfloat16) or (
-                x.requires_grad and torch.is_grad_enabled()):
-            return torch_ref.linear(layer, x)  # kernels: half precision, no autograd formula
+        if not kernel_input(x):
+            return torch_ref.linear(layer, x)
         d, D = layer.spec.target_dim, layer.spec.lifted_dim
         lead, N = x.shape[:-1], layer.out_features
         x2 = x.reshape(-1, layer.in_features)  # (B, n)
         B = x2.shape[0]
         side = (layer.s1, layer.L, layer.R, layer.s2_act)
-        if B <= GEMV_MAX_TOKENS and fused_small.enabled() and fused_small.fits(
-                *layer.block_shape, layer.R.shape[-1]):
+        if B <= GEMV_MAX_TOKENS and fused_small.applies(layer):
             out = torch.ops.liftquant.fused_small_linear(x2, *side, layer.packed_signs,
                                                          layer.scale, layer.bias, d, D, [N])
         elif B <= GEMV_MAX_TOKENS:
