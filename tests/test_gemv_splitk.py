@@ -185,6 +185,7 @@ SM90_BUILD = textwrap.dedent("""
     except Exception as err:
         print("skip", err); raise SystemExit(0)
     from liftquant.kernels import gemv_rowtile as gr, gemv_splitk as gs, gemv_tuner as gt
+    from liftquant.kernels import triton_int1 as ti
 
     N, KW = 4096, 308
     W = torch.zeros(N * KW + 64, dtype=torch.int32)
@@ -199,14 +200,29 @@ SM90_BUILD = textwrap.dedent("""
             k = gs._splitk_kernel.warmup(
                 W, XP, XSC, SC, SC, OUT, PART, CNT, N, N, 0, KW, -(-KW // 4), RS, 1024, 64, 5,
                 HAS_BIAS=True, ALIGNED=aligned, USE_ASM=True, V1=loop == "v1", BN=block_n,
-                BW=block_w, RC=gs.REDUCE_ROWS, num_warps=warps, grid=(1,))
+                BW=block_w, RC=gs.REDUCE_ROWS, num_warps=warps, grid=(1,), PDL=True,
+                launch_pdl=True)
             ptx = k.asm["ptx"]
             assert "ld.global.v4.b32" in ptx, "weights must load as 16-byte vectors"
             assert "atom.global.gpu.acq_rel.add" in ptx and "fence.acq_rel.gpu" in ptx
+            # PDL: the first weights load before the wait, activations after it
+            head, tail = ptx.split("griddepcontrol.wait", 1)
+            assert "ld.global.v4.b32" in head and "ld.global" in tail
             built += 1
-        gr._gemv_kernel.warmup(W, XP, XSC, SC, SC, OUT, N, KW, RS, 1024, HAS_BIAS=True,
-                               ALIGNED=aligned, USE_ASM=True, BN=2, BW=128, num_warps=1,
-                               grid=(1,))
+        k = gr._gemv_kernel.warmup(W, XP, XSC, SC, SC, OUT, N, KW, RS, 1024, HAS_BIAS=True,
+                                   ALIGNED=aligned, USE_ASM=True, BN=2, BW=128, num_warps=1,
+                                   grid=(1,), PDL=True, launch_pdl=True)
+        assert "griddepcontrol.wait" in k.asm["ptx"]
+    # T*: lets its GEMV launch at once, waits before it reads x
+    X, S1 = torch.zeros(576, dtype=torch.bfloat16), torch.zeros(576, dtype=torch.bfloat16)
+    L, R = torch.zeros(24 * 24, dtype=torch.bfloat16), torch.zeros(24 * 60, dtype=torch.bfloat16)
+    S2, OUTP, WSC = torch.zeros(24 * 3), torch.zeros(16 * 2 * 45, dtype=torch.float16), torch.zeros(45)
+    k = ti._transform_kernel.warmup(
+        X, S1, L, R, S2, OUTP, WSC, n=576, n1=24, n2=24, C=60, D=20, K=1440, KW=45, N1P=32,
+        N2P=32, CP=64, BR=16, BK1=32, CC=64, WT=32, PAIRS=True, PDL=True, launch_pdl=True,
+        num_warps=4, grid=(1,))
+    ptx = k.asm["ptx"]
+    assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
     print("ok", built)
 """)
 

@@ -22,7 +22,13 @@ from typing import Optional  # custom_op schemas: Optional[Tensor] parses on tor
 import torch
 from torch import Tensor
 
-from liftquant.kernels.int1_words import HAS_TRITON, check_triton, device_ctx
+from liftquant.kernels.int1_words import (
+    HAS_TRITON,
+    check_triton,
+    device_ctx,
+    pdl_launch,
+    use_pdl,
+)
 
 FUSED_ENV = "LIFTQUANT_FUSED_SMALL"
 # Largest padded H tile (rows x columns, N1P x CP) and padded Xs tile (N1P x N2P) a program
@@ -73,13 +79,14 @@ if HAS_TRITON:
     import triton.language as tl
 
     from liftquant.kernels.gemv_splitk import _member
+    from liftquant.kernels.int1_words import grid_wait
 
     @triton.jit
     def _fused_small_kernel(
         X, S1, L, R, S2, P, SCALE, BIAS, OUT, N, N0, N1, RBYTES,
         n: tl.constexpr, n1: tl.constexpr, n2: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
         N1P: tl.constexpr, N2P: tl.constexpr, CP: tl.constexpr, RB: tl.constexpr,
-        HC: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HC: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
     ):
         m, r_first, r_stop = _member(N, N0, N1, RB)
         b = tl.program_id(2).to(tl.int64)
@@ -95,22 +102,27 @@ if HAS_TRITON:
         a = tl.arange(0, N1P)
         j2 = tl.arange(0, N2P)
         c = tl.arange(0, CP)
-        # Xs = pad(x) / s1 viewed (n1, n2), and R: loaded once, reused by every chunk of H
+        # Xs = pad(x) / s1 viewed (n1, n2), and R: loaded once, reused by every chunk of H.
+        # Everything but x loads first: with PDL, while the kernel that writes x finishes.
         idx = a[:, None] * n2 + j2[None, :]
         msk = (a < n1)[:, None] & (j2 < n2)[None, :] & (idx < n)
-        xv = tl.load(X + b * n + idx, mask=msk, other=0.0)
         s1v = tl.load(S1 + idx, mask=msk, other=1.0).to(XDT)
-        xs = tl.fdiv(xv.to(tl.float32), s1v.to(tl.float32)).to(XDT)
         rt = tl.load(R + j2[:, None] * C + c[None, :],
                      mask=(j2 < n2)[:, None] & (c < C)[None, :], other=0.0).to(XDT)
+        lts = ()
+        for i0 in tl.static_range(0, N1P, HC):
+            ii = i0 + tl.arange(0, HC)
+            lts = lts + (tl.load(L + ii[:, None] * n1 + a[None, :],
+                                 mask=(ii < n1)[:, None] & (a < n1)[None, :], other=0.0),)
+        grid_wait(PDL)
+        xv = tl.load(X + b * n + idx, mask=msk, other=0.0)
+        xs = tl.fdiv(xv.to(tl.float32), s1v.to(tl.float32)).to(XDT)
         prow = P + rows.to(tl.int64) * RBYTES  # (RB,) row starts in the packed bytes
         acc = tl.zeros((RB,), tl.float32)
         for i0 in tl.static_range(0, N1P, HC):
             ii = i0 + tl.arange(0, HC)
             imask = ii < n1
-            lt = tl.load(L + ii[:, None] * n1 + a[None, :],
-                         mask=imask[:, None] & (a < n1)[None, :], other=0.0).to(XDT)
-            u = tl.dot(lt, xs).to(XDT)  # (HC, N2P) rows ii of U = L Xs
+            u = tl.dot(lts[i0 // HC].to(XDT), xs).to(XDT)  # (HC, N2P) rows ii of U = L Xs
             h = tl.dot(u, rt).to(XDT).to(tl.float32)  # (HC, CP) rows ii of H
             hmask = imask[:, None] & (c < C)[None, :]
             s2 = tl.load(S2 + ii[:, None] * NB + (c // D)[None, :], mask=hmask, other=0.0)
@@ -155,7 +167,7 @@ def launch_fused_small(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tens
             s2_act.contiguous(), packed.contiguous(), scale, bias if bias is not None else scale,
             out, N, N0, N1, packed.shape[1], n=n, n1=n1, n2=n2, C=C, D=D, N1P=_pow2(n1),
             N2P=_pow2(n2), CP=_pow2(C), RB=rows_per_program, HC=H_CHUNK,
-            HAS_BIAS=bias is not None, num_warps=4)
+            HAS_BIAS=bias is not None, num_warps=4, **pdl_launch(use_pdl(x)))
     return out
 
 

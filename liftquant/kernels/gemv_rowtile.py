@@ -22,6 +22,8 @@ from liftquant.kernels.int1_words import (
     check_triton,
     device_ctx,
     interpreting,
+    pdl_launch,
+    use_pdl,
     word_view,
 )
 
@@ -34,6 +36,7 @@ if HAS_TRITON:
         PAIR_FMA_ASM,
         PAIR_MUL_ASM,
         SIGN_FMA_ASM,
+        grid_wait,
         half_to_f32,
         pair_factor,
         pair_mask,
@@ -107,7 +110,7 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_body(W, XP, XSC, SCALE, BIAS, OUT, N, KW, RS, NWT,
                    HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, USE_ASM: tl.constexpr,
-                   BN: tl.constexpr, BW: tl.constexpr):
+                   BN: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr):
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         rows = pid * BN + tl.arange(0, BN)
@@ -125,6 +128,7 @@ if HAS_TRITON:
         acc = tl.zeros((BN, BW), tl.float32)
         w_next = _load_words(W, wrow, base, beta, rmask, tl.arange(0, BW), KW, NWT, ALIGNED,
                              USE_ASM, BN, BW)
+        grid_wait(PDL)  # activations next: with PDL their writer may run until here
         for q0 in range(0, KW, BW):
             w = w_next  # software pipelining: the next step's weights load during this one
             w_next = _load_words(W, wrow, base, beta, rmask, q0 + BW + tl.arange(0, BW), KW,
@@ -145,17 +149,18 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_kernel(W, XP, XSC, SCALE, BIAS, OUT, N, KW, RS, NWT,
                      HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, USE_ASM: tl.constexpr,
-                     BN: tl.constexpr, BW: tl.constexpr):
+                     BN: tl.constexpr, BW: tl.constexpr, PDL: tl.constexpr):
         _gemv_body(W, XP, XSC, SCALE, BIAS, OUT, N, KW, RS, NWT,
-                   HAS_BIAS, ALIGNED, USE_ASM, BN, BW)
+                   HAS_BIAS, ALIGNED, USE_ASM, BN, BW, PDL)
 
     @triton.jit
     def _gemv_kernel_interp(W, XP, XSC, SCALE, BIAS, OUT, N, KW: tl.constexpr, RS, NWT,
                             HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
-                            USE_ASM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+                            USE_ASM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
+                            PDL: tl.constexpr):
         # The interpreter (numpy 2) needs constexpr loop bounds; same body otherwise.
         _gemv_body(W, XP, XSC, SCALE, BIAS, OUT, N, KW, RS, NWT,
-                   HAS_BIAS, ALIGNED, USE_ASM, BN, BW)
+                   HAS_BIAS, ALIGNED, USE_ASM, BN, BW, PDL)
 
 
 @dataclass(frozen=True)
@@ -211,5 +216,5 @@ def launch_gemv(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Te
         kernel[grid](words, xp, wsc, scale, bias if bias is not None else scale, out,
                      N, KW, rs, nwt, HAS_BIAS=bias is not None, ALIGNED=aligned,
                      USE_ASM=use_asm and not interpreting(), BN=block_n, BW=block_w,
-                     num_warps=num_warps)
+                     num_warps=num_warps, **pdl_launch(use_pdl(xp)))
     return out

@@ -39,6 +39,8 @@ from liftquant.kernels.int1_words import (
     check_triton,
     device_ctx,
     interpreting,
+    pdl_launch,
+    use_pdl,
     word_view,
 )
 
@@ -61,6 +63,7 @@ if HAS_TRITON:
         PAIR_FMA_ASM,
         PAIR_MUL_ASM,
         SIGN_FMA_ASM,
+        grid_wait,
         half_to_f32,
         pair_factor,
         pair_mask,
@@ -204,13 +207,12 @@ if HAS_TRITON:
     def _splitk_body(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, KW, KQ, RS, NWT,
                      m, r_first, r_stop, n_steps, n_split, n_red, HAS_BIAS: tl.constexpr,
                      ALIGNED: tl.constexpr, USE_ASM: tl.constexpr, V1: tl.constexpr,
-                     BN: tl.constexpr, BW: tl.constexpr, RC: tl.constexpr):
+                     BN: tl.constexpr, BW: tl.constexpr, RC: tl.constexpr, PDL: tl.constexpr):
         s = tl.program_id(0)
         g = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         xb = m.to(tl.int64) * tl.num_programs(2) + b  # member-major activations
         qs = s * BW + tl.arange(0, BW)
-        ys, xsc, corr = _slice_activations(XP + xb * 16 * KW, XSC + xb * KW, qs, KW, V1)
         rows = r_first + tl.arange(0, BN)
         # Row addresses advance by one step per iteration (no per-step 64-bit multiplies).
         # Aligned: RS = words per row, a multiple of 4, and the K mask is 4-word granular
@@ -225,6 +227,10 @@ if HAS_TRITON:
             wptr = W  # unused
         w_next = _load_tile(W, wptr, rbyte, rows < r_stop, kmask, qs, NWT, ALIGNED, USE_ASM,
                             BN, BW)
+        # The first weights are in flight; with PDL the transform that writes the activations
+        # may still be running until here.
+        grid_wait(PDL)
+        ys, xsc, corr = _slice_activations(XP + xb * 16 * KW, XSC + xb * KW, qs, KW, V1)
         for _ in range(n_steps):
             w = w_next  # software pipelining: the next rows load while these are summed
             wptr += step
@@ -266,12 +272,12 @@ if HAS_TRITON:
     def _splitk_kernel(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, N0, N1, KW, KQ, RS, NWT, RPP,
                        n_split, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
                        USE_ASM: tl.constexpr, V1: tl.constexpr, BN: tl.constexpr,
-                       BW: tl.constexpr, RC: tl.constexpr):
+                       BW: tl.constexpr, RC: tl.constexpr, PDL: tl.constexpr):
         m, r_first, r_stop = _member(N, N0, N1, RPP)
         rows_here = r_stop - r_first
         _splitk_body(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, KW, KQ, RS, NWT, m, r_first,
                      r_stop, tl.cdiv(rows_here, BN), n_split, tl.cdiv(rows_here, RC), HAS_BIAS,
-                     ALIGNED, USE_ASM, V1, BN, BW, RC)
+                     ALIGNED, USE_ASM, V1, BN, BW, RC, PDL)
 
     @triton.jit
     def _splitk_kernel_interp(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, N0, N1, KW, KQ, RS,
@@ -282,7 +288,8 @@ if HAS_TRITON:
         # The interpreter (numpy 2) needs constexpr loop bounds; masks cover the last group.
         m, r_first, r_stop = _member(N, N0, N1, RPP)
         _splitk_body(W, XP, XSC, SCALE, BIAS, OUT, PART, CNT, N, KW, KQ, RS, NWT, m, r_first,
-                     r_stop, n_steps, n_split, n_red, HAS_BIAS, ALIGNED, USE_ASM, V1, BN, BW, RC)
+                     r_stop, n_steps, n_split, n_red, HAS_BIAS, ALIGNED, USE_ASM, V1, BN, BW, RC,
+                     False)
 
 
 @dataclass(frozen=True)
@@ -416,5 +423,6 @@ def launch_gemv_splitk(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
                 *args, n_steps=cfg.rows_per_program // cfg.block_n, n_split=S,
                 n_red=-(-cfg.rows_per_program // REDUCE_ROWS), USE_ASM=False, **meta)
         else:
-            _splitk_kernel[(S, G, B)](*args, S, USE_ASM=cfg.use_asm, **meta)
+            _splitk_kernel[(S, G, B)](*args, S, USE_ASM=cfg.use_asm, **meta,
+                                      **pdl_launch(use_pdl(xp)))
     return out

@@ -11,11 +11,20 @@ stored as ``y_15 = -x`` and turned into ``+-1`` instead. Each word has a power-o
 
 Rows of packed bytes that do not start on 16 bytes are read as aligned 16-byte blocks and
 realigned in registers (:func:`_load_words`), so every weight load is a 16-byte vector load.
+
+**Programmatic dependent launch** (Hopper and later, ``LIFTQUANT_PDL``, default on): the decode
+kernels are launched with ``launch_pdl`` and may start while the previous kernel still runs.
+Each one loads what no earlier kernel writes (packed signs, transform factors) first, then
+waits (``griddepcontrol.wait``, :func:`grid_wait`) before it reads activations or writes
+anything; ``fused_transform`` lets its GEMV launch as soon as it starts
+(:func:`grid_launch_dependents`). A decode step is a chain of short latency-bound kernels, so
+the next kernel's launch and weight loads hide under the current one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -29,6 +38,38 @@ try:  # Triton ships with CUDA builds of torch; a CPU-only install may lack it.
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised on CPU-only installs
     HAS_TRITON = False
+
+PDL_ENV = "LIFTQUANT_PDL"
+
+
+def _read_pdl_env() -> bool:
+    value = os.environ.get(PDL_ENV, "1").strip().lower()
+    if value not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV}={value!r}; use 0 or 1")
+    return value == "1"
+
+
+# Read once at import; benchmarks and tests flip the module attribute to compare.
+PDL_ENABLED = _read_pdl_env()
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(t: Tensor) -> bool:
+    """Whether kernels reading ``t`` launch with programmatic dependent launch: enabled, on a
+    CUDA device of compute capability 9.0 or later, and not under the Triton interpreter."""
+    return (PDL_ENABLED and HAS_TRITON and t.is_cuda and not interpreting()
+            and _pdl_capable(t.device.index if t.device.index is not None
+                             else torch.cuda.current_device()))
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """Launch keywords of a kernel with a ``PDL`` constexpr: the flag, and Triton's
+    ``launch_pdl`` option when it is on."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 # The tile scale keeps |x_scaled| <= X_LIMIT = 2^-10, so the largest pair-layout value
 # y_0 = 2^25 x stays <= 2^15 < 65504 (fp16) and 32-term sums stay far from overflow.
@@ -80,6 +121,23 @@ def word_view(packed: Tensor) -> tuple[Tensor, bool, int, int]:
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def grid_wait(PDL: tl.constexpr):
+        """Wait until the kernels this one depends on have finished and their writes are
+        visible (``griddepcontrol.wait``; a no-op when launched without PDL)."""
+        if PDL:
+            tl.inline_asm_elementwise("griddepcontrol.wait; mov.b32 $0, 0;", "=r", [],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def grid_launch_dependents(PDL: tl.constexpr):
+        """Let the next kernel (launched with PDL) start now; it still waits for this one's
+        writes in :func:`grid_wait`."""
+        if PDL:
+            tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.b32 $0, 0;", "=r",
+                                      [], dtype=tl.int32, is_pure=False, pack=1)
+
     # One pair of the v2 word loop: acc (+)= (w & mask_p) * y_p in fp16x2 (lop3 + fma.f16x2).
     PAIR_MUL_ASM = tl.constexpr(
         "{ .reg .b32 t; and.b32 t, $1, $2; mul.rn.f16x2 $0, t, $3; }")

@@ -45,6 +45,8 @@ from liftquant.kernels.int1_words import (  # noqa: F401
     device_ctx,
     interpreting,
     pair_exponent,
+    pdl_launch,
+    use_pdl,
 )
 
 
@@ -56,6 +58,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from liftquant.kernels.int1_words import grid_launch_dependents, grid_wait
+
     # ---------------------------------------------------------------- fused transform T*
     @triton.jit
     def _transform_kernel(
@@ -64,7 +68,9 @@ if HAS_TRITON:
         K: tl.constexpr, KW: tl.constexpr,  # shapes are constexpr: one build per layer shape
         N1P: tl.constexpr, N2P: tl.constexpr, CP: tl.constexpr, BR: tl.constexpr,
         BK1: tl.constexpr, CC: tl.constexpr, WT: tl.constexpr, PAIRS: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        grid_launch_dependents(PDL)  # the GEMV may launch now and load its weights
         rb = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         m = tl.program_id(2).to(tl.int64)  # group member: its own s1, L, R, s2, same x
@@ -79,7 +85,8 @@ if HAS_TRITON:
         rmask = rows < n1
         j2 = tl.arange(0, N2P)
         # Every global load is issued before the first dot, so the program waits for memory
-        # once (this kernel is latency bound: a few programs, tiny matmuls).
+        # once (this kernel is latency bound: a few programs, tiny matmuls). The factors come
+        # first: with PDL they load while the kernel that writes x finishes.
         rts = ()
         s2s = ()
         for c0 in tl.static_range(0, CP, CC):
@@ -89,16 +96,22 @@ if HAS_TRITON:
             s2s = s2s + (tl.load(S2 + rows[:, None] * NB + (c // D)[None, :],
                                  mask=rmask[:, None] & (c < C)[None, :], other=0.0),)
         lts = ()
-        xs = ()
+        s1s = ()
         for a0 in tl.static_range(0, N1P, BK1):
             a = a0 + tl.arange(0, BK1)
             lts = lts + (tl.load(L + rows[:, None] * n1 + a[None, :],
                                  mask=rmask[:, None] & (a < n1)[None, :], other=0.0),)
             idx = a[:, None] * n2 + j2[None, :]  # (BK1, N2P) flat input index
             msk = (a < n1)[:, None] & (j2 < n2)[None, :] & (idx < n)
+            s1s = s1s + (tl.load(S1 + idx, mask=msk, other=1.0).to(XDT),)  # divides in XDT
+        grid_wait(PDL)  # x is the previous kernel's output
+        xs = ()
+        for i in tl.static_range(N1P // BK1):
+            a = i * BK1 + tl.arange(0, BK1)
+            idx = a[:, None] * n2 + j2[None, :]
+            msk = (a < n1)[:, None] & (j2 < n2)[None, :] & (idx < n)
             xv = tl.load(X + b * n + idx, mask=msk, other=0.0)
-            s1v = tl.load(S1 + idx, mask=msk, other=1.0).to(XDT)  # reference divides in XDT
-            xs = xs + (tl.fdiv(xv.to(tl.float32), s1v.to(tl.float32)).to(XDT),)
+            xs = xs + (tl.fdiv(xv.to(tl.float32), s1s[i].to(tl.float32)).to(XDT),)
         # U = L[rows, :] @ Xs, Xs = pad(x) / s1 viewed (n1, n2)          (BR, N2P)
         U = tl.zeros((BR, N2P), tl.float32)
         for i in tl.static_range(N1P // BK1):
@@ -244,7 +257,7 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
             x.contiguous(), s1.contiguous(), L.contiguous(), R.contiguous(),
             s2_act.contiguous(), out, wsc, n=n, n1=n1, n2=n2, C=C, D=D, K=K, KW=KW,
             N1P=N1P, N2P=N2P, CP=CP, BR=BR, BK1=BK1, CC=CC, WT=WT, PAIRS=pairs,
-            num_warps=num_warps)
+            num_warps=num_warps, **pdl_launch(use_pdl(x)))
     return (out.view(torch.int32), wsc) if pairs else (out, wsc)
 
 

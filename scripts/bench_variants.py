@@ -1,0 +1,97 @@
+"""A/B decode tokens/s of the kernel switches on one model: PDL and the one-launch small path.
+
+For each shape (random weights, ``profile_decode.shape_config``) it builds the bf16 model and
+the packed model once, compiles one decode step per model, and captures one CUDA graph per
+variant (``LIFTQUANT_PDL`` and ``LIFTQUANT_FUSED_SMALL`` are flipped as module attributes,
+which the kernels read when the graph is captured). Variants are timed in ``--rounds``
+interleaved rounds, so a drift of the GPU clocks shows as spread, not as a difference; the
+table gives the median and the range.
+
+    python scripts/bench_variants.py --shapes smollm2-135m,qwen2.5-0.5b --json $OUT/variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+
+import torch
+from bench_decode import PROMPT, WARMUP, build_model
+from profile_decode import shape_config
+
+from liftquant.kernels import fused_small, int1_words
+from liftquant.kernels.decode import DecodeStep, GraphedDecode
+
+
+def variants(names: str) -> list[tuple[str, dict]]:
+    """'pdl,fused' -> every on/off combination of those switches, as (label, settings)."""
+    switches = [s for s in names.split(",") if s]
+    unknown = set(switches) - {"pdl", "fused"}
+    if unknown:
+        raise ValueError(f"unknown switches {sorted(unknown)}: use pdl, fused")
+    out = []
+    for values in itertools.product((1, 0), repeat=len(switches)):
+        settings = dict(zip(switches, values))
+        out.append((" ".join(f"{k}={v}" for k, v in settings.items()) or "default", settings))
+    return out
+
+
+def apply(settings: dict) -> None:
+    int1_words.PDL_ENABLED = bool(settings.get("pdl", int1_words.PDL_ENABLED))
+    fused_small.ENABLED = bool(settings.get("fused", fused_small.ENABLED))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
+    ap.add_argument("--shapes", default="smollm2-135m")
+    ap.add_argument("--lattice", default="20to8")
+    ap.add_argument("--switches", default="pdl,fused")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    combos = variants(args.switches)
+    results = []
+    for shape in args.shapes.split(","):
+        cfg = shape_config(shape)
+        models = [("bf16", build_model(cfg, None, "torch"), [("bf16", {})])]
+        models.append((args.lattice, build_model(cfg, args.lattice, "triton"), combos))
+        for config, model, combos_here in models:
+            n_graphs = len(combos_here) * args.rounds
+            step = DecodeStep(model, PROMPT + n_graphs * (WARMUP + 2 * args.tokens + 4) + 8,
+                              compile_mode="default")
+            step.prefill(torch.randint(0, cfg.vocab_size, (1, PROMPT), device="cuda"))
+            times = {label: [] for label, _ in combos_here}
+            for _ in range(args.rounds):
+                for label, settings in combos_here:
+                    apply(settings)
+                    graphed = GraphedDecode(step, warmup=WARMUP)
+                    graphed.tokens_per_s(args.tokens // 4)
+                    times[label].append(graphed.tokens_per_s(args.tokens))
+                    del graphed
+            for label, tps in times.items():
+                results.append({"shape": shape, "config": config, "variant": label,
+                                "tokens_per_s": tps, "median": statistics.median(tps)})
+            del model, step
+            torch.cuda.empty_cache()
+    gpu, commit = torch.cuda.get_device_name(), os.environ.get("LQ_COMMIT", "unknown")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"gpu": gpu, "commit": commit, "rows": results}, fh, indent=1)
+    print(f"{gpu}, commit {commit}")
+    print(f"{'shape':14} {'config':7} {'variant':16} {'tok/s':>7} {'min':>7} {'max':>7} "
+          f"{'x bf16':>6}")
+    for r in results:
+        ref = next(x["median"] for x in results if x["shape"] == r["shape"]
+                   and x["config"] == "bf16")
+        print(f"{r['shape']:14} {r['config']:7} {r['variant']:16} {r['median']:7.1f} "
+              f"{min(r['tokens_per_s']):7.1f} {max(r['tokens_per_s']):7.1f} "
+              f"{r['median'] / ref:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
