@@ -108,10 +108,16 @@ def load_pair(checkpoint: str, fp_model: str, backend: str):
     return original, quantized, lattice
 
 
+def max_len(tokens: int) -> int:
+    """Static cache length for timing ``tokens``: the prompt, the warm-up, the capture and the
+    replays. The step attends over the whole (masked) cache, so runs compared with each other
+    must share it."""
+    return PROMPT + WARMUP + 1 + tokens + tokens // 4 + 8
+
+
 def measure(model: nn.Module, *, tokens: int, compile_mode: str | None) -> tuple[float, float]:
     """Decode tokens/s and peak GPU memory (GB) while decoding."""
-    step = DecodeStep(model, PROMPT + WARMUP + 1 + tokens + tokens // 4 + 8,
-                      compile_mode=compile_mode)
+    step = DecodeStep(model, max_len(tokens), compile_mode=compile_mode)
     step.prefill(torch.randint(0, model.config.vocab_size, (1, PROMPT), device="cuda"))
     torch.cuda.reset_peak_memory_stats()  # kernel tuning's L2-flush buffer is not decode memory
     graphed = GraphedDecode(step, warmup=WARMUP)

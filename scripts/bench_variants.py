@@ -19,19 +19,24 @@ import os
 import statistics
 
 import torch
-from bench_decode import PROMPT, WARMUP, build_model
+from bench_decode import PROMPT, WARMUP, build_model, max_len
 from profile_decode import shape_config
 
 from liftquant.kernels import fused_small, int1_words
 from liftquant.kernels.decode import DecodeStep, GraphedDecode
 
+# switch -> the module attribute it sets: PDL launches, the one-launch small path, and whether
+# the transform lets its GEMV launch at its start (else once its loads are issued).
+SWITCHES = {"pdl": (int1_words, "PDL_ENABLED"), "fused": (fused_small, "ENABLED"),
+            "early": (int1_words, "PDL_EARLY")}
+
 
 def variants(names: str) -> list[tuple[str, dict]]:
     """'pdl,fused' -> every on/off combination of those switches, as (label, settings)."""
     switches = [s for s in names.split(",") if s]
-    unknown = set(switches) - {"pdl", "fused"}
+    unknown = set(switches) - set(SWITCHES)
     if unknown:
-        raise ValueError(f"unknown switches {sorted(unknown)}: use pdl, fused")
+        raise ValueError(f"unknown switches {sorted(unknown)}: use {', '.join(SWITCHES)}")
     out = []
     for values in itertools.product((1, 0), repeat=len(switches)):
         settings = dict(zip(switches, values))
@@ -40,8 +45,9 @@ def variants(names: str) -> list[tuple[str, dict]]:
 
 
 def apply(settings: dict) -> None:
-    int1_words.PDL_ENABLED = bool(settings.get("pdl", int1_words.PDL_ENABLED))
-    fused_small.ENABLED = bool(settings.get("fused", fused_small.ENABLED))
+    for name, value in settings.items():
+        module, attr = SWITCHES[name]
+        setattr(module, attr, bool(value))
 
 
 def main() -> None:
@@ -61,14 +67,15 @@ def main() -> None:
         models = [("bf16", build_model(cfg, None, "torch"), [("bf16", {})])]
         models.append((args.lattice, build_model(cfg, args.lattice, "triton"), combos))
         for config, model, combos_here in models:
-            n_graphs = len(combos_here) * args.rounds
-            step = DecodeStep(model, PROMPT + n_graphs * (WARMUP + 2 * args.tokens + 4) + 8,
-                              compile_mode="default")
+            # Every variant decodes the same positions: the step attends over its whole
+            # static cache (masked), so its cost grows with max_len, which is one for all.
+            step = DecodeStep(model, max_len(args.tokens), compile_mode="default")
             step.prefill(torch.randint(0, cfg.vocab_size, (1, PROMPT), device="cuda"))
             times = {label: [] for label, _ in combos_here}
             for _ in range(args.rounds):
                 for label, settings in combos_here:
                     apply(settings)
+                    step.pos.fill_(PROMPT)
                     graphed = GraphedDecode(step, warmup=WARMUP)
                     graphed.tokens_per_s(args.tokens // 4)
                     times[label].append(graphed.tokens_per_s(args.tokens))

@@ -29,8 +29,24 @@ def test_fits_bounds_the_shapes():
 
 def test_bad_environment_value_is_refused(monkeypatch):
     monkeypatch.setenv(fused_small.FUSED_ENV, "yes")
-    with pytest.raises(ValueError, match="use 0 or 1"):
+    with pytest.raises(ValueError, match="use auto, 0 or 1"):
         fused_small._read_env()
+    monkeypatch.setenv(fused_small.FUSED_ENV, "auto")
+    assert fused_small._read_env() is None
+
+
+def test_auto_leaves_the_path_to_pdl(monkeypatch):
+    """auto: the one-launch path where it fits, unless the kernels launch with PDL."""
+    small, large = rand_layer(576, 64, "20to8"), rand_layer(4096, 64, "20to8")
+    x = torch.zeros(1, 576)
+    monkeypatch.setattr(fused_small, "ENABLED", None)
+    assert fused_small.applies(small, x) and not fused_small.applies(large, x)
+    monkeypatch.setattr(fused_small, "use_pdl", lambda t: True)
+    assert not fused_small.applies(small, x)
+    monkeypatch.setattr(fused_small, "ENABLED", True)
+    assert fused_small.applies(small, x) and not fused_small.applies(large, x)
+    monkeypatch.setattr(fused_small, "ENABLED", False)
+    assert not fused_small.applies(small, x)
 
 
 FUSED_CHECK = textwrap.dedent("""
@@ -89,6 +105,7 @@ def test_fused_small_matches_two_kernels_cuda(n, N, spec, dtype, monkeypatch):
     x = torch.randn(1, n, device="cuda", dtype=dtype)
     ref = torch_ref.linear(layer, x.float())
     assert fused_small.fits(*layer.block_shape, layer.R.shape[-1])
+    monkeypatch.setattr(fused_small, "ENABLED", True)
     one = layer(x)
     monkeypatch.setattr(fused_small, "ENABLED", False)
     two = layer(x)

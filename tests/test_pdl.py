@@ -61,11 +61,15 @@ def _packed_llama(spec: str, hidden: int, inter: int):
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a CUDA GPU of compute capability 9.0+")
-@pytest.mark.parametrize("hidden,inter", [(576, 1536), (768, 2048)])
-def test_decode_graph_same_with_and_without_pdl_cuda(hidden, inter, monkeypatch):
-    """576-wide layers take the one-launch small path, 768-wide ones T* + split-K GEMV."""
+@pytest.mark.parametrize("hidden,inter,fused", [(576, 1536, True), (576, 1536, False),
+                                                (768, 2048, False)])
+def test_decode_graph_same_with_and_without_pdl_cuda(hidden, inter, fused, monkeypatch):
+    """576-wide layers with and without the one-launch small path (q/k/v, o, gate/up; down
+    runs T* + split-K GEMV), 768-wide ones T* + split-K GEMV everywhere."""
+    from liftquant.kernels import fused_small
     from liftquant.kernels.decode import DecodeStep, GraphedDecode
 
+    monkeypatch.setattr(fused_small, "ENABLED", fused)
     runs = {}
     for pdl in (False, True):
         monkeypatch.setattr(int1_words, "PDL_ENABLED", pdl)

@@ -11,7 +11,11 @@ every program, which is cheap only while x, L and R are a few KB: :func:`fits` b
 shapes. Per sign this costs several instructions against one in the pair-layout GEMV, so large
 layers keep the two-kernel path.
 
-``LIFTQUANT_FUSED_SMALL=0`` turns this path off (``1``, the default, uses it where it fits).
+``LIFTQUANT_FUSED_SMALL``: ``auto`` (default) uses this path where it fits and the kernels
+launch without PDL (``int1_words.use_pdl``): with PDL the GEMV's launch and weight loads already
+hide under T*, and on the H100 the two kernels then decoded SmolLM2's shape faster (601 against
+575 tok/s, ``bench/kernels.md``); without PDL this path was the faster (579 against 550).
+``1`` uses it wherever it fits, ``0`` never.
 """
 
 from __future__ import annotations
@@ -46,21 +50,16 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
 
 
-def _read_env() -> bool:
-    value = os.environ.get(FUSED_ENV, "1").strip().lower()
-    if value not in ("0", "1"):
-        raise ValueError(f"{FUSED_ENV}={value!r}; use 0 or 1")
-    return value == "1"
+def _read_env() -> bool | None:
+    value = os.environ.get(FUSED_ENV, "auto").strip().lower()
+    if value not in ("0", "1", "auto"):
+        raise ValueError(f"{FUSED_ENV}={value!r}; use auto, 0 or 1")
+    return None if value == "auto" else value == "1"
 
 
-# Read once at import: the decision is a constant for torch.compile traces.
+# Read once at import: the decision is a constant for torch.compile traces. True / False force
+# the path on / off where it fits, None is auto (tests and benchmarks set the attribute).
 ENABLED = _read_env()
-
-
-def enabled() -> bool:
-    """Whether small layers take the one-launch path (``LIFTQUANT_FUSED_SMALL``, read at
-    import; tests set ``fused_small.ENABLED``)."""
-    return ENABLED
 
 
 def fits(n1: int, n2: int, C: int) -> bool:
@@ -69,9 +68,12 @@ def fits(n1: int, n2: int, C: int) -> bool:
     return _pow2(n1) * _pow2(C) <= MAX_H_TILE and _pow2(n1) * _pow2(n2) <= MAX_X_TILE
 
 
-def applies(layer) -> bool:
-    """Whether a packed layer (or a group's first member) takes the one-launch path."""
-    return enabled() and fits(*layer.block_shape, layer.R.shape[-1])
+def applies(layer, x: Tensor) -> bool:
+    """Whether a packed layer (or a group's first member) takes the one-launch path for
+    activations ``x``."""
+    if ENABLED is False or (ENABLED is None and use_pdl(x)):
+        return False
+    return fits(*layer.block_shape, layer.R.shape[-1])
 
 
 if HAS_TRITON:

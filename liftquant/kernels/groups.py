@@ -98,7 +98,7 @@ class PackedGroup(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         side = (self.s1, self.L, self.R, self.s2_act)
-        if fused_small.applies(self.layers[0]):
+        if fused_small.applies(self.layers[0], x):
             out = torch.ops.liftquant.fused_small_linear(x2, *side, self.packed_signs,
                                                          self.scale, self.bias, d, D,
                                                          list(self.members))

@@ -51,6 +51,8 @@ def _read_pdl_env() -> bool:
 
 # Read once at import; benchmarks and tests flip the module attribute to compare.
 PDL_ENABLED = _read_pdl_env()
+# Where fused_transform lets its GEMV launch: at its start (True) or once its loads are issued.
+PDL_EARLY = True
 
 
 @functools.cache

@@ -229,7 +229,7 @@ class TritonBackend:
         x2 = x.reshape(-1, layer.in_features)  # (B, n)
         B = x2.shape[0]
         side = (layer.s1, layer.L, layer.R, layer.s2_act)
-        if B <= GEMV_MAX_TOKENS and fused_small.applies(layer):
+        if B <= GEMV_MAX_TOKENS and fused_small.applies(layer, x):
             out = torch.ops.liftquant.fused_small_linear(x2, *side, layer.packed_signs,
                                                          layer.scale, layer.bias, d, D, [N])
         elif B <= GEMV_MAX_TOKENS:

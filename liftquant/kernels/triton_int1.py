@@ -27,6 +27,8 @@ from typing import Optional  # custom_op schemas: Optional[Tensor] parses on tor
 import torch
 from torch import Tensor
 
+from liftquant.kernels import int1_words
+
 # Re-exported: the GEMV pieces used to live here (tests, scripts and registry import them).
 from liftquant.kernels.gemv_rowtile import (  # noqa: F401
     GEMV_CANDIDATES,
@@ -68,9 +70,10 @@ if HAS_TRITON:
         K: tl.constexpr, KW: tl.constexpr,  # shapes are constexpr: one build per layer shape
         N1P: tl.constexpr, N2P: tl.constexpr, CP: tl.constexpr, BR: tl.constexpr,
         BK1: tl.constexpr, CC: tl.constexpr, WT: tl.constexpr, PAIRS: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, EARLY: tl.constexpr,
     ):
-        grid_launch_dependents(PDL)  # the GEMV may launch now and load its weights
+        if EARLY:
+            grid_launch_dependents(PDL)  # the GEMV may launch now and load its weights
         rb = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         m = tl.program_id(2).to(tl.int64)  # group member: its own s1, L, R, s2, same x
@@ -112,6 +115,8 @@ if HAS_TRITON:
             msk = (a < n1)[:, None] & (j2 < n2)[None, :] & (idx < n)
             xv = tl.load(X + b * n + idx, mask=msk, other=0.0)
             xs = xs + (tl.fdiv(xv.to(tl.float32), s1s[i].to(tl.float32)).to(XDT),)
+        if not EARLY:
+            grid_launch_dependents(PDL)  # every load issued: the GEMV's loads come next
         # U = L[rows, :] @ Xs, Xs = pad(x) / s1 viewed (n1, n2)          (BR, N2P)
         U = tl.zeros((BR, N2P), tl.float32)
         for i in tl.static_range(N1P // BK1):
@@ -257,7 +262,7 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
             x.contiguous(), s1.contiguous(), L.contiguous(), R.contiguous(),
             s2_act.contiguous(), out, wsc, n=n, n1=n1, n2=n2, C=C, D=D, K=K, KW=KW,
             N1P=N1P, N2P=N2P, CP=CP, BR=BR, BK1=BK1, CC=CC, WT=WT, PAIRS=pairs,
-            num_warps=num_warps, **pdl_launch(use_pdl(x)))
+            num_warps=num_warps, EARLY=int1_words.PDL_EARLY, **pdl_launch(use_pdl(x)))
     return (out.view(torch.int32), wsc) if pairs else (out, wsc)
 
 
