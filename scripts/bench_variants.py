@@ -1,9 +1,10 @@
-"""A/B decode tokens/s of the kernel switches on one model: PDL and the one-launch small path.
+"""A/B decode tokens/s of the kernel switches on one model (PDL, the one-launch small path, the
+transform's PDL trigger, the norm / SiLU prologues).
 
 For each shape (random weights, ``profile_decode.shape_config``) it builds the bf16 model and
 the packed model once, compiles one decode step per model, and captures one CUDA graph per
-variant (``LIFTQUANT_PDL`` and ``LIFTQUANT_FUSED_SMALL`` are flipped as module attributes,
-which the kernels read when the graph is captured). Variants are timed in ``--rounds``
+variant (the switches are module attributes, which the step and the kernels read when the
+graph is captured). Variants are timed in ``--rounds``
 interleaved rounds, so a drift of the GPU clocks shows as spread, not as a difference; the
 table gives the median and the range.
 
@@ -22,13 +23,14 @@ import torch
 from bench_decode import PROMPT, WARMUP, build_model, max_len
 from profile_decode import shape_config
 
-from liftquant.kernels import fused_small, int1_words
+from liftquant.kernels import decode, fused_small, int1_words
 from liftquant.kernels.decode import DecodeStep, GraphedDecode
 
-# switch -> the module attribute it sets: PDL launches, the one-launch small path, and whether
-# the transform lets its GEMV launch at its start (else once its loads are issued).
+# switch -> the module attribute it sets: PDL launches, the one-launch small path, whether
+# the transform lets its GEMV launch at its start (else once its loads are issued), and the
+# decode step's norm / SiLU prologues inside T*.
 SWITCHES = {"pdl": (int1_words, "PDL_ENABLED"), "fused": (fused_small, "ENABLED"),
-            "early": (int1_words, "PDL_EARLY")}
+            "early": (int1_words, "PDL_EARLY"), "prologue": (decode, "FUSE_PROLOGUES")}
 
 
 def variants(names: str) -> list[tuple[str, dict]]:

@@ -218,7 +218,7 @@ SM90_BUILD = textwrap.dedent("""
     L, R = torch.zeros(24 * 24, dtype=torch.bfloat16), torch.zeros(24 * 60, dtype=torch.bfloat16)
     S2, OUTP, WSC = torch.zeros(24 * 3), torch.zeros(16 * 2 * 45, dtype=torch.float16), torch.zeros(45)
     k = ti._transform_kernel.warmup(
-        X, S1, L, R, S2, OUTP, WSC, n=576, n1=24, n2=24, C=60, D=20, K=1440, KW=45, N1P=32,
+        X, S1, L, R, S2, OUTP, WSC, X, S1, X, 1e-5, PRO=1, n=576, n1=24, n2=24, C=60, D=20, K=1440, KW=45, N1P=32,
         N2P=32, CP=64, BR=16, BK1=32, CC=64, WT=32, PAIRS=True, PDL=True, EARLY=True,
         launch_pdl=True,
         num_warps=4, grid=(1,))

@@ -5,7 +5,9 @@ The step calls the model's own linear modules (``nn.Linear`` -> cuBLAS, ``Packed
 functions of tensors: residual add + RMSNorm, rotary + KV-cache write + attention, SiLU gate.
 Compiled with ``torch.compile`` they are traced once per shape and reused by every layer and by
 every model of that shape, so compile time does not grow with depth and dense and quantized
-models run the same code (a fair comparison). :class:`GraphedDecode` captures one step as a
+models run the same code (a fair comparison). Where a packed group or down projection runs the
+Triton decode kernels, its input (add + RMSNorm, or the SiLU gate) is computed inside its T*
+launch instead (:data:`FUSE_PROLOGUES`), in the same roundings. :class:`GraphedDecode` captures one step as a
 CUDA graph and replays it per token.
 
 The KV cache is our own static buffer per layer, ``(n_kv, max_len, head_dim)``; attention
@@ -21,6 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from liftquant.kernels.groups import silu_linear, takes_prologue
 
 # Decoder layouts this step reproduces exactly (q/k/v biases live in the linear modules).
 LLAMA_LIKE = ("llama", "qwen2", "mistral")
@@ -62,6 +66,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cos_t: Tensor, sin_t: Tensor, pos: T
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
+
+
+# Whether the step runs residual add + RMSNorm before a packed q/k/v or gate/up group, and the
+# SiLU gate before a packed down projection, inside that layer's T* launch (groups.
+# add_norm_forward, silu_linear): three fewer launches per decoder layer. Read when the step
+# runs (so when a graph is captured); benchmarks flip it to compare.
+FUSE_PROLOGUES = True
 
 
 class DecodeStep:
@@ -109,25 +120,34 @@ class DecodeStep:
 
         self.add_norm, self.attend, self.silu_mul = map(wrap, (add_rms_norm, attend, silu_mul))
 
+    def _norm_then(self, group, members: tuple, h: Tensor, delta: Tensor,
+                   weight: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Residual add + RMSNorm, then the sibling projections that read the result:
+        (new residual, their outputs)."""
+        if group is not None and FUSE_PROLOGUES and takes_prologue(group.layers[0], h):
+            return group.add_norm_forward(h, delta, weight, self.eps)
+        h, x = self.add_norm(h, delta, weight, self.eps)
+        return h, (group(x) if group is not None else tuple(m(x) for m in members))
+
+    def _down(self, mlp: nn.Module, gate: Tensor, up: Tensor) -> Tensor:
+        if FUSE_PROLOGUES and takes_prologue(mlp.down_proj, gate):
+            return silu_linear(mlp.down_proj, gate, up)
+        return mlp.down_proj(self.silu_mul(gate, up))
+
     @torch.no_grad()
     def __call__(self) -> Tensor:
         """Consume ``ids`` at ``pos``; leave the greedy next token in ``ids``; return logits."""
         m = self.model.model
-        layers = m.layers
-        h, x = self.add_norm(self.zero, m.embed_tokens(self.ids), layers[0].input_layernorm.weight,
-                             self.eps)
-        for i, layer in enumerate(layers):
+        h, delta = self.zero, m.embed_tokens(self.ids)
+        for i, layer in enumerate(m.layers):
             att, mlp, groups = layer.self_attn, layer.mlp, self.groups[i]
-            qkv = groups["qkv"](x) if "qkv" in groups else (att.q_proj(x), att.k_proj(x),
-                                                              att.v_proj(x))
+            h, qkv = self._norm_then(groups.get("qkv"), (att.q_proj, att.k_proj, att.v_proj),
+                                     h, delta, layer.input_layernorm.weight)
             a = self.attend(*qkv, self.cos, self.sin, self.pos, *self.caches[i], self.scaling)
-            h, x = self.add_norm(h, att.o_proj(a), layer.post_attention_layernorm.weight,
-                                 self.eps)
-            gate_up = groups["gate_up"](x) if "gate_up" in groups else (mlp.gate_proj(x),
-                                                                        mlp.up_proj(x))
-            d = mlp.down_proj(self.silu_mul(*gate_up))
-            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else m.norm
-            h, x = self.add_norm(h, d, norm.weight, self.eps)
+            h, gate_up = self._norm_then(groups.get("gate_up"), (mlp.gate_proj, mlp.up_proj),
+                                         h, att.o_proj(a), layer.post_attention_layernorm.weight)
+            delta = self._down(mlp, *gate_up)
+        _, x = self.add_norm(h, delta, m.norm.weight, self.eps)
         logits = self.model.lm_head(x)  # (1, 1, V)
         self.ids.copy_(logits.argmax(-1))
         self.pos.add_(1)

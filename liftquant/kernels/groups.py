@@ -83,11 +83,7 @@ class PackedGroup(nn.Module):
 
     def fused_call(self, x: Tensor) -> bool:
         """Whether ``x`` runs through the grouped Triton kernels (else member by member)."""
-        if not kernel_input(x):
-            return False
-        if x.numel() // x.shape[-1] > GEMV_MAX_TOKENS:
-            return False
-        return get_backend(self.layers[0].backend, x.device).name == "triton"
+        return decode_kernels(self.layers[0], x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         if not self.fused_call(x):
@@ -108,8 +104,53 @@ class PackedGroup(nn.Module):
                                                       self.bias, x.dtype, list(self.members))
         return tuple(o.reshape(*lead, o.shape[-1]) for o in out.split(self.members, dim=-1))
 
+    def add_norm_forward(self, h: Tensor, delta: Tensor, weight: Tensor,
+                         eps: float) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``add_rms_norm(h, delta, weight, eps)`` then the group, in two launches (the norm
+        runs inside T*, :func:`takes_prologue`): (new residual, the members' outputs)."""
+        d, D = self.spec.target_dim, self.spec.lifted_dim
+        n = h.shape[-1]
+        h_new, xp, wsc = torch.ops.liftquant.fused_norm_transform(
+            h.reshape(-1, n), delta.reshape(-1, n), weight, eps, self.s1, self.L, self.R,
+            self.s2_act, d, D)
+        out = torch.ops.liftquant.int1_gemv_group(xp, wsc, self.packed_signs, self.scale,
+                                                  self.bias, h.dtype, list(self.members))
+        lead = h.shape[:-1]
+        return h_new.view(h.shape), tuple(o.reshape(*lead, o.shape[-1])
+                                          for o in out.split(self.members, dim=-1))
+
     def extra_repr(self) -> str:
         return f"members={self.members}, lattice={self.spec.name}"
+
+
+def decode_kernels(layer: nn.Module, x: Tensor) -> bool:
+    """Whether the packed ``layer`` (or a group led by it) runs ``x`` through the Triton decode
+    kernels: half precision without autograd, batch 1, the ``triton`` backend."""
+    if not isinstance(layer, PackedLiftLinear) or not kernel_input(x):
+        return False
+    if x.numel() // x.shape[-1] > GEMV_MAX_TOKENS:
+        return False
+    return get_backend(layer.backend, x.device).name == "triton"
+
+
+def takes_prologue(layer: nn.Module, x: Tensor) -> bool:
+    """Whether the decode step may compute ``layer``'s input inside its T* launch (residual
+    add + RMSNorm, or the SiLU gate): the two-kernel decode path, not the one-launch small
+    path (:mod:`~liftquant.kernels.fused_small`), which takes a finished input."""
+    from liftquant.kernels import fused_small
+
+    return decode_kernels(layer, x) and not fused_small.applies(layer, x)
+
+
+def silu_linear(layer: PackedLiftLinear, gate: Tensor, up: Tensor) -> Tensor:
+    """``layer(silu(gate) * up)`` in two launches (the SiLU gate runs inside T*)."""
+    d, D = layer.spec.target_dim, layer.spec.lifted_dim
+    n = gate.shape[-1]
+    xp, wsc = torch.ops.liftquant.fused_silu_transform(
+        gate.reshape(-1, n), up.reshape(-1, n), layer.s1, layer.L, layer.R, layer.s2_act, d, D)
+    out = torch.ops.liftquant.int1_gemv(xp, wsc, layer.packed_signs, layer.scale, layer.bias,
+                                        gate.dtype)
+    return out.reshape(*gate.shape[:-1], out.shape[-1])
 
 
 def group_decoder_layers(layers: nn.ModuleList) -> list[dict[str, PackedGroup]]:

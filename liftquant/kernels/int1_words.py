@@ -24,7 +24,6 @@ the next kernel's launch and weight loads hide under the current one.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -55,9 +54,15 @@ PDL_ENABLED = _read_pdl_env()
 PDL_EARLY = True
 
 
-@functools.cache
+_CAPABLE: dict[int, bool] = {}  # device index -> compute capability >= 9.0
+
+
 def _pdl_capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    # A plain dict, not functools.cache: torch.compile traces this when a packed layer's
+    # forward is compiled, and warns about (and ignores) cache wrappers.
+    if index not in _CAPABLE:
+        _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _CAPABLE[index]
 
 
 def use_pdl(t: Tensor) -> bool:

@@ -65,12 +65,12 @@ if HAS_TRITON:
     # ---------------------------------------------------------------- fused transform T*
     @triton.jit
     def _transform_kernel(
-        X, S1, L, R, S2, OUT, WSC,
+        X, S1, L, R, S2, OUT, WSC, X2, GAMMA, HOUT, EPS,
         n: tl.constexpr, n1: tl.constexpr, n2: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
         K: tl.constexpr, KW: tl.constexpr,  # shapes are constexpr: one build per layer shape
         N1P: tl.constexpr, N2P: tl.constexpr, CP: tl.constexpr, BR: tl.constexpr,
         BK1: tl.constexpr, CC: tl.constexpr, WT: tl.constexpr, PAIRS: tl.constexpr,
-        PDL: tl.constexpr, EARLY: tl.constexpr,
+        PDL: tl.constexpr, EARLY: tl.constexpr, PRO: tl.constexpr,
     ):
         if EARLY:
             grid_launch_dependents(PDL)  # the GEMV may launch now and load its weights
@@ -100,6 +100,7 @@ if HAS_TRITON:
                                  mask=rmask[:, None] & (c < C)[None, :], other=0.0),)
         lts = ()
         s1s = ()
+        gms = ()
         for a0 in tl.static_range(0, N1P, BK1):
             a = a0 + tl.arange(0, BK1)
             lts = lts + (tl.load(L + rows[:, None] * n1 + a[None, :],
@@ -107,13 +108,40 @@ if HAS_TRITON:
             idx = a[:, None] * n2 + j2[None, :]  # (BK1, N2P) flat input index
             msk = (a < n1)[:, None] & (j2 < n2)[None, :] & (idx < n)
             s1s = s1s + (tl.load(S1 + idx, mask=msk, other=1.0).to(XDT),)  # divides in XDT
+            if PRO == 1:
+                gms = gms + (tl.load(GAMMA + idx, mask=msk, other=0.0).to(XDT),)
         grid_wait(PDL)  # x is the previous kernel's output
-        xs = ()
+        # The prologue (PRO) builds the layer input x in the decode step's roundings:
+        # 0: x as given; 1: h = x + x2 (residual add, written to HOUT by the first program of
+        # each token), x = gamma * (h * rsqrt(mean(h^2) + eps)) (RMSNorm); 2: x = silu(x) * x2.
+        xvs = ()
+        ssq = 0.0
         for i in tl.static_range(N1P // BK1):
             a = i * BK1 + tl.arange(0, BK1)
             idx = a[:, None] * n2 + j2[None, :]
             msk = (a < n1)[:, None] & (j2 < n2)[None, :] & (idx < n)
             xv = tl.load(X + b * n + idx, mask=msk, other=0.0)
+            # Two-operand ops in the model dtype run as fp32 ops rounded to XDT, as torch's do.
+            if PRO == 1:
+                x2v = tl.load(X2 + b * n + idx, mask=msk, other=0.0)
+                xv = (xv.to(tl.float32) + x2v.to(tl.float32)).to(XDT)
+                tl.store(HOUT + b * n + idx, xv, mask=msk & (rb == 0) & (m == 0))
+                hf = xv.to(tl.float32)
+                ssq += tl.sum(tl.sum(hf * hf, axis=1), axis=0)
+            elif PRO == 2:
+                g = xv.to(tl.float32)
+                act = (g * tl.sigmoid(g)).to(XDT)
+                up = tl.load(X2 + b * n + idx, mask=msk, other=0.0)
+                xv = (act.to(tl.float32) * up.to(tl.float32)).to(XDT)
+            xvs = xvs + (xv,)
+        if PRO == 1:
+            rstd = 1.0 / tl.sqrt(ssq / n + EPS)
+        xs = ()
+        for i in tl.static_range(N1P // BK1):
+            xv = xvs[i]
+            if PRO == 1:
+                xn = (xv.to(tl.float32) * rstd).to(XDT)
+                xv = (gms[i].to(tl.float32) * xn.to(tl.float32)).to(XDT)
             xs = xs + (tl.fdiv(xv.to(tl.float32), s1s[i].to(tl.float32)).to(XDT),)
         if not EARLY:
             grid_launch_dependents(PDL)  # every load issued: the GEMV's loads come next
@@ -222,10 +250,14 @@ def transform_tile_rows(C: int) -> int:
     return 16 if (16 * C) % WORD_BITS == 0 else 32
 
 
+PROLOGUES = {"none": 0, "add_norm": 1, "silu_mul": 2}
+
+
 def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor, *,
                      d: int, D: int, pairs: bool, tile_rows: int | None = None,
-                     chunk: int | None = None,
-                     num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+                     chunk: int | None = None, num_warps: int | None = None,
+                     prologue: str = "none", x2: Tensor | None = None,
+                     gamma: Tensor | None = None, eps: float = 0.0) -> tuple[Tensor, ...]:
     """``T*(x)`` for ``x`` (B, n): pairs -> (XP int32 (B, 16, KW), word scales (B, KW) fp32),
     plain -> ((B, K) in x.dtype, empty).
 
@@ -234,8 +266,19 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
     outputs member-major, (M B, 16, KW) and (M B, KW) (plain: (M B, K)).
     ``tile_rows`` (rows of H per program, word aligned), ``chunk`` (columns per dot) and
     ``num_warps`` override the defaults (benchmarks).
+
+    ``prologue`` computes the layer input in the same launch, as the decode step would:
+    ``"add_norm"``: residual ``h = x + x2``, input ``gamma * RMSNorm(h)`` (``eps``), and ``h``
+    is returned as a third output; ``"silu_mul"``: input ``silu(x) * x2`` (the MLP's gate and
+    up projections).
     """
     check_triton(x)
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue {prologue!r}: use one of {sorted(PROLOGUES)}")
+    pro = PROLOGUES[prologue]
+    if pro and (x2 is None or x2.shape != x.shape or (pro == 1 and gamma is None)):
+        raise ValueError(f"prologue {prologue!r} needs x2 of x's shape {tuple(x.shape)}"
+                         + (" and gamma" if pro == 1 else ""))
     B, n = x.shape
     M = L.shape[0] if L.dim() == 3 else 1
     n1, n2, C = L.shape[-1], R.shape[-2], R.shape[-1]
@@ -255,15 +298,19 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
     else:
         out = torch.empty(M * B, K, device=x.device, dtype=x.dtype)
         wsc = torch.empty(M * B, 0, device=x.device, dtype=torch.float32)
+    h_out = torch.empty_like(x) if pro == 1 else x.new_empty(0)
     grid = (-(-n1 // BR), B, M)
     num_warps = num_warps or (8 if max(N1P, N2P) >= 128 else 4)
+    x = x.contiguous()
     with device_ctx(x):
         _transform_kernel[grid](
-            x.contiguous(), s1.contiguous(), L.contiguous(), R.contiguous(),
-            s2_act.contiguous(), out, wsc, n=n, n1=n1, n2=n2, C=C, D=D, K=K, KW=KW,
-            N1P=N1P, N2P=N2P, CP=CP, BR=BR, BK1=BK1, CC=CC, WT=WT, PAIRS=pairs,
-            num_warps=num_warps, EARLY=int1_words.PDL_EARLY, **pdl_launch(use_pdl(x)))
-    return (out.view(torch.int32), wsc) if pairs else (out, wsc)
+            x, s1.contiguous(), L.contiguous(), R.contiguous(), s2_act.contiguous(), out, wsc,
+            x2.contiguous() if pro else x, gamma.contiguous() if pro == 1 else x, h_out,
+            float(eps), n=n, n1=n1, n2=n2, C=C, D=D, K=K, KW=KW, N1P=N1P, N2P=N2P, CP=CP,
+            BR=BR, BK1=BK1, CC=CC, WT=WT, PAIRS=pairs, num_warps=num_warps,
+            EARLY=int1_words.PDL_EARLY, PRO=pro, **pdl_launch(use_pdl(x)))
+    out = out.view(torch.int32) if pairs else out
+    return (out, wsc, h_out) if pro == 1 else (out, wsc)
 
 
 def launch_gemm(xs: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, *,
@@ -293,13 +340,42 @@ def fused_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor,
 
 
 @fused_transform.register_fake
-def _(x, s1, L, R, s2_act, d, D, pairs):
+def _fake_transform(x, s1, L, R, s2_act, d, D, pairs):
     M = L.shape[0] if L.dim() == 3 else 1
     B, K = x.shape[0] * M, L.shape[-1] * R.shape[-1]
     KW = -(-K // WORD_BITS)
     if pairs:
         return x.new_empty(B, 16, KW, dtype=torch.int32), x.new_empty(B, KW, dtype=torch.float32)
     return x.new_empty(B, K), x.new_empty(B, 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("liftquant::fused_norm_transform", mutates_args=())
+def fused_norm_transform(h: Tensor, delta: Tensor, gamma: Tensor, eps: float, s1: Tensor,
+                         L: Tensor, R: Tensor, s2_act: Tensor, d: int,
+                         D: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Residual add + RMSNorm + ``T*`` (pair layout) in one launch: (XP, word scales, h + delta);
+    see :func:`launch_transform` with ``prologue="add_norm"``."""
+    return launch_transform(h, s1, L, R, s2_act, d=d, D=D, pairs=True, prologue="add_norm",
+                            x2=delta, gamma=gamma, eps=eps)
+
+
+@fused_norm_transform.register_fake
+def _(h, delta, gamma, eps, s1, L, R, s2_act, d, D):
+    return (*_fake_transform(h, s1, L, R, s2_act, d, D, True), torch.empty_like(h))
+
+
+@torch.library.custom_op("liftquant::fused_silu_transform", mutates_args=())
+def fused_silu_transform(gate: Tensor, up: Tensor, s1: Tensor, L: Tensor, R: Tensor,
+                         s2_act: Tensor, d: int, D: int) -> tuple[Tensor, Tensor]:
+    """``T*(silu(gate) * up)`` (pair layout) in one launch; see :func:`launch_transform` with
+    ``prologue="silu_mul"``."""
+    return launch_transform(gate, s1, L, R, s2_act, d=d, D=D, pairs=True, prologue="silu_mul",
+                            x2=up)
+
+
+@fused_silu_transform.register_fake
+def _(gate, up, s1, L, R, s2_act, d, D):
+    return _fake_transform(gate, s1, L, R, s2_act, d, D, True)
 
 
 @torch.library.custom_op("liftquant::int1_gemv", mutates_args=())
