@@ -77,9 +77,61 @@ PROLOGUE_CHECK = textwrap.dedent("""
 """)
 
 
+STEP_CHECK = textwrap.dedent("""
+    import torch
+    torch.set_num_threads(1)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from liftquant.kernels import decode, fused_small, groups, registry
+    from tests.test_kernels import rand_layer, rel_err
+
+    fused_small.ENABLED = False  # every packed layer: T* + GEMV, so the prologues apply
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                      max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg).half()  # fp16: the interpreter's bf16 is not exact
+    shapes = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 96,
+              "up_proj": 96, "down_proj": 64}
+    for i, layer in enumerate(model.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for name, N in shapes.items():
+                if hasattr(parent, name):
+                    n = 96 if name == "down_proj" else 64
+                    setattr(parent, name, rand_layer(n, N, "8to4", bias=False, seed=i + N))
+    model = model.eval()
+    registry.set_backend(model, "triton")
+    assert groups.takes_prologue(model.model.layers[0].mlp.down_proj,
+                                 torch.zeros(1, 1, 96, dtype=torch.float16))
+    ids = torch.randint(0, cfg.vocab_size, (1, 4))
+    with torch.no_grad():
+        hf = model(ids).logits.float()
+    runs = {}
+    for fuse in (True, False):
+        decode.FUSE_PROLOGUES = fuse
+        step = decode.DecodeStep(model, max_len=8)
+        assert set(step.groups[0]) == {"qkv", "gate_up"}
+        logits = []
+        for t in range(ids.shape[1]):
+            step.ids.copy_(ids[:, t:t + 1])
+            logits.append(step().float())
+        runs[fuse] = torch.cat(logits, 1)
+    assert rel_err(runs[True], runs[False]) < 2e-2, rel_err(runs[True], runs[False])
+    assert rel_err(runs[True], hf) < 3e-2, rel_err(runs[True], hf)
+    print("ok")
+""")
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_prologues_match_unfused_in_interpreter():
     _run_interpreted(PROLOGUE_CHECK)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_fused_decode_step_in_interpreter():
+    """The whole step through the Triton kernels (grouped q/k/v and gate/up with the norm
+    inside T*, the down projection with the SiLU gate inside T*) against the unfused step
+    and the HF forward."""
+    _run_interpreted(STEP_CHECK, timeout=600)
 
 
 def test_step_keeps_the_unfused_path_on_cpu():

@@ -110,7 +110,7 @@ class PackedGroup(nn.Module):
         runs inside T*, :func:`takes_prologue`): (new residual, the members' outputs)."""
         d, D = self.spec.target_dim, self.spec.lifted_dim
         n = h.shape[-1]
-        h_new, xp, wsc = torch.ops.liftquant.fused_norm_transform(
+        xp, wsc, h_new = torch.ops.liftquant.fused_norm_transform(
             h.reshape(-1, n), delta.reshape(-1, n), weight, eps, self.s1, self.L, self.R,
             self.s2_act, d, D)
         out = torch.ops.liftquant.int1_gemv_group(xp, wsc, self.packed_signs, self.scale,
