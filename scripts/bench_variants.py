@@ -26,11 +26,15 @@ from profile_decode import shape_config
 from liftquant.kernels import decode, fused_small, int1_words
 from liftquant.kernels.decode import DecodeStep, GraphedDecode
 
-# switch -> the module attribute it sets: PDL launches, the one-launch small path, whether
-# the transform lets its GEMV launch at its start (else once its loads are issued), and the
-# decode step's norm / SiLU prologues inside T*.
-SWITCHES = {"pdl": (int1_words, "PDL_ENABLED"), "fused": (fused_small, "ENABLED"),
-            "early": (int1_words, "PDL_EARLY"), "prologue": (decode, "FUSE_PROLOGUES")}
+# switch -> (module, attribute, its values for 0 and 1): PDL launches, the one-launch small
+# path, whether the transform lets its GEMV launch at its start (else once its loads are
+# issued), the decode step's norm / SiLU prologues inside T*, and PDL for GEMVs of any size.
+SWITCHES = {"pdl": (int1_words, "PDL_ENABLED", (False, True)),
+            "fused": (fused_small, "ENABLED", (False, True)),
+            "early": (int1_words, "PDL_EARLY", (False, True)),
+            "prologue": (decode, "FUSE_PROLOGUES", (False, True)),
+            "pdl_big": (int1_words, "PDL_MAX_GEMV_BYTES",
+                        (int1_words.PDL_MAX_GEMV_BYTES, 1 << 62))}
 
 
 def variants(names: str) -> list[tuple[str, dict]]:
@@ -48,8 +52,8 @@ def variants(names: str) -> list[tuple[str, dict]]:
 
 def apply(settings: dict) -> None:
     for name, value in settings.items():
-        module, attr = SWITCHES[name]
-        setattr(module, attr, bool(value))
+        module, attr, values = SWITCHES[name]
+        setattr(module, attr, values[value])
 
 
 def main() -> None:

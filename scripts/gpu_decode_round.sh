@@ -10,7 +10,7 @@ for s in $STEPS; do
   case $s in
     sweep) timeout ${SWEEP_TIMEOUT:-240} python3 scripts/sweep_transform.py --json "$R/transform_sweep.json" > "$R/sweep.log" 2>&1; grep -A20 "^best per" "$R/sweep.log"; grep floor "$R/sweep.log" ;;
     tests) timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_groups.py tests/test_fused_small.py \
-             tests/test_kernels.py tests/test_pdl.py -k "cuda or reference or registry or backend or group or fits or switch" \
+             tests/test_kernels.py tests/test_pdl.py tests/test_prologue.py ${TEST_FILTER:--k "cuda or reference or registry or backend or group or fits or switch"} \
              > "$R/tests.log" 2>&1; tail -3 "$R/tests.log" ;;
     profile) timeout 240 python3 scripts/profile_decode.py ${PROFILE_ARGS:-} \
              --json "$R/profile.json" > "$R/profile.log" 2>&1; grep -A8 "^shape config" "$R/profile.log" ;;

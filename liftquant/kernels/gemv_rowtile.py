@@ -216,5 +216,5 @@ def launch_gemv(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Te
         kernel[grid](words, xp, wsc, scale, bias if bias is not None else scale, out,
                      N, KW, rs, nwt, HAS_BIAS=bias is not None, ALIGNED=aligned,
                      USE_ASM=use_asm and not interpreting(), BN=block_n, BW=block_w,
-                     num_warps=num_warps, **pdl_launch(use_pdl(xp)))
+                     num_warps=num_warps, **pdl_launch(use_pdl(xp, packed.numel())))
     return out

@@ -424,5 +424,5 @@ def launch_gemv_splitk(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
                 n_red=-(-cfg.rows_per_program // REDUCE_ROWS), USE_ASM=False, **meta)
         else:
             _splitk_kernel[(S, G, B)](*args, S, USE_ASM=cfg.use_asm, **meta,
-                                      **pdl_launch(use_pdl(xp)))
+                                      **pdl_launch(use_pdl(xp, packed.numel())))
     return out

@@ -52,6 +52,10 @@ def _read_pdl_env() -> bool:
 PDL_ENABLED = _read_pdl_env()
 # Where fused_transform lets its GEMV launch: at its start (True) or once its loads are issued.
 PDL_EARLY = True
+# GEMVs with more packed weight bytes launch without PDL: on the H100 an 8B-shaped decode step
+# was 2-3 % slower with PDL on its large GEMVs (5-37 MB), the 0.1-0.5B shapes (<= 2.7 MB per
+# GEMV) 5-9 % faster (bench/kernels.md).
+PDL_MAX_GEMV_BYTES = 4 << 20
 
 
 _CAPABLE: dict[int, bool] = {}  # device index -> compute capability >= 9.0
@@ -65,10 +69,12 @@ def _pdl_capable(index: int) -> bool:
     return _CAPABLE[index]
 
 
-def use_pdl(t: Tensor) -> bool:
+def use_pdl(t: Tensor, weight_bytes: int = 0) -> bool:
     """Whether kernels reading ``t`` launch with programmatic dependent launch: enabled, on a
-    CUDA device of compute capability 9.0 or later, and not under the Triton interpreter."""
+    CUDA device of compute capability 9.0 or later, not under the Triton interpreter, and (for
+    a GEMV) packed weights of at most :data:`PDL_MAX_GEMV_BYTES`."""
     return (PDL_ENABLED and HAS_TRITON and t.is_cuda and not interpreting()
+            and weight_bytes <= PDL_MAX_GEMV_BYTES
             and _pdl_capable(t.device.index if t.device.index is not None
                              else torch.cuda.current_device()))
 
