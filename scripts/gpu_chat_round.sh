@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo model on the GPU in two calls on one warm machine (issue 5):
 #   STAGE=stage  carry .assets/p1 .assets/snap .assets/gw: unpack the snapshot to /tmp/w, keep
-#                GGUF part 1 in $SCR, install the gguf wheel into /tmp/site; then CUDA tests.
+#                GGUF part 1 in $SCR, install the gguf wheel into /tmp/site; then CUDA tests
+#                (TESTS adds files, TEST_K filters) and, with DECODE8B=1, the 8B decode rows.
 #   STAGE=chat   carry .assets/p2: reassemble + convert the demo, quantize it at 20to8, chat
 #                with the step engine (two turns) and the HF engine (one), and time the
 #                checkpoint's decode against its bf16 original.
@@ -13,9 +14,14 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS
 Q=$SCR/q_20to8
 if [ "${STAGE}" = stage ]; then
   cp .assets/p1/gguf.part00 "$SCR/" && pip install -q --no-deps --target /tmp/site .assets/gw/*.whl
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_groups.py \
-    tests/test_fused_small.py > "$R/tests.log" 2>&1
-  echo "tests rc=$?"
+  timeout ${TESTS_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_groups.py \
+    tests/test_fused_small.py tests/test_pdl.py tests/test_prologue.py ${TESTS:-} \
+    -k "${TEST_K:-cuda}" > "$R/tests.log" 2>&1
+  echo "tests rc=$?"; grep -E "^FAILED|passed|failed" "$R/tests.log" | tail -5
+  if [ "${DECODE8B:-0}" = 1 ]; then  # the 8B-shaped rows of bench/decode.csv
+    timeout 240 python3 scripts/bench_decode.py --out "$R/decode8b.csv" > "$R/decode8b.log" 2>&1
+    grep tok/s "$R/decode8b.log"
+  fi
   if [ "${SWEEP:-0}" = 1 ]; then
     timeout 150 python3 scripts/sweep_transform.py --json "$R/transform_sweep.json" > "$R/sweep.log" 2>&1
     grep -A14 "^best per" "$R/sweep.log"
