@@ -13,8 +13,9 @@ layers keep the two-kernel path.
 
 ``LIFTQUANT_FUSED_SMALL``: ``auto`` (default) uses this path where it fits and the kernels
 launch without PDL (``int1_words.use_pdl``): with PDL the GEMV's launch and weight loads already
-hide under T*, and on the H100 the two kernels then decoded SmolLM2's shape faster (601 against
-575 tok/s, ``bench/kernels.md``); without PDL this path was the faster (579 against 550).
+hide under T*, and on the H100 the two kernels then decoded SmolLM2's shape faster (623 against
+598 tok/s, ``bench/kernels.md``); without PDL this path was the faster (604 against 570). It
+also takes a finished input, so the decode step's norm / SiLU prologues skip these layers.
 ``1`` uses it wherever it fits, ``0`` never.
 """
 

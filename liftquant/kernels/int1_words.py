@@ -52,9 +52,9 @@ def _read_pdl_env() -> bool:
 PDL_ENABLED = _read_pdl_env()
 # Where fused_transform lets its GEMV launch: at its start (True) or once its loads are issued.
 PDL_EARLY = True
-# GEMVs with more packed weight bytes launch without PDL: on the H100 an 8B-shaped decode step
-# was 2-3 % slower with PDL on its large GEMVs (5-37 MB), the 0.1-0.5B shapes (<= 2.7 MB per
-# GEMV) 5-9 % faster (bench/kernels.md).
+# GEMVs with more packed weight bytes launch without PDL. On the H100, PDL on the 8B shape's
+# large GEMVs (5-37 MB) cost about 1 % of its decode speed, while the 0.1-0.5B shapes (GEMVs of
+# at most 2.7 MB) decoded 5-9 % faster with PDL (bench/kernels.md).
 PDL_MAX_GEMV_BYTES = 4 << 20
 
 
