@@ -3,8 +3,10 @@
 * Under ``TRITON_INTERPRET=1``: ``launch_transform(prologue="add_norm")`` returns ``h + delta``
   exactly and the transform of ``gamma * RMSNorm(h + delta)`` that ``add_rms_norm`` followed by
   a plain launch gives (a q/k/v-style stack of members and a single layer, fp16 and bf16,
-  padded widths; bf16 within the interpreter's truncating rounding); ``"silu_mul"`` the transform of ``silu(gate) * up``; bad prologue arguments
-  are refused.
+  padded widths; bf16 within the interpreter's truncating rounding); ``"silu_mul"`` the
+  transform of ``silu(gate) * up``; bad prologue arguments are refused; both custom ops pass
+  ``torch.library.opcheck``. A whole packed decode step through the kernels (fp16) matches
+  the unfused step and transformers' forward.
 * CPU: the step keeps the unfused path where the kernels do not run (torch backend).
 * CUDA: a packed Llama's decode step with and without the fusions gives the same greedy tokens
   and logits within rounding, and the fused step is as close to the HF forward as the unfused
@@ -64,6 +66,15 @@ PROLOGUE_CHECK = textwrap.dedent("""
                                   x2=up)[0]
         assert rel_err(out, ref) < 1e-2, (spec, rel_err(out, ref))
     m = rand_layer(64, 16, "16to8")
+    # the custom ops' schemas and fake implementations (what torch.compile and graphs see)
+    h, delta = torch.randn(1, 64).half(), torch.randn(1, 64).half()
+    side_m = (m.s1, m.L, m.R, m.s2_act)
+    for op, args in [(torch.ops.liftquant.fused_norm_transform.default,
+                      (h, delta, (torch.rand(64) + 0.5).half(), 1e-5, *side_m, 8, 16)),
+                     (torch.ops.liftquant.fused_silu_transform.default,
+                      (h, delta, *side_m, 8, 16))]:
+        report = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in report.values()), report
     for kwargs, msg in [(dict(prologue="gelu"), "prologue"),
                         (dict(prologue="add_norm", x2=torch.zeros(1, 64)), "gamma"),
                         (dict(prologue="silu_mul"), "x2")]:

@@ -7,8 +7,8 @@ Compiled with ``torch.compile`` they are traced once per shape and reused by eve
 every model of that shape, so compile time does not grow with depth and dense and quantized
 models run the same code (a fair comparison). Where a packed group or down projection runs the
 Triton decode kernels, its input (add + RMSNorm, or the SiLU gate) is computed inside its T*
-launch instead (:data:`FUSE_PROLOGUES`), in the same roundings. :class:`GraphedDecode` captures one step as a
-CUDA graph and replays it per token.
+launch instead (:data:`FUSE_PROLOGUES`), in the same roundings. :class:`GraphedDecode`
+captures one step as a CUDA graph and replays it per token.
 
 The KV cache is our own static buffer per layer, ``(n_kv, max_len, head_dim)``; attention
 groups the query heads by KV head (``q.view(n_kv, n_rep, hd)``), so GQA needs no repeated KV.
