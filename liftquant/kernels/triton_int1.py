@@ -125,7 +125,8 @@ if HAS_TRITON:
             if PRO == 1:
                 x2v = tl.load(X2 + b * n + idx, mask=msk, other=0.0)
                 xv = (xv.to(tl.float32) + x2v.to(tl.float32)).to(XDT)
-                tl.store(HOUT + b * n + idx, xv, mask=msk & (rb == 0) & (m == 0))
+                if (rb == 0) & (m == 0):  # one program per token writes the residual
+                    tl.store(HOUT + b * n + idx, xv, mask=msk)
                 hf = xv.to(tl.float32)
                 ssq += tl.sum(tl.sum(hf * hf, axis=1), axis=0)
             elif PRO == 2:
