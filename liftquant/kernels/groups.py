@@ -99,7 +99,8 @@ class PackedGroup(nn.Module):
                                                          self.scale, self.bias, d, D,
                                                          list(self.members))
         else:
-            xp, wsc = torch.ops.liftquant.fused_transform(x2, *side, d, D, True)
+            xp, wsc = torch.ops.liftquant.fused_transform(x2, *side, d, D, True,
+                                                          self.packed_signs.numel())
             out = torch.ops.liftquant.int1_gemv_group(xp, wsc, self.packed_signs, self.scale,
                                                       self.bias, x.dtype, list(self.members))
         return tuple(o.reshape(*lead, o.shape[-1]) for o in out.split(self.members, dim=-1))
@@ -112,7 +113,7 @@ class PackedGroup(nn.Module):
         n = h.shape[-1]
         xp, wsc, h_new = torch.ops.liftquant.fused_norm_transform(
             h.reshape(-1, n), delta.reshape(-1, n), weight, eps, self.s1, self.L, self.R,
-            self.s2_act, d, D)
+            self.s2_act, d, D, self.packed_signs.numel())
         out = torch.ops.liftquant.int1_gemv_group(xp, wsc, self.packed_signs, self.scale,
                                                   self.bias, h.dtype, list(self.members))
         lead = h.shape[:-1]
@@ -147,7 +148,8 @@ def silu_linear(layer: PackedLiftLinear, gate: Tensor, up: Tensor) -> Tensor:
     d, D = layer.spec.target_dim, layer.spec.lifted_dim
     n = gate.shape[-1]
     xp, wsc = torch.ops.liftquant.fused_silu_transform(
-        gate.reshape(-1, n), up.reshape(-1, n), layer.s1, layer.L, layer.R, layer.s2_act, d, D)
+        gate.reshape(-1, n), up.reshape(-1, n), layer.s1, layer.L, layer.R, layer.s2_act, d, D,
+        layer.packed_signs.numel())
     out = torch.ops.liftquant.int1_gemv(xp, wsc, layer.packed_signs, layer.scale, layer.bias,
                                         gate.dtype)
     return out.reshape(*gate.shape[:-1], out.shape[-1])

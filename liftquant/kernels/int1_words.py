@@ -52,9 +52,9 @@ def _read_pdl_env() -> bool:
 PDL_ENABLED = _read_pdl_env()
 # Where fused_transform lets its GEMV launch: at its start (True) or once its loads are issued.
 PDL_EARLY = True
-# GEMVs with more packed weight bytes launch without PDL. On the H100, PDL on the 8B shape's
-# large GEMVs (5-37 MB) cost about 1 % of its decode speed, while the 0.1-0.5B shapes (GEMVs of
-# at most 2.7 MB) decoded 5-9 % faster with PDL (bench/kernels.md).
+# GEMVs with more packed weight bytes, and the transforms that feed them, launch without PDL.
+# On the H100 PDL cost the 8B shape (GEMVs of 5-37 MB) about 2 % of its decode speed, while the
+# 0.1-0.5B shapes (GEMVs of at most 2.7 MB) decoded 5-9 % faster with it (bench/kernels.md).
 PDL_MAX_GEMV_BYTES = 4 << 20
 
 
@@ -72,7 +72,8 @@ def _pdl_capable(index: int) -> bool:
 def use_pdl(t: Tensor, weight_bytes: int = 0) -> bool:
     """Whether kernels reading ``t`` launch with programmatic dependent launch: enabled, on a
     CUDA device of compute capability 9.0 or later, not under the Triton interpreter, and (for
-    a GEMV) packed weights of at most :data:`PDL_MAX_GEMV_BYTES`."""
+    a GEMV, or the transform that feeds it) packed weights of at most
+    :data:`PDL_MAX_GEMV_BYTES`."""
     return (PDL_ENABLED and HAS_TRITON and t.is_cuda and not interpreting()
             and weight_bytes <= PDL_MAX_GEMV_BYTES
             and _pdl_capable(t.device.index if t.device.index is not None

@@ -233,7 +233,8 @@ class TritonBackend:
             out = torch.ops.liftquant.fused_small_linear(x2, *side, layer.packed_signs,
                                                          layer.scale, layer.bias, d, D, [N])
         elif B <= GEMV_MAX_TOKENS:
-            xp, wsc = torch.ops.liftquant.fused_transform(x2, *side, d, D, True)
+            xp, wsc = torch.ops.liftquant.fused_transform(x2, *side, d, D, True,
+                                                          layer.packed_signs.numel())
             out = torch.ops.liftquant.int1_gemv(xp, wsc, layer.packed_signs, layer.scale,
                                                 layer.bias, x.dtype)
         else:

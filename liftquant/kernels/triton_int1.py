@@ -258,7 +258,8 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
                      d: int, D: int, pairs: bool, tile_rows: int | None = None,
                      chunk: int | None = None, num_warps: int | None = None,
                      prologue: str = "none", x2: Tensor | None = None,
-                     gamma: Tensor | None = None, eps: float = 0.0) -> tuple[Tensor, ...]:
+                     gamma: Tensor | None = None, eps: float = 0.0,
+                     gemv_bytes: int = 0) -> tuple[Tensor, ...]:
     """``T*(x)`` for ``x`` (B, n): pairs -> (XP int32 (B, 16, KW), word scales (B, KW) fp32),
     plain -> ((B, K) in x.dtype, empty).
 
@@ -272,6 +273,9 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
     ``"add_norm"``: residual ``h = x + x2``, input ``gamma * RMSNorm(h)`` (``eps``), and ``h``
     is returned as a third output; ``"silu_mul"``: input ``silu(x) * x2`` (the MLP's gate and
     up projections).
+
+    ``gemv_bytes``: the packed weight bytes of the GEMV that reads the output; T* launches with
+    PDL exactly when that GEMV does (``int1_words.use_pdl``).
     """
     check_triton(x)
     if prologue not in PROLOGUES:
@@ -309,7 +313,7 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
             x2.contiguous() if pro else x, gamma.contiguous() if pro == 1 else x, h_out,
             float(eps), n=n, n1=n1, n2=n2, C=C, D=D, K=K, KW=KW, N1P=N1P, N2P=N2P, CP=CP,
             BR=BR, BK1=BK1, CC=CC, WT=WT, PAIRS=pairs, num_warps=num_warps,
-            EARLY=int1_words.PDL_EARLY, PRO=pro, **pdl_launch(use_pdl(x)))
+            EARLY=int1_words.PDL_EARLY, PRO=pro, **pdl_launch(use_pdl(x, gemv_bytes)))
     out = out.view(torch.int32) if pairs else out
     return (out, wsc, h_out) if pro == 1 else (out, wsc)
 
@@ -335,13 +339,13 @@ def launch_gemm(xs: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, 
 # -------------------------------------------------------------------- custom ops
 @torch.library.custom_op("liftquant::fused_transform", mutates_args=())
 def fused_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor, d: int, D: int,
-                    pairs: bool) -> tuple[Tensor, Tensor]:
+                    pairs: bool, gemv_bytes: int = 0) -> tuple[Tensor, Tensor]:
     """Fused ``T*(x)`` (Eq. 4) for ``x`` (B, n); see :func:`launch_transform`."""
-    return launch_transform(x, s1, L, R, s2_act, d=d, D=D, pairs=pairs)
+    return launch_transform(x, s1, L, R, s2_act, d=d, D=D, pairs=pairs, gemv_bytes=gemv_bytes)
 
 
 @fused_transform.register_fake
-def _fake_transform(x, s1, L, R, s2_act, d, D, pairs):
+def _fake_transform(x, s1, L, R, s2_act, d, D, pairs, gemv_bytes=0):
     M = L.shape[0] if L.dim() == 3 else 1
     B, K = x.shape[0] * M, L.shape[-1] * R.shape[-1]
     KW = -(-K // WORD_BITS)
@@ -352,30 +356,31 @@ def _fake_transform(x, s1, L, R, s2_act, d, D, pairs):
 
 @torch.library.custom_op("liftquant::fused_norm_transform", mutates_args=())
 def fused_norm_transform(h: Tensor, delta: Tensor, gamma: Tensor, eps: float, s1: Tensor,
-                         L: Tensor, R: Tensor, s2_act: Tensor, d: int,
-                         D: int) -> tuple[Tensor, Tensor, Tensor]:
+                         L: Tensor, R: Tensor, s2_act: Tensor, d: int, D: int,
+                         gemv_bytes: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Residual add + RMSNorm + ``T*`` (pair layout) in one launch: (XP, word scales, h + delta);
     see :func:`launch_transform` with ``prologue="add_norm"``."""
     return launch_transform(h, s1, L, R, s2_act, d=d, D=D, pairs=True, prologue="add_norm",
-                            x2=delta, gamma=gamma, eps=eps)
+                            x2=delta, gamma=gamma, eps=eps, gemv_bytes=gemv_bytes)
 
 
 @fused_norm_transform.register_fake
-def _(h, delta, gamma, eps, s1, L, R, s2_act, d, D):
+def _(h, delta, gamma, eps, s1, L, R, s2_act, d, D, gemv_bytes=0):
     return (*_fake_transform(h, s1, L, R, s2_act, d, D, True), torch.empty_like(h))
 
 
 @torch.library.custom_op("liftquant::fused_silu_transform", mutates_args=())
 def fused_silu_transform(gate: Tensor, up: Tensor, s1: Tensor, L: Tensor, R: Tensor,
-                         s2_act: Tensor, d: int, D: int) -> tuple[Tensor, Tensor]:
+                         s2_act: Tensor, d: int, D: int,
+                         gemv_bytes: int = 0) -> tuple[Tensor, Tensor]:
     """``T*(silu(gate) * up)`` (pair layout) in one launch; see :func:`launch_transform` with
     ``prologue="silu_mul"``."""
     return launch_transform(gate, s1, L, R, s2_act, d=d, D=D, pairs=True, prologue="silu_mul",
-                            x2=up)
+                            x2=up, gemv_bytes=gemv_bytes)
 
 
 @fused_silu_transform.register_fake
-def _(gate, up, s1, L, R, s2_act, d, D):
+def _(gate, up, s1, L, R, s2_act, d, D, gemv_bytes=0):
     return _fake_transform(gate, s1, L, R, s2_act, d, D, True)
 
 
