@@ -71,7 +71,6 @@ FUSED_CHECK = textwrap.dedent("""
         assert err < 3e-3, (spec, err)
     # a q/k/v-style group: members of different row counts
     layers = [rand_layer(200, N, "24to10", bias=True, seed=N) for N in (24, 8, 8)]
-    dense = [torch_ref.dense_linear(m, torch.ones(1, 200)) for m in layers]
     x = torch.randn(1, 200).half()
     dense = [torch_ref.dense_linear(m, x.float()) for m in layers]
     group = PackedGroup(layers)

@@ -21,7 +21,6 @@ also takes a finished input, so the decode step's norm / SiLU prologues skip the
 
 from __future__ import annotations
 
-import os
 from typing import Optional  # custom_op schemas: Optional[Tensor] parses on torch 2.6+
 
 import torch
@@ -31,6 +30,7 @@ from liftquant.kernels.int1_words import (
     HAS_TRITON,
     check_triton,
     device_ctx,
+    env_choice,
     pdl_launch,
     use_pdl,
 )
@@ -52,9 +52,7 @@ def _pow2(n: int, floor: int = 16) -> int:
 
 
 def _read_env() -> bool | None:
-    value = os.environ.get(FUSED_ENV, "auto").strip().lower()
-    if value not in ("0", "1", "auto"):
-        raise ValueError(f"{FUSED_ENV}={value!r}; use auto, 0 or 1")
+    value = env_choice(FUSED_ENV, "auto", ("auto", "0", "1"))
     return None if value == "auto" else value == "1"
 
 

@@ -41,11 +41,18 @@ except ImportError:  # pragma: no cover - exercised on CPU-only installs
 PDL_ENV = "LIFTQUANT_PDL"
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """The value of environment switch ``name`` (``default`` when unset), stripped and lower
+    case; anything outside ``choices`` is refused, naming them."""
+    value = os.environ.get(name, default).strip().lower()
+    if value not in choices:
+        listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+        raise ValueError(f"{name}={value!r}; use {listed}")
+    return value
+
+
 def _read_pdl_env() -> bool:
-    value = os.environ.get(PDL_ENV, "1").strip().lower()
-    if value not in ("0", "1"):
-        raise ValueError(f"{PDL_ENV}={value!r}; use 0 or 1")
-    return value == "1"
+    return env_choice(PDL_ENV, "1", ("0", "1")) == "1"
 
 
 # Read once at import; benchmarks and tests flip the module attribute to compare.

@@ -101,12 +101,16 @@ if HAS_TRITON:
         lts = ()
         s1s = ()
         gms = ()
+        idxs = ()
+        msks = ()
         for a0 in tl.static_range(0, N1P, BK1):
             a = a0 + tl.arange(0, BK1)
             lts = lts + (tl.load(L + rows[:, None] * n1 + a[None, :],
                                  mask=rmask[:, None] & (a < n1)[None, :], other=0.0),)
             idx = a[:, None] * n2 + j2[None, :]  # (BK1, N2P) flat input index
             msk = (a < n1)[:, None] & (j2 < n2)[None, :] & (idx < n)
+            idxs = idxs + (idx,)
+            msks = msks + (msk,)
             s1s = s1s + (tl.load(S1 + idx, mask=msk, other=1.0).to(XDT),)  # divides in XDT
             if PRO == 1:
                 gms = gms + (tl.load(GAMMA + idx, mask=msk, other=0.0).to(XDT),)
@@ -117,9 +121,8 @@ if HAS_TRITON:
         xvs = ()
         ssq = 0.0
         for i in tl.static_range(N1P // BK1):
-            a = i * BK1 + tl.arange(0, BK1)
-            idx = a[:, None] * n2 + j2[None, :]
-            msk = (a < n1)[:, None] & (j2 < n2)[None, :] & (idx < n)
+            idx = idxs[i]
+            msk = msks[i]
             xv = tl.load(X + b * n + idx, mask=msk, other=0.0)
             # Two-operand ops in the model dtype run as fp32 ops rounded to XDT, as torch's do.
             if PRO == 1:
