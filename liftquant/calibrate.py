@@ -20,23 +20,21 @@ seeded with ``seed + index``, so a resumed run produces the same checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from liftquant.blockstore import block_file, is_finished, load_finished_block, save_block
 from liftquant.cache import ActivationCache, choose_mode
 from liftquant.capture import capture_block_inputs, prepare_block_kwargs
 from liftquant.config import RunConfig
 from liftquant.lattice import LatticeSpec
-from liftquant.linear import LiftLinear, PackedLiftLinear, cast_unquantized, lifted_width
+from liftquant.linear import LiftLinear, cast_unquantized, lifted_width
 from liftquant.log import get_logger, peak_memory_gib, seed_everything
 from liftquant.models.adapters import ModelAdapter
 
@@ -263,41 +261,6 @@ def quantize_block(
 
 
 # ------------------------------------------------------------------------------- model loop
-def swap_to_packed(block: nn.Module, adapter: ModelAdapter, spec: LatticeSpec,
-                   *, names: list[str] | None = None) -> None:
-    """Replace the block's group linears by empty ``PackedLiftLinear`` skeletons."""
-    for name in names or adapter.linear_names(block):
-        lin = adapter.get_linear(block, name)
-        adapter.set_module(block, name, PackedLiftLinear(
-            lin.in_features, lin.out_features, spec=spec, bias=lin.bias is not None,
-            device=lin.weight.device))
-
-
-def _block_file(blocks_dir: Path | None, i: int) -> Path | None:
-    return None if blocks_dir is None else blocks_dir / f"block_{i:03d}.safetensors"
-
-
-def _save_block(path: Path, block: nn.Module, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()},
-              str(tmp))
-    path.with_suffix(".json.tmp").write_text(json.dumps(row))
-    os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
-    os.replace(tmp, path)  # the .safetensors appears last: it marks the block as finished
-
-
-def _load_finished_block(block: nn.Module, path: Path, *, adapter: ModelAdapter,
-                         spec: LatticeSpec, backend: str, device: torch.device) -> dict:
-    """Resume: swap in packed skeletons, load the saved block strictly, return its report row."""
-    swap_to_packed(block, adapter, spec)
-    block.load_state_dict({k: v.to(device) for k, v in load_file(str(path)).items()}, strict=True)
-    for m in block.modules():
-        if isinstance(m, PackedLiftLinear):
-            m.backend = backend
-    return json.loads(path.with_suffix(".json").read_text())
-
-
 def _propagate_quantized(block, data: BlockData, bs: int) -> None:
     with torch.no_grad():
         for start in range(0, len(data.inputs), bs):
@@ -350,13 +313,13 @@ def quantize_model(
             seed_everything(cfg.calib.seed + i)
             block = blocks[i].to(device=device, dtype=torch.float32)
             data = BlockData(inputs=X, targets=Y, block_kwargs=kwargs, device=device, **split)
-            path = _block_file(blocks_dir, i)
-            done = resume and path is not None and path.is_file()
+            path = block_file(blocks_dir, i)
+            done = resume and is_finished(path)
             fill = cfg.train.propagate == "fp" or not done
             stats = fp_targets_and_stats(block, adapter, data, batch_size=cfg.calib.batch_size,
                                          fill=fill)
             if done:
-                row = _load_finished_block(block, path, adapter=adapter, spec=spec,
+                row = load_finished_block(block, path, adapter=adapter, spec=spec,
                                            backend=cfg.run.backend, device=device)
                 logger.info("block %d/%d resumed from %s", i + 1, len(blocks), path)
             else:
@@ -373,7 +336,7 @@ def quantize_model(
             cast_unquantized(block, model_dtype)
             blocks[i] = block.to("cpu")
             if path is not None and not done:
-                _save_block(path, blocks[i], row)
+                save_block(path, blocks[i], row)
             rows.append(row)
     finally:  # disk-backed caches delete their files here, also on errors
         X.close()

@@ -49,6 +49,11 @@ class CalibArgs:
     cache_mode: str = _f("auto", "where block activations live: auto|cpu|pinned|disk",
                          choices=("auto", "cpu", "pinned", "disk"))
     cache_dir: str | None = _f(None, "folder for disk-backed activation caches")
+    max_gpu_memory: float | None = _f(None, "GiB of accelerator memory the block loop may use; "
+                                      "micro-batches and checkpointing are planned to fit, or "
+                                      "the run is refused up front with the estimate")
+    max_host_memory: float | None = _f(None, "GiB of host RAM the activation caches may use; "
+                                       "beyond it they spill to a disk memmap (--cache_dir)")
 
 
 @dataclass
@@ -89,6 +94,9 @@ class TrainArgs:
     lw_lr: float = _f(2e-5, "stage-2 lr of the latent sign weights")
     lt_lr: float = _f(2e-4, "stage-2 lr of the fused T* factors L, R")
     finetuning_weights: bool = _f(True, "train latent sign weights in stage 2")
+    compute_dtype: str = _f("auto", "block-training compute dtype (parameters stay float32 "
+                            "master copies): auto = bfloat16 on CUDA, float32 on CPU",
+                            choices=("auto", "bfloat16", "float32"))
     holdout: int = _f(0, "calibration sequences held out for the reported error (0: 1/32 of "
                       "nsamples, at least 1)")
     propagate: str = _f("fp", "inputs of block i: 'fp' = FP model outputs (authors' default), "
@@ -123,6 +131,8 @@ class RunArgs:
     tasks_limit: int | None = _f(None, "lm-eval: at most this many examples per task")
     eval_batch_size: int = _f(16, "lm-eval requests per forward pass")
     resume: bool = _f(False, "continue an interrupted run from <save_dir>/blocks")
+    overwrite: bool = _f(False, "replace an existing checkpoint in --save_dir (otherwise a "
+                         "folder holding another run is refused)")
     backend: str = _f("auto", "kernel backend of packed layers (evaluation, propagation)",
                       choices=("auto", "torch", "triton", "bitblas"))
     config: str | None = _f(None, "read arguments from this JSON (CLI flags override)")
