@@ -36,7 +36,7 @@ def swap_to_packed(block: nn.Module, adapter: ModelAdapter, spec: LatticeSpec,
             device=lin.weight.device))
 
 
-def save_block(path: Path, block: nn.Module, row: dict) -> None:
+def save_block(path: Path, block: nn.Module, row: dict, *, fingerprint: dict | None = None) -> None:
     """Write block ``path`` atomically: JSON row first, the ``.safetensors`` marker last."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -53,7 +53,8 @@ def is_finished(path: Path | None) -> bool:
 
 
 def load_finished_block(block: nn.Module, path: Path, *, adapter: ModelAdapter,
-                        spec: LatticeSpec, backend: str, device: torch.device) -> dict:
+                        spec: LatticeSpec, backend: str, device: torch.device,
+                        fingerprint: dict | None = None) -> dict:
     """Resume: swap in packed skeletons, load the saved block strictly, return its report row."""
     swap_to_packed(block, adapter, spec)
     block.load_state_dict({k: v.to(device) for k, v in load_file(str(path)).items()}, strict=True)

@@ -282,6 +282,7 @@ def quantize_model(
     device: torch.device,
     blocks_dir: Path | None = None,
     resume: bool = False,
+    fingerprint: dict | None = None,
 ) -> list[dict]:
     """Quantize every decoder block of ``model`` in place; return one report row per block."""
     from tqdm.auto import tqdm
@@ -320,7 +321,8 @@ def quantize_model(
                                          fill=fill)
             if done:
                 row = load_finished_block(block, path, adapter=adapter, spec=spec,
-                                           backend=cfg.run.backend, device=device)
+                                          backend=cfg.run.backend, device=device,
+                                          fingerprint=fingerprint)
                 logger.info("block %d/%d resumed from %s", i + 1, len(blocks), path)
             else:
                 row = {"block": i, **quantize_block(
@@ -336,7 +338,7 @@ def quantize_model(
             cast_unquantized(block, model_dtype)
             blocks[i] = block.to("cpu")
             if path is not None and not done:
-                save_block(path, blocks[i], row)
+                save_block(path, blocks[i], row, fingerprint=fingerprint)
             rows.append(row)
     finally:  # disk-backed caches delete their files here, also on errors
         X.close()
