@@ -88,6 +88,7 @@ class ActivationCache:
 
     def _open_memmap(self, path: str | os.PathLike | None) -> None:
         directory = Path(path) if path is not None else Path(tempfile.gettempdir())
+        check_free_space(directory, self.nbytes)
         directory.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="activations_", suffix=DISK_SUFFIX, dir=directory)
         os.close(fd)
@@ -262,14 +263,19 @@ def choose_mode(
     *,
     budget_fraction: float = DEFAULT_BUDGET_FRACTION,
     prefer: str = "cpu",
+    cap_bytes: int | None = None,
 ) -> str:
     """``prefer`` ("cpu" or "pinned") when the caches fit the RAM budget, else ``"disk"``.
 
-    ``n_bytes_needed`` is the total of every cache alive at once (e.g. inputs + targets).
+    ``n_bytes_needed`` is the total of every cache alive at once (e.g. inputs + targets). The
+    budget is ``budget_fraction`` of the available RAM, or ``cap_bytes`` when that is smaller
+    (``--max_host_memory``).
     """
     if prefer not in ("cpu", "pinned"):
         raise ValueError(f"prefer must be 'cpu' or 'pinned', got {prefer!r}")
     budget = budget_fraction * available_host_bytes()
+    if cap_bytes is not None:
+        budget = min(budget, cap_bytes)
     mode = prefer if n_bytes_needed <= budget else "disk"
     logger.debug(
         "caches need %.2f GiB, RAM budget %.2f GiB -> %s",
@@ -278,3 +284,41 @@ def choose_mode(
         mode,
     )
     return mode
+
+
+def check_free_space(directory: str | os.PathLike, n_bytes: int) -> None:
+    """Refuse (``OSError`` ENOSPC naming ``--cache_dir``) a disk cache that would not fit.
+
+    A memmap file is sparse: creating it takes no space, and writing into a full filesystem
+    later kills the process with SIGBUS ("Bus error", exit 135) and no message. So the space is
+    checked up front: ``n_bytes`` for the new cache plus the not yet written part of the other
+    ``*.lqcache`` files already in ``directory`` (the run's other caches, e.g. the inputs when
+    the targets are opened). ``directory`` need not exist yet: its nearest existing parent is
+    measured.
+    """
+    import errno
+    import shutil
+
+    directory = Path(directory)
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    pending = 0
+    if directory.is_dir():
+        for other in directory.glob(f"*{DISK_SUFFIX}"):
+            with contextlib.suppress(OSError):  # removed meanwhile by its owner
+                st = other.stat()
+                pending += max(0, st.st_size - getattr(st, "st_blocks", 0) * 512)
+    free = shutil.disk_usage(probe).free
+    if n_bytes + pending <= free:
+        return
+
+    def size(n: int) -> str:
+        return f"{n} bytes ({n / 2**30:.2f} GiB)"
+
+    others = (f" plus {size(pending)} not yet written by the other {DISK_SUFFIX} files there"
+              if pending else "")
+    raise OSError(errno.ENOSPC,
+                  f"the disk activation cache needs {size(n_bytes)}{others} in {directory}, but "
+                  f"only {size(free)} are free; point --cache_dir at a filesystem with more "
+                  "free space, or lower --nsamples / --seqlen")

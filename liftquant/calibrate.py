@@ -6,23 +6,25 @@ For each decoder block, in order:
    gathered by hooks in the same pass: the AWQ-like ``s1`` initialisation);
 2. the group linears become :class:`~liftquant.linear.LiftLinear` in proxy mode; stage 1 trains
    the whitening T (P1, P2, s1, s2) and proxy clips on block-output MSE (Eq. 3);
-3. every layer is rounded to the lattice (``round_to_lattice``); stage 2 (intra-block
-   correction, Eq. 5) trains latent signs, scales, the fused T* factors and s1/s2;
+3. all linears of the block are rounded to the lattice in one batched search
+   (:func:`round_block_to_lattice`); stage 2 (intra-block correction, Eq. 5) trains the flip
+   candidates of the latent signs, scales, the fused T* factors and s1/s2;
 4. the layers are packed into :class:`~liftquant.linear.PackedLiftLinear` and the next block's
    inputs are propagated: ``fp`` (inputs of block i+1 are FP outputs, the authors' default) or
    ``quantized`` (outputs of the quantized block; targets are then the FP block applied to
    those inputs).
 
-Finished blocks are written to ``<blocks_dir>/block_XXX.safetensors`` (+ ``.json`` report row)
-as they finish; ``resume`` reloads them and only re-propagates activations, and every block is
-seeded with ``seed + index``, so a resumed run produces the same checkpoint.
+Compute runs in ``--compute_dtype`` (bfloat16 autocast on CUDA, float32 masters of everything
+trained); every pass over the activations goes through one :class:`~liftquant.stream.BlockStream`;
+the memory plan (:mod:`liftquant.plan`) is logged before the first block and an ETA after each.
+Finished blocks are written to ``<blocks_dir>/block_XXX.safetensors`` (+ ``.json`` report row,
+:mod:`liftquant.blockstore`); ``resume`` reloads them and only re-propagates activations, and
+every block is seeded with ``seed + index``, so a resumed run produces the same checkpoint.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,114 +32,54 @@ import torch
 from torch import Tensor, nn
 
 from liftquant.blockstore import block_file, is_finished, load_finished_block, save_block
+from liftquant.blocktrain import (
+    BlockData,
+    OutOfMemoryBeforeStep,
+    holdout_error,
+    latent_flip_margin,
+    train_block,
+)
 from liftquant.cache import ActivationCache, choose_mode
-from liftquant.capture import capture_block_inputs, prepare_block_kwargs
+from liftquant.capture import capture_block_inputs
 from liftquant.config import RunConfig
-from liftquant.lattice import LatticeSpec
-from liftquant.linear import LiftLinear, cast_unquantized, lifted_width
+from liftquant.lattice import LatticeSpec, encode_candidates
+from liftquant.linear import LiftLinear, cast_unquantized
 from liftquant.log import get_logger, peak_memory_gib, seed_everything
 from liftquant.models.adapters import ModelAdapter
+from liftquant.plan import GIB, MemoryPlan, gpu_budget_bytes, plan_block, shrink
+from liftquant.stream import BlockStream, forward_block, index_batches
 
 logger = get_logger("calibrate")
 
 # s1 = (mean|x| / geometric mean)^alpha, clamped to this range (SPEC §3: AWQ-like init).
 S1_CLAMP = (1.0 / 16.0, 16.0)
-# Consecutive non-finite losses tolerated before training stops with an error.
-MAX_NONFINITE = 3
-# Gradient-norm clip for block training.
-GRAD_CLIP = 1.0
 # Samples used for the per-channel activation statistics (s1 init).
 STATS_SAMPLES = 64
+# Planning guess of the share of latent weights within the flip margin, per unit of margin
+# (|pre| has a density of about this much near zero; measured after rounding and logged).
+CANDIDATE_DENSITY = 1.0
 
 
-@dataclass
-class BlockData:
-    """What ``train_block`` needs: activations, replay kwargs, split and device."""
-
-    inputs: ActivationCache
-    targets: ActivationCache
-    block_kwargs: dict[str, Any]
-    train_idx: list[int]
-    holdout_idx: list[int]
-    device: torch.device
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``--compute_dtype``: auto = bfloat16 on CUDA (when supported), float32 elsewhere."""
+    if name == "auto":
+        ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if ok else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-# ------------------------------------------------------------------------------- training
-def _forward(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
-    out = block(x, **kwargs)
-    return out[0] if isinstance(out, tuple | list) else out
+class _Clock:
+    """Per-phase wall time of one block (synchronised on CUDA so phases do not blur)."""
 
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.split, self._t = device, {}, time.perf_counter()
 
-@torch.no_grad()
-def holdout_error(block: nn.Module, data: BlockData, *, batch_size: int) -> float:
-    """Relative output MSE ``||block(X) - Y||^2 / ||Y||^2`` on the held-out samples."""
-    num = den = 0.0
-    for i in range(0, len(data.holdout_idx), batch_size):
-        idx = data.holdout_idx[i:i + batch_size]
-        x = data.inputs.get_batch(idx, data.device).float()
-        y = data.targets.get_batch(idx, data.device).float()
-        kw = prepare_block_kwargs(data.block_kwargs, batch=len(idx), device=data.device,
-                                  dtype=torch.float32)
-        num += float((_forward(block, x, kw) - y).square().sum())
-        den += float(y.square().sum())
-    return num / max(den, 1e-30)
-
-
-def train_block(
-    block: nn.Module,
-    data: BlockData,
-    *,
-    param_groups: list[dict],
-    epochs: int,
-    batch_size: int,
-    n_samples: int,
-    seed: int,
-) -> dict[str, float]:
-    """Minimise block-output MSE vs targets over ``param_groups`` (Adam, one cosine schedule).
-
-    Returns the first and last epoch's mean training loss. Non-finite losses are skipped with a
-    warning; ``MAX_NONFINITE`` in a row raise ``FloatingPointError``.
-    """
-    groups = [g for g in param_groups if g["params"] and g["lr"] > 0]
-    train_idx = data.train_idx[:n_samples]
-    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-    total = epochs * steps_per_epoch
-    if not groups or total == 0:
-        return {"loss_first": float("nan"), "loss_last": float("nan")}
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    gen = torch.Generator().manual_seed(seed)
-    params = [p for g in groups for p in g["params"]]
-    epoch_losses, bad = [], 0
-    for _ in range(epochs):
-        order = torch.randperm(len(train_idx), generator=gen).tolist()
-        losses = []
-        for s in range(steps_per_epoch):
-            idx = [train_idx[j] for j in order[s * batch_size:(s + 1) * batch_size]]
-            x = data.inputs.get_batch(idx, data.device).float()
-            y = data.targets.get_batch(idx, data.device).float()
-            kw = prepare_block_kwargs(data.block_kwargs, batch=len(idx), device=data.device,
-                                      dtype=torch.float32)
-            loss = (_forward(block, x, kw) - y).square().mean()
-            if not torch.isfinite(loss):
-                bad += 1
-                logger.warning("non-finite block loss (%d in a row); step skipped", bad)
-                if bad >= MAX_NONFINITE:
-                    raise FloatingPointError(
-                        "block training produced non-finite losses; lower the learning rates "
-                        "(--lt_lr/--la_lr/--lexw_lr) or check the FP model for inf/NaN")
-                opt.zero_grad(set_to_none=True)
-                continue
-            bad = 0
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        epoch_losses.append(sum(losses) / max(1, len(losses)))
-    return {"loss_first": epoch_losses[0], "loss_last": epoch_losses[-1]}
+    def lap(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.split[phase] = round(self.split.get(phase, 0.0) + now - self._t, 3)
+        self._t = now
 
 
 # ------------------------------------------------------------------------------- one block
@@ -146,35 +88,30 @@ def fp_targets_and_stats(
     block: nn.Module, adapter: ModelAdapter, data: BlockData, *, batch_size: int, fill: bool
 ) -> dict[str, Tensor]:
     """Write ``targets = block(inputs)`` (when ``fill``) and return mean |x| per group input."""
-    groups = adapter.block_groups(block)
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     seen = {"n": 0}
     handles = []
-    for group in groups:
-        first = group[0]
+    for group in adapter.block_groups(block):
 
-        def hook(_m, args, _name=first):
+        def hook(_m, args, _name=group[0]):
             if seen["n"] >= STATS_SAMPLES:
                 return
             a = args[0].detach().float().abs().reshape(-1, args[0].shape[-1])
             sums[_name] = sums.get(_name, 0) + a.sum(0)
             counts[_name] = counts.get(_name, 0) + a.shape[0]
 
-        handles.append(adapter.get_linear(block, first).register_forward_pre_hook(hook))
+        handles.append(adapter.get_linear(block, group[0]).register_forward_pre_hook(hook))
+    n = len(data.inputs) if fill else min(len(data.inputs), STATS_SAMPLES)
+    bs = min(batch_size, data.micro_batch or batch_size)
     try:
-        n = len(data.inputs)
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(n, start + batch_size)))
-            if not fill and seen["n"] >= STATS_SAMPLES:
-                break
-            x = data.inputs.get_batch(idx, data.device).float()
-            kw = prepare_block_kwargs(data.block_kwargs, batch=len(idx), device=data.device,
-                                      dtype=torch.float32)
-            y = _forward(block, x, kw)
-            seen["n"] += len(idx)
-            if fill:
-                data.targets[start:start + len(idx)] = y
+        with data.stream.writer(data.targets) as out:
+            for idx, (x,) in data.stream.batches(index_batches(range(n), bs), data.inputs):
+                with data.autocast():
+                    y = forward_block(block, x, data.stream.kwargs(len(idx)))
+                seen["n"] += len(idx)
+                if fill:
+                    out.put(idx, y)
     finally:
         for h in handles:
             h.remove()
@@ -188,7 +125,7 @@ def init_s1(mean_abs: Tensor, alpha: float) -> Tensor:
     return s.clamp(*S1_CLAMP)
 
 
-def _to_lift(block, adapter, stats, spec, cfg) -> dict[str, LiftLinear]:
+def _to_lift(block, adapter, stats, spec, cfg, plan: MemoryPlan) -> dict[str, LiftLinear]:
     layers = {}
     init = cfg.whiten.Rres_init.lower()
     for group in adapter.block_groups(block):
@@ -197,6 +134,7 @@ def _to_lift(block, adapter, stats, spec, cfg) -> dict[str, LiftLinear]:
             lin = adapter.get_linear(block, name)
             layer = LiftLinear.from_linear(lin, spec=spec, init=init,
                                            proxy_bits=cfg.lattice.wbits).to(lin.weight.device)
+            layer.checkpoint_proxy = plan.checkpoint_proxy
             if s1 is not None:
                 layer.set_s1(s1.to(layer.weight.device))
             adapter.set_module(block, name, layer)
@@ -206,7 +144,7 @@ def _to_lift(block, adapter, stats, spec, cfg) -> dict[str, LiftLinear]:
 
 def _groups_stage1(layers, cfg) -> list[dict]:
     t = cfg.train
-    pick = lambda key: [p for l in layers.values() for p in l.stage1_parameters()[key]]  # noqa
+    pick = lambda key: [p for l in layers.values() for p in l.stage1_parameters()[key]]
     return [{"params": pick("transform"), "lr": t.lexw_lr},
             {"params": pick("s1s2"), "lr": t.la_lr},
             {"params": pick("clip"), "lr": t.lscale_lr}]
@@ -214,11 +152,65 @@ def _groups_stage1(layers, cfg) -> list[dict]:
 
 def _groups_stage2(layers, cfg) -> list[dict]:
     t = cfg.train
-    pick = lambda key: [p for l in layers.values() for p in l.stage2_parameters()[key]]  # noqa
+    pick = lambda key: [p for l in layers.values() for p in l.stage2_parameters()[key]]
     return [{"params": pick("weight"), "lr": t.lw_lr if t.finetuning_weights else 0.0},
             {"params": pick("scale"), "lr": t.lscale_lr},
             {"params": pick("transform"), "lr": t.lt_lr},
             {"params": pick("s1s2"), "lr": t.la_lr}]
+
+
+@torch.no_grad()
+def round_block_to_lattice(layers: dict[str, LiftLinear], M: Tensor, *, method: str,
+                           margin: float) -> dict[str, float]:
+    """One batched nearest-code search over every linear of the block, then per-layer scales.
+
+    Latent weights with ``|pre| <= margin`` become the stage-2 flip candidates.
+    """
+    chunks = [layer.lattice_chunks()[0] for layer in layers.values()]  # (rows_l, d) each
+    rows = [z.shape[0] for z in chunks]
+    Z = torch.cat(chunks)  # (sum rows_l, d)
+    del chunks
+    D = M.shape[1]
+    codes, idx, pre = encode_candidates(Z, M.to(Z.device, torch.float32), method=method,
+                                        margin=margin)
+    del Z
+    rel, n_cand, n_lat, r0 = [], 0, 0, 0
+    bounds = torch.tensor([0] + rows, device=idx.device).cumsum(0) * D
+    cuts = torch.searchsorted(idx, bounds).tolist()
+    for k, layer in enumerate(layers.values()):
+        sel = slice(cuts[k], cuts[k + 1])
+        stats = layer.set_codes(codes[r0:r0 + rows[k]], idx[sel] - r0 * D, pre[sel], M)
+        rel.append(stats["rel_weight_err"])
+        n_cand += stats["candidates"]
+        n_lat += rows[k] * D
+        r0 += rows[k]
+    return {"weight_rel_err": sum(rel) / len(rel), "candidate_fraction": n_cand / max(1, n_lat)}
+
+
+def _train_stage(block, data: BlockData, layers, *, stage: int, cfg: RunConfig, seed: int,
+                 plan: MemoryPlan) -> tuple[dict, MemoryPlan]:
+    """One stage with the memory plan, shrinking it after an out-of-memory before step 1."""
+    groups = _groups_stage1 if stage == 1 else _groups_stage2
+    while True:
+        data.micro_batch = plan.micro_batch
+        for layer in layers.values():
+            layer.checkpoint_proxy = plan.checkpoint_proxy
+        try:
+            out = train_block(block, data, param_groups=groups(layers, cfg),
+                              epochs=cfg.stage_epochs(stage), batch_size=cfg.calib.batch_size,
+                              n_samples=cfg.stage_nsamples(stage), seed=seed)
+            return out, plan
+        except OutOfMemoryBeforeStep as exc:
+            smaller = shrink(plan)
+            if smaller is None:
+                raise MemoryError(f"stage {stage} does not fit the accelerator even with "
+                                  f"micro-batch 1 and checkpointing ({exc}); raise "
+                                  "--max_gpu_memory or lower --seqlen") from None
+            logger.warning("stage %d out of memory with %s; retrying with micro-batch %d, "
+                           "checkpointing on", stage, plan.describe(), smaller.micro_batch)
+            if data.device.type == "cuda":
+                torch.cuda.empty_cache()
+            plan = smaller
 
 
 def quantize_block(
@@ -231,44 +223,89 @@ def quantize_block(
     spec: LatticeSpec,
     cfg: RunConfig,
     seed: int,
-) -> dict[str, Any]:
+    plan: MemoryPlan,
+    clock: _Clock,
+) -> tuple[dict[str, Any], MemoryPlan]:
     """Stage 1, lattice rounding, stage 2 and packing of one block (on ``data.device``)."""
     bs = cfg.calib.batch_size
     for p in block.parameters():
         p.requires_grad_(False)
-    layers = _to_lift(block, adapter, stats, spec, cfg)
+    layers = _to_lift(block, adapter, stats, spec, cfg, plan)
     row: dict[str, Any] = {}
-    s1 = train_block(block, data, param_groups=_groups_stage1(layers, cfg),
-                     epochs=cfg.stage_epochs(1), batch_size=bs, n_samples=cfg.stage_nsamples(1),
-                     seed=seed)
-    row["stage1"] = s1
+    row["stage1"], plan = _train_stage(block, data, layers, stage=1, cfg=cfg, seed=seed,
+                                       plan=plan)
+    clock.lap("stage1")
     row["holdout_proxy"] = holdout_error(block, data, batch_size=bs)
-    rel = [layer.round_to_lattice(M.to(data.device), method=cfg.lattice.search)["rel_weight_err"]
-           for layer in layers.values()]
-    row["weight_rel_err"] = sum(rel) / len(rel)
+    clock.lap("holdout")
+    lr = cfg.train.lw_lr if cfg.train.finetuning_weights else 0.0
+    margin = latent_flip_margin(lr, n_train=len(data.train_idx[:cfg.stage_nsamples(2)]),
+                                epochs=cfg.stage_epochs(2), batch_size=bs)
+    row.update(round_block_to_lattice(layers, M.to(data.device), method=cfg.lattice.search,
+                                      margin=margin))
+    row["flip_margin"] = margin
+    clock.lap("search")
     row["holdout_rounded"] = holdout_error(block, data, batch_size=bs)
-    s2 = train_block(block, data, param_groups=_groups_stage2(layers, cfg),
-                     epochs=cfg.stage_epochs(2), batch_size=bs, n_samples=cfg.stage_nsamples(2),
-                     seed=seed + 1)
-    row["stage2"] = s2
+    clock.lap("holdout")
+    row["stage2"], plan = _train_stage(block, data, layers, stage=2, cfg=cfg, seed=seed + 1,
+                                       plan=plan)
+    clock.lap("stage2")
     row["holdout_corrected"] = holdout_error(block, data, batch_size=bs)
+    clock.lap("holdout")
     for name, layer in layers.items():
         packed = layer.pack()
         packed.backend = cfg.run.backend
         adapter.set_module(block, name, packed)
+    clock.lap("pack")
     row["holdout_packed"] = holdout_error(block, data, batch_size=bs)
-    return row
+    clock.lap("holdout")
+    return row, plan
 
 
 # ------------------------------------------------------------------------------- model loop
+@torch.no_grad()
 def _propagate_quantized(block, data: BlockData, bs: int) -> None:
-    with torch.no_grad():
-        for start in range(0, len(data.inputs), bs):
-            idx = list(range(start, min(len(data.inputs), start + bs)))
-            x = data.inputs.get_batch(idx, data.device).float()
-            kw = prepare_block_kwargs(data.block_kwargs, batch=len(idx), device=data.device,
-                                      dtype=torch.float32)
-            data.inputs[start:start + len(idx)] = _forward(block, x, kw)
+    with data.stream.writer(data.inputs) as out:
+        for idx, (x,) in data.stream.batches(index_batches(range(len(data.inputs)), bs),
+                                             data.inputs):
+            with data.autocast():
+                out.put(idx, forward_block(block, x, data.stream.kwargs(len(idx))))
+
+
+def _open_caches(n: int, seq_len: int, hidden: int, dtype: torch.dtype, cfg: RunConfig):
+    need = 2 * ActivationCache.estimate_bytes(n, seq_len, hidden, dtype)
+    cap = None if cfg.calib.max_host_memory is None else int(cfg.calib.max_host_memory * GIB)
+    mode = (choose_mode(need, cap_bytes=cap) if cfg.calib.cache_mode == "auto"
+            else cfg.calib.cache_mode)
+    logger.info("memory plan: activation caches 2 x %d x %d x %d %s = %.2f GiB (%s mode%s)",
+                n, seq_len, hidden, str(dtype).replace("torch.", ""), need / GIB, mode,
+                "" if cap is None else f", host cap {cfg.calib.max_host_memory:.1f} GiB")
+    X = ActivationCache(n, seq_len, hidden, dtype=dtype, mode=mode, path=cfg.calib.cache_dir)
+    try:
+        Y = ActivationCache(n, seq_len, hidden, dtype=dtype, mode=mode, path=cfg.calib.cache_dir)
+    except BaseException:
+        X.close()
+        raise
+    return X, Y, {"cache_mode": mode, "cache_gib": round(need / GIB, 3)}
+
+
+def _initial_plan(model, adapter, spec, cfg: RunConfig, device, compute_dtype, margin):
+    budget = gpu_budget_bytes(device, cfg.calib.max_gpu_memory)
+    plan = plan_block(adapter.get_blocks(model)[0], adapter, spec, seq_len=cfg.calib.seqlen,
+                      batch_size=cfg.calib.batch_size, compute_dtype=compute_dtype,
+                      cand_fraction=min(1.0, CANDIDATE_DENSITY * 2 * margin),
+                      budget_bytes=budget)
+    logger.info("memory plan: one block on %s in %s: %s", device,
+                str(compute_dtype).replace("torch.", ""), plan.describe())
+    return plan
+
+
+def _cap_allocator(device: torch.device, cap_gib: float | None) -> None:
+    """Hand ``--max_gpu_memory`` to the CUDA allocator (None: lift the cap again)."""
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    frac = 1.0 if cap_gib is None else min(1.0, cap_gib * GIB / total)
+    torch.cuda.set_per_process_memory_fraction(frac, device)
 
 
 def quantize_model(
@@ -288,49 +325,54 @@ def quantize_model(
     from tqdm.auto import tqdm
 
     n, seq_len = calib_ids.shape
-    hidden = model.config.hidden_size
     model_dtype = next(model.parameters()).dtype
+    compute_dtype = resolve_compute_dtype(cfg.train.compute_dtype, device)
     cache_dtype = torch.float32 if model_dtype == torch.float32 else torch.bfloat16
-    need = 2 * ActivationCache.estimate_bytes(n, seq_len, hidden, cache_dtype)
-    mode = choose_mode(need) if cfg.calib.cache_mode == "auto" else cfg.calib.cache_mode
-    logger.info("activation caches: 2 x %d x %d x %d %s = %.2f GiB host (%s mode)",
-                n, seq_len, hidden, cache_dtype, need / 2**30, mode)
-    X = ActivationCache(n, seq_len, hidden, dtype=cache_dtype, mode=mode, path=cfg.calib.cache_dir)
-    Y = ActivationCache(n, seq_len, hidden, dtype=cache_dtype, mode=mode, path=cfg.calib.cache_dir)
+    n_hold = cfg.train.holdout or max(1, n // 32)
+    lr = cfg.train.lw_lr if cfg.train.finetuning_weights else 0.0
+    margin = latent_flip_margin(lr, n_train=min(n - n_hold, cfg.stage_nsamples(2)),
+                                epochs=cfg.stage_epochs(2), batch_size=cfg.calib.batch_size)
+    plan = _initial_plan(model, adapter, spec, cfg, device, compute_dtype, margin)
+    X, Y, cache_info = _open_caches(n, seq_len, model.config.hidden_size, cache_dtype, cfg)
+    _cap_allocator(device, cfg.calib.max_gpu_memory)
+    stream = None
     try:
+        t0 = time.perf_counter()
         kwargs = capture_block_inputs(model, adapter, calib_ids, cache=X,
                                       batch_size=cfg.calib.batch_size, device=device)
-        logger.info("device memory estimate for one block in training: %.2f GiB",
-                    estimate_block_train_bytes(adapter.get_blocks(model)[0], adapter, spec,
-                                               tokens=cfg.calib.batch_size * seq_len) / 2**30)
-        n_hold = cfg.train.holdout or max(1, n // 32)
+        capture_s = round(time.perf_counter() - t0, 3)
+        stream = BlockStream(kwargs, device=device, dtype=compute_dtype)
         split = {"train_idx": list(range(n - n_hold)), "holdout_idx": list(range(n - n_hold, n))}
         blocks = adapter.get_blocks(model)
-        rows = []
+        rows, times = [], []
         for i in tqdm(range(len(blocks)), desc="blocks"):
-            t0 = time.time()
+            t_block = time.perf_counter()
+            clock = _Clock(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             seed_everything(cfg.calib.seed + i)
-            block = blocks[i].to(device=device, dtype=torch.float32)
-            data = BlockData(inputs=X, targets=Y, block_kwargs=kwargs, device=device, **split)
+            block = blocks[i].to(device=device)
+            if compute_dtype == torch.float32:
+                block = block.float()
+            data = BlockData(inputs=X, targets=Y, stream=stream, device=device,
+                             compute_dtype=compute_dtype, micro_batch=plan.micro_batch, **split)
             path = block_file(blocks_dir, i)
             done = resume and is_finished(path)
             fill = cfg.train.propagate == "fp" or not done
+            clock.lap("to_device")
             stats = fp_targets_and_stats(block, adapter, data, batch_size=cfg.calib.batch_size,
                                          fill=fill)
+            clock.lap("targets")
             if done:
                 row = load_finished_block(block, path, adapter=adapter, spec=spec,
                                           backend=cfg.run.backend, device=device,
                                           fingerprint=fingerprint)
                 logger.info("block %d/%d resumed from %s", i + 1, len(blocks), path)
             else:
-                row = {"block": i, **quantize_block(
-                    block, adapter=adapter, data=data, stats=stats, M=M, spec=spec, cfg=cfg,
-                    seed=cfg.calib.seed + i)}
-                row["seconds"] = round(time.time() - t0, 2)
-                row["peak_gib"] = round(peak_memory_gib(device), 3)
-                _log_row(row, len(blocks))
+                row, plan = quantize_block(block, adapter=adapter, data=data, stats=stats, M=M,
+                                           spec=spec, cfg=cfg, seed=cfg.calib.seed + i,
+                                           plan=plan, clock=clock)
+                row = {"block": i, **row}
             if cfg.train.propagate == "fp":
                 X, Y = Y, X  # FP outputs of block i are the inputs of block i + 1
             else:
@@ -338,32 +380,48 @@ def quantize_model(
             cast_unquantized(block, model_dtype)
             blocks[i] = block.to("cpu")
             if path is not None and not done:
+                row["seconds"] = round(time.perf_counter() - t_block, 2)
+                row["peak_gib"] = round(peak_memory_gib(device), 3)
+                row["time_split"] = clock.split
                 save_block(path, blocks[i], row, fingerprint=fingerprint)
+            clock.lap("offload")
+            row.setdefault("seconds", round(time.perf_counter() - t_block, 2))
+            row.setdefault("peak_gib", round(peak_memory_gib(device), 3))
+            row["time_split"] = clock.split
+            row["memory_plan"] = plan.to_dict()
+            if i == 0:
+                row["capture_seconds"] = capture_s
+                row.update(cache_info)
+            if not done:
+                _log_row(row, len(blocks))
+                times.append(row["seconds"])
+                _log_eta(times, i, len(blocks))
             rows.append(row)
     finally:  # disk-backed caches delete their files here, also on errors
+        if stream is not None:
+            stream.close()
         X.close()
         Y.close()
+        if cfg.calib.max_gpu_memory is not None:
+            _cap_allocator(device, None)
     return rows
 
 
-def estimate_block_train_bytes(block: nn.Module, adapter: ModelAdapter, spec: LatticeSpec,
-                               *, tokens: int) -> int:
-    """Rough fp32 footprint of stage-2 training of one block: parameters, latent signs with
-    their gradient and Adam moments, and activations kept for backward (tokens per step)."""
-    params = sum(p.numel() for p in block.parameters())
-    latents, acts = 0, 0
-    for name in adapter.linear_names(block):
-        lin = adapter.get_linear(block, name)
-        k = lifted_width(lin.in_features, spec)
-        latents += lin.out_features * k
-        acts += tokens * (lin.in_features + k + lin.out_features)
-    return 4 * (params + 4 * latents + 2 * acts)
+def _log_eta(times: list[float], i: int, n_blocks: int) -> None:
+    left = n_blocks - i - 1
+    if not left:
+        return
+    recent = times[1:] or times  # block 1 pays one-time costs (autotuning, allocator growth)
+    per = sum(recent) / len(recent)
+    logger.info("ETA: %d blocks left x %.1f s = %.1f min", left, per, left * per / 60)
 
 
 def _log_row(row: dict, n_blocks: int) -> None:
+    split = " ".join(f"{k} {v:.1f}" for k, v in row["time_split"].items())
     logger.info(
         "block %d/%d stage1 loss %.3e->%.3e | rounded %.4f stage2 loss %.3e->%.3e "
-        "holdout_rel_mse %.4f (packed %.4f) %.1fs peak %.2f GiB",
+        "holdout_rel_mse %.4f (packed %.4f) %.1fs [%s] peak %.2f GiB",
         row["block"] + 1, n_blocks, row["stage1"]["loss_first"], row["stage1"]["loss_last"],
         row["holdout_rounded"], row["stage2"]["loss_first"], row["stage2"]["loss_last"],
-        row["holdout_corrected"], row["holdout_packed"], row["seconds"], row["peak_gib"])
+        row["holdout_corrected"], row["holdout_packed"], row["seconds"], split,
+        row["peak_gib"])

@@ -26,6 +26,7 @@ memory stays bounded (``MAX_CHUNK_ELEMENTS``).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import re
@@ -55,11 +56,28 @@ BASIS_SEED = 20260
 CPU_EXHAUSTIVE_DIM = 12
 # Bound on elements of any (batch x candidates x D) intermediate: 2^26 floats = 256 MiB fp32.
 MAX_CHUNK_ELEMENTS = 1 << 26
-# Where shipped lattices live (package-relative, resolved at call time).
 # A latent weight never starts closer to zero than this (bits flipped by refinement, exact
 # ties); small enough that a sign can still flip during intra-block correction.
 PRE_SIGN_FLOOR = 1e-3
-LATTICE_DIR = Path(__file__).resolve().parent.parent / "lattice"
+
+
+def _shipped_lattice_dir() -> Path:
+    """The folder of the shipped lattices: the data package ``liftquant.lattice_data`` that a
+    wheel installs (pyproject.toml maps the repository's ``lattice/`` onto it), else the
+    checkout's ``lattice/`` beside the package (a source tree, or an editable install made
+    before that mapping existed)."""
+    try:
+        spec = importlib.util.find_spec("liftquant.lattice_data")
+    except (ImportError, ValueError):
+        spec = None
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(loc) / "index.json").is_file():
+            return Path(loc).resolve()
+    return Path(__file__).resolve().parent.parent / "lattice"
+
+
+# Where shipped lattices live; every ``root=None`` below means this folder.
+LATTICE_DIR = _shipped_lattice_dir()
 
 _SPEC_RE = re.compile(r"^\s*(?:lq-?)?(\d+)\s*(?:to|/)\s*(\d+)\s*$", re.IGNORECASE)
 
@@ -430,6 +448,48 @@ def encode(
         pre = codes * pre.abs().clamp_min(PRE_SIGN_FLOOR)
         return codes.to(torch.int8).reshape(*lead, D), pre.reshape(*lead, D)
     return codes.to(torch.int8).reshape(*lead, D)
+
+
+# Sub-vectors per search call in encode_candidates: bounds the (rows, D) float temporaries
+# (u, pre_sign) to ~400 MiB each at D = 24 while keeping every launch large.
+ENCODE_CHUNK_ROWS = 1 << 22
+
+
+def encode_candidates(
+    z: Tensor,
+    M: Tensor,
+    *,
+    method: str = "auto",
+    margin: float = math.inf,
+    chunk_rows: int = ENCODE_CHUNK_ROWS,
+    kernel: str = "auto",
+    bases: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest codes for rows of ``z`` (B, d) plus the latent weights that may still flip.
+
+    The search runs ``chunk_rows`` sub-vectors at a time (one call for all linears of a block),
+    so only int8 codes (B, D) and the candidates are kept: ``cand_idx`` (int64, flat indices
+    into the (B, D) codes) and ``cand_pre`` (float32), the pre-sign values with
+    ``|pre| <= margin`` (:func:`encode` with ``return_pre_sign``).
+    """
+    d, D = M.shape
+    if method == "auto":
+        method = LatticeSpec(D, d).default_method(z.device.type)
+    Mw = M.to(z.device, torch.float32)
+    off = padding_offsets(Mw, bases=bases or search_bases(D, d)) if method == "pinv" else None
+    B = z.shape[0]
+    codes = torch.empty(B, D, dtype=torch.int8, device=z.device)
+    idx_parts, val_parts = [], []
+    for r0 in range(0, B, chunk_rows):
+        c, pre = encode(z[r0:r0 + chunk_rows], Mw, method=method, return_pre_sign=True,
+                        offsets=off, kernel=kernel)
+        codes[r0:r0 + c.shape[0]] = c
+        flat = pre.reshape(-1)
+        loc = (flat.abs() <= margin).nonzero().squeeze(1)
+        idx_parts.append(loc + r0 * D)
+        val_parts.append(flat[loc].float())
+        del c, pre, flat
+    return codes, torch.cat(idx_parts), torch.cat(val_parts)
 
 
 def quantization_mse(z: Tensor, M: Tensor, **encode_kwargs) -> float:

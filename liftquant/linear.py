@@ -10,6 +10,16 @@
   where ``V`` are latent weights (sign with straight-through gradient), ``s`` per-row scales and
   ``T*`` the fused transform (``s1``, ``L``, ``R``, ``s2_act``; Eq. 4), all trainable.
 
+Stage 2 never holds a dense float latent matrix. Only the sign of a latent weight is used, and
+Adam moves a weight by at most ``lr_t * adam_step_bound(t)`` per step (:func:`flip_margin`),
+so a latent that starts farther from zero than the sum of those bounds can never change sign.
+Such weights are frozen codes (``signs``, int8) and only the *flip candidates* (``|pre| <=
+margin``) are trained (``cand``, float32, with their flat indices ``cand_idx``). Gradients and
+updates of the candidates are exactly those of the dense formulation: the straight-through
+gradient of the whole sign matrix is formed once per layer in backward, its squared norm is
+kept for the block's global gradient clipping (:meth:`LiftLinear.pop_latent_sqnorm`) and only
+the candidates' entries are kept.
+
 ``PackedLiftLinear`` is the buffers-only inference form, built from shapes alone, so loading a
 checkpoint is "skeleton -> swap -> load_state_dict(strict=True)".
 
@@ -24,9 +34,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from liftquant.kernels.registry import get_backend
-from liftquant.lattice import LatticeSpec, decode, encode
+from liftquant.lattice import LatticeSpec, decode, encode_candidates
 from liftquant.pack import pack_signs, packed_width, unpack_signs
 from liftquant.proxy import UniformProxy
 from liftquant.whiten import DEFAULT_BLOCK_SHAPE_RULE, KronWhitening, apply_fused, block_shape
@@ -35,6 +46,8 @@ from liftquant.whiten import DEFAULT_BLOCK_SHAPE_RULE, KronWhitening, apply_fuse
 RMS_FLOOR = 1e-8
 # Side tensors (scales, s1, s2, fused factors) are stored in this dtype in packed layers.
 SIDE_DTYPE = torch.float16
+# Rows of a dense latent gradient squared per float32 chunk (bounds the temporary copy).
+LATENT_NORM_ROWS = 1024
 
 
 def lifted_width(in_features: int, spec: LatticeSpec,
@@ -49,6 +62,52 @@ def ste_sign(v: Tensor) -> Tensor:
     return v + (torch.where(v >= 0, 1.0, -1.0).to(v.dtype) - v).detach()
 
 
+def adam_step_bound(t: int, betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """Upper bound of ``|m_hat_t| / sqrt(v_hat_t)`` for Adam at step ``t`` (1-based), any grads.
+
+    Cauchy-Schwarz on ``m_t = (1 - b1) sum b1^(t-k) g_k`` against ``v_t = (1 - b2) sum b2^(t-k)
+    g_k^2`` gives ``|m_t| <= (1 - b1) sqrt(sum_j<t r^j) sqrt(v_t / (1 - b2))`` with ``r = b1^2 /
+    b2``; the bias corrections add ``sqrt(1 - b2^t) / (1 - b1^t)``. Equals 1 at ``t = 1``.
+    """
+    b1, b2 = betas
+    r = b1 * b1 / b2
+    geo = (1 - r**t) / (1 - r)
+    return (1 - b1) / (1 - b1**t) * math.sqrt((1 - b2**t) / (1 - b2) * geo)
+
+
+def flip_margin(lrs: list[float], betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """Largest distance an Adam-trained weight can travel with per-step learning rates ``lrs``:
+    ``sum_t lr_t * adam_step_bound(t)`` (epsilon only shortens steps). Latent weights whose
+    initial ``|pre|`` exceeds this keep their sign through stage 2."""
+    return float(sum(lr * adam_step_bound(t + 1, betas) for t, lr in enumerate(lrs)))
+
+
+class _CandidateSignMatmul(torch.autograd.Function):
+    """``xt @ signs^T`` with straight-through gradients (Eq. 5) delivered to the flip candidates.
+
+    ``signs`` (out, K) int8 +-1 is current (refreshed from the candidates before the call). The
+    backward forms the dense STE gradient ``g^T xt`` (out, K) once, records its squared norm (or
+    accumulates it over micro-batches) on ``layer`` and returns its entries at ``cand_idx``.
+    """
+
+    @staticmethod
+    def forward(ctx, xt: Tensor, cand: Tensor, signs: Tensor, cand_idx: Tensor, layer):
+        ctx.save_for_backward(xt, signs, cand_idx)
+        ctx.layer = layer
+        return xt @ signs.to(xt.dtype).T  # (..., out)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        xt, signs, cand_idx = ctx.saved_tensors
+        gx = g @ signs.to(g.dtype)  # (..., K)
+        g_cand = None
+        if ctx.layer.track_latent_grad:
+            gw = g.reshape(-1, g.shape[-1]).T @ xt.reshape(-1, xt.shape[-1])  # (out, K)
+            ctx.layer._record_latent_grad(gw)
+            g_cand = gw.reshape(-1)[cand_idx].float()
+        return gx, g_cand, None, None, None
+
+
 class LiftLinear(nn.Module):
     """Trainable LiftQuant linear layer (calibration form); see the module docstring."""
 
@@ -57,23 +116,32 @@ class LiftLinear(nn.Module):
         weight: Tensor,
         bias: Tensor | None,
         *,
-        spec: "LatticeSpec | str",
+        spec: LatticeSpec | str,
         init: str = "hadamard",
         proxy_bits: int | None = None,
     ) -> None:
         super().__init__()
         self.spec = LatticeSpec.parse(spec)
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach().float().clone())
+        # The frozen FP weight keeps its dtype (bf16 models stay bf16: half the memory); every
+        # trained tensor is a float32 master copy.
+        self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.whiten = KronWhitening(self.in_features, self.spec.target_dim, init=init)
         self.block_rule = self.whiten.block_rule
         bits = proxy_bits or max(1, math.floor(self.spec.bits_per_weight))
         self.proxy = UniformProxy(self.out_features, bits=bits)
         self.mode = "proxy"
+        # Stage 1: recompute the proxy weight in backward instead of keeping its graph
+        # (set by the block memory plan); stage 2: whether latent gradients are formed.
+        self.checkpoint_proxy = False
+        self.track_latent_grad = True
+        self.accumulate_latent_grad = False
+        self._latent_sq: Tensor | None = None
+        self._latent_acc: Tensor | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, spec, **kwargs) -> "LiftLinear":
+    def from_linear(cls, linear: nn.Linear, *, spec, **kwargs) -> LiftLinear:
         return cls(linear.weight, linear.bias, spec=spec, **kwargs)
 
     # ---------------------------------------------------------------------------- stage 1
@@ -81,8 +149,20 @@ class LiftLinear(nn.Module):
         self.whiten.set_s1(s1)
 
     def proxy_weight(self) -> Tensor:
-        """``T^-1(Q(W T))`` (out, n): the weight as the proxy quantizer sees it."""
-        return self.whiten.inverse_weight(self.proxy(self.whiten.forward_weight(self.weight)))
+        """``T^-1(Q(W T))`` (out, n): the weight as the proxy quantizer sees it.
+
+        Always float32, also under autocast: the weight-space transform costs O(n (n1 + n2))
+        per row, small next to the activation matmul, and the STE rounding of the proxy must
+        see the same values as the float32 reference (bf16 moves values across levels).
+        """
+        with torch.autocast(self.weight.device.type, enabled=False):
+            W = self.weight.float()
+            return self.whiten.inverse_weight(self.proxy(self.whiten.forward_weight(W)))
+
+    def _proxy_weight_for_step(self) -> Tensor:
+        if self.checkpoint_proxy and torch.is_grad_enabled():
+            return checkpoint(self.proxy_weight, use_reentrant=False)
+        return self.proxy_weight()
 
     def stage1_parameters(self) -> dict[str, list[nn.Parameter]]:
         w = self.whiten
@@ -94,30 +174,44 @@ class LiftLinear(nn.Module):
 
     # ---------------------------------------------------------------------------- rounding
     @torch.no_grad()
-    def round_to_lattice(self, M: Tensor, *, method: str = "auto") -> dict[str, float]:
-        """Encode the whitened rows on the lattice ``M`` (d, D) and switch to lattice mode.
+    def lattice_chunks(self) -> tuple[Tensor, Tensor]:
+        """Whitened, row-RMS-normalised weight cut into d-chunks for the search.
 
-        Returns statistics: relative weight-space error of the whitened rows.
+        Returns ``Z`` (out * n_pad / d, d) float32 and the whitened rows ``W_t`` (out, n_pad).
         """
         if self.mode != "proxy":
             raise RuntimeError("round_to_lattice() called twice")
+        W_t = self.whiten.forward_weight(self.weight.float())  # (out, n_pad)
+        rms = W_t.square().mean(dim=1).sqrt().clamp_min(RMS_FLOOR)  # (out,)
+        return (W_t / rms[:, None]).reshape(-1, self.spec.target_dim), W_t
+
+    @torch.no_grad()
+    def set_codes(self, codes: Tensor, cand_idx: Tensor, cand_pre: Tensor, M: Tensor,
+                  *, W_t: Tensor | None = None) -> dict[str, float]:
+        """Switch to lattice mode with ``codes`` (out * n_pad / d, D) int8 +-1 from the search.
+
+        ``cand_idx`` are flat indices into the (out, K) code matrix of the flip candidates and
+        ``cand_pre`` their initial latent values (signs agree with ``codes``). Per-row scales are
+        the least-squares fit of the decoded rows to the whitened rows.
+        """
         d, D = self.spec.target_dim, self.spec.lifted_dim
         if tuple(M.shape) != (d, D):
             raise ValueError(f"lattice M has shape {tuple(M.shape)}, expected ({d}, {D})")
-        M = M.to(self.weight.device, torch.float32)
-        W_t = self.whiten.forward_weight(self.weight)  # (out, n_pad)
-        rms = W_t.square().mean(dim=1).sqrt().clamp_min(RMS_FLOOR)  # (out,)
-        Z = (W_t / rms[:, None]).reshape(-1, d)  # (out * n_pad / d, d)
-        codes, pre = encode(Z, M, method=method, return_pre_sign=True)
+        M = M.to(self.whiten.s1.device, torch.float32)
+        if W_t is None:
+            W_t = self.whiten.forward_weight(self.weight.float())
         dec = decode(codes, M).reshape(W_t.shape)  # (out, n_pad): M y per chunk, unscaled
         scale = (W_t * dec).sum(1) / dec.square().sum(1).clamp_min(RMS_FLOOR)  # LS per row
         rel_err = float((W_t - scale[:, None] * dec).square().sum() / W_t.square().sum())
+        del dec
         L, R, s2_act = self.whiten.fused_factors(M)
         self.s1 = nn.Parameter(self.whiten.s1.detach().clone())
         self.L = nn.Parameter(L.detach().clone())
         self.R = nn.Parameter(R.detach().clone())
         self.s2_act = nn.Parameter(s2_act.detach().clone())
-        self.latent = nn.Parameter(pre.reshape(self.out_features, -1).float())  # (out, K)
+        self.register_buffer("signs", codes.reshape(self.out_features, -1).to(torch.int8))
+        self.register_buffer("cand_idx", cand_idx.to(self.signs.device, torch.int64))
+        self.cand = nn.Parameter(cand_pre.to(self.signs.device, torch.float32))
         # scale = scale_base * scale_gain: the learnable part is a relative gain, so one
         # learning rate suits rows of any magnitude (Adam steps are absolute).
         self.register_buffer("scale_base", scale.float())
@@ -125,11 +219,48 @@ class LiftLinear(nn.Module):
         del self.whiten, self.proxy
         self.weight = None  # the FP weight is no longer needed
         self.mode = "lattice"
-        return {"rel_weight_err": rel_err}
+        return {"rel_weight_err": rel_err, "candidates": int(cand_idx.numel())}
+
+    @torch.no_grad()
+    def round_to_lattice(self, M: Tensor, *, method: str = "auto",
+                         margin: float = math.inf) -> dict[str, float]:
+        """Encode the whitened rows on the lattice ``M`` (d, D) and switch to lattice mode.
+
+        Latent weights with ``|pre| <= margin`` become trainable flip candidates (default: all).
+        Returns statistics: relative weight-space error of the whitened rows.
+        """
+        Z, W_t = self.lattice_chunks()
+        codes, idx, pre = encode_candidates(Z, M.to(Z.device, torch.float32), method=method,
+                                            margin=margin)
+        return self.set_codes(codes, idx, pre, M, W_t=W_t)
 
     def stage2_parameters(self) -> dict[str, list[nn.Parameter]]:
-        return {"weight": [self.latent], "scale": [self.scale_gain], "transform": [self.L, self.R],
+        return {"weight": [self.cand], "scale": [self.scale_gain], "transform": [self.L, self.R],
                 "s1s2": [self.s1, self.s2_act]}
+
+    @torch.no_grad()
+    def refresh_signs(self) -> None:
+        """Write the candidates' current signs into ``signs`` (0 counts as +1)."""
+        if self.cand_idx.numel():
+            flat = self.signs.view(-1)
+            flat[self.cand_idx] = torch.where(self.cand >= 0, 1, -1).to(torch.int8)
+
+    def _record_latent_grad(self, gw: Tensor) -> None:
+        if self.accumulate_latent_grad:  # micro-batches: the norm is of the summed gradient
+            gw = gw.float()
+            self._latent_acc = gw if self._latent_acc is None else self._latent_acc.add_(gw)
+        else:
+            sq = sum(gw[r:r + LATENT_NORM_ROWS].float().square().sum()
+                     for r in range(0, gw.shape[0], LATENT_NORM_ROWS))
+            self._latent_sq = sq if self._latent_sq is None else self._latent_sq + sq
+
+    def pop_latent_sqnorm(self) -> Tensor | None:
+        """Squared norm of this step's dense latent gradient (all of out x K), then reset."""
+        sq, acc = self._latent_sq, self._latent_acc
+        self._latent_sq = self._latent_acc = None
+        if acc is not None:
+            return acc.square().sum()
+        return sq
 
     @property
     def scale(self) -> Tensor:
@@ -141,25 +272,32 @@ class LiftLinear(nn.Module):
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
+        """Proxy (stage 1) or lattice (stage 2) output. Under autocast the matmuls run in the
+        autocast dtype; otherwise the input is promoted to float32."""
         dtype = x.dtype
-        x = x.float()
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.float()
         if self.mode == "proxy":
-            out = F.linear(x, self.proxy_weight(), self.bias)
+            out = F.linear(x, self._proxy_weight_for_step(), self.bias)
         else:
-            out = (self.fused_input(x) @ ste_sign(self.latent).T) * self.scale
+            self.refresh_signs()
+            xt = self.fused_input(x)  # (..., K)
+            out = _CandidateSignMatmul.apply(xt, self.cand, self.signs, self.cand_idx, self)
+            out = out * self.scale.to(out.dtype)
             if self.bias is not None:
-                out = out + self.bias
+                out = out + self.bias.to(out.dtype)
         return out.to(dtype)
 
     @torch.no_grad()
-    def pack(self, *, dtype: torch.dtype = SIDE_DTYPE) -> "PackedLiftLinear":
+    def pack(self, *, dtype: torch.dtype = SIDE_DTYPE) -> PackedLiftLinear:
         """Freeze into the inference form (bit-packed signs, side tensors in ``dtype``)."""
         if self.mode != "lattice":
             raise RuntimeError("pack() needs round_to_lattice() first")
         layer = PackedLiftLinear(self.in_features, self.out_features, spec=self.spec,
                                  bias=self.bias is not None, side_dtype=dtype,
-                                 device=self.latent.device, block_rule=self.block_rule)
-        layer.packed_signs.copy_(pack_signs(self.latent >= 0))
+                                 device=self.signs.device, block_rule=self.block_rule)
+        self.refresh_signs()
+        layer.packed_signs.copy_(pack_signs(self.signs > 0))
         layer.scale.copy_(self.scale)
         layer.s1.copy_(self.s1)
         layer.L.copy_(self.L)
@@ -182,10 +320,10 @@ class PackedLiftLinear(nn.Module):
         in_features: int,
         out_features: int,
         *,
-        spec: "LatticeSpec | str",
+        spec: LatticeSpec | str,
         bias: bool = False,
         side_dtype: torch.dtype = SIDE_DTYPE,
-        device: "torch.device | str | None" = None,
+        device: torch.device | str | None = None,
         block_rule: str = DEFAULT_BLOCK_SHAPE_RULE,
     ) -> None:
         super().__init__()

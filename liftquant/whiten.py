@@ -149,9 +149,10 @@ def apply_fused(
             f"L {tuple(L.shape)}, R {tuple(R.shape)}, d={d}, D={D}"
         )
     lead = x.shape[:-1]
-    xs = F.pad(x, (0, n1 * n2 - x.shape[-1])) / _pad_ones(s1, n1 * n2)  # (..., n_pad)
+    # side tensors follow the activation dtype (float32 masters are cast, gradients flow back)
+    xs = F.pad(x, (0, n1 * n2 - x.shape[-1])) / _pad_ones(s1, n1 * n2).to(x.dtype)  # (.., n_pad)
     H = L @ xs.reshape(*lead, n1, n2) @ R  # (..., n1, (n2 / d) D)
-    H = H.reshape(*lead, n1, n2 // d, D) * s2_act  # (..., n1, n2 / d, D)
+    H = H.reshape(*lead, n1, n2 // d, D) * s2_act.to(H.dtype)  # (..., n1, n2 / d, D)
     return H.reshape(*lead, n1 * (n2 // d) * D)
 
 
