@@ -15,29 +15,42 @@ from __future__ import annotations
 
 import sys
 
+from liftquant import errors
 from liftquant.finetune import REPORT_NAME, E2EArgs, build_e2e_parser, format_report
 from liftquant.log import setup_logging
 
 
-def parse(argv: list[str] | None = None) -> E2EArgs:
-    parser = build_e2e_parser(__doc__.split("\n")[0])
+def _parse(argv: list[str] | None) -> tuple[E2EArgs, bool]:
+    parser = errors.one_line_usage_errors(build_e2e_parser(__doc__.split("\n")[0]))
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error show the full traceback instead of one line")
     ns = parser.parse_args(argv)
     try:
-        return E2EArgs.from_args(ns)
+        return E2EArgs.from_args(ns), ns.debug
     except ValueError as exc:
         parser.error(str(exc))
 
 
+def parse(argv: list[str] | None = None) -> E2EArgs:
+    return _parse(argv)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(argv)
+    """Bad input: one line ``error: ...`` on stderr, exit 2 (``--debug``: the traceback);
+    a run refused before it saves a checkpoint leaves no ``--output_dir`` behind."""
+    cfg, debug = _parse(argv)
     from liftquant.finetune import run_e2e
 
-    setup_logging(log_file=f"{cfg.output_dir}/e2e.log")
+    guard = errors.OutputGuard(cfg.output_dir, flag="--output_dir")
     try:
+        guard.check_writable()
+        setup_logging(log_file=f"{cfg.output_dir}/e2e.log")
         report = run_e2e(cfg)
-    except ValueError as exc:  # e.g. --expc does not match the checkpoint
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:  # e.g. --expc does not match the checkpoint
+        guard.cleanup()
+        if debug or not isinstance(exc, errors.expected_errors()):
+            raise
+        return errors.report(exc, errors.EXIT_USAGE)
     print(format_report(report))
     print(f"report: {cfg.output_dir}/{REPORT_NAME}"
           + ("" if cfg.do_train else " (no --do_train: nothing trained or saved)"))

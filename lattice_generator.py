@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard_time_limit", type=float, default=None,
                    help="seconds after which a running restart is cut short")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error show the full traceback instead of one line")
     return p
 
 
@@ -208,5 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` with bad input reported as one line ``error: ...`` (exit 1)."""
+    from liftquant import errors
+
+    args, _ = build_parser().parse_known_args(argv)
+    try:
+        return main(argv)
+    except errors.expected_errors() as exc:
+        if args.debug:
+            raise
+        return errors.report(exc, errors.EXIT_REFUSED)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -10,25 +10,60 @@ accepted so their README command runs unchanged.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from liftquant.config import RunConfig, apply_demo_defaults, build_parser
+from liftquant.errors import (
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    OutputGuard,
+    expected_errors,
+    one_line,
+    one_line_usage_errors,
+    report,
+)
 from liftquant.log import setup_logging
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__.split("\n")[1])
-    ns = parser.parse_args(argv)
-    apply_demo_defaults(ns)
+def _run_config(ns) -> RunConfig:
     try:
-        cfg = RunConfig.from_args(ns)
-    except ValueError as exc:
-        parser.error(str(exc))
-    from liftquant.api import run_quantization, write_run_config
+        return RunConfig.from_args(ns)
+    except (OSError, json.JSONDecodeError) as exc:  # the --config file: unreadable, not JSON
+        raise ValueError(f"--config {ns.config}: {one_line(exc)}") from exc
 
-    write_run_config(cfg)
-    setup_logging(log_file=f"{cfg.run.save_dir}/quantize.log")
-    s = run_quantization(cfg)
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad input ends in one line ``error: ...`` on stderr and exit 2 (refused before the model
+    is read) or 1 (refused later); ``--debug`` raises instead. A run that stops before its
+    first finished block leaves nothing in ``--save_dir`` (liftquant.errors)."""
+    parser = one_line_usage_errors(build_parser(__doc__.split("\n")[1]))
+    ns = parser.parse_args(argv)
+    try:
+        apply_demo_defaults(ns)
+        cfg = _run_config(ns)
+        from liftquant.api import run_quantization, write_run_config
+        from liftquant.integrity import check_save_dir
+        from liftquant.rate import check_lattice_request
+
+        check_lattice_request(cfg)
+        guard = OutputGuard(cfg.run.save_dir)
+        guard.check_writable()
+        check_save_dir(Path(cfg.run.save_dir), resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+    except (ValueError, OSError) as exc:
+        if ns.debug:
+            raise
+        return report(exc, EXIT_USAGE)
+    try:
+        write_run_config(cfg)
+        setup_logging(log_file=f"{cfg.run.save_dir}/quantize.log")
+        s = run_quantization(cfg)
+    except BaseException as exc:
+        guard.cleanup()
+        if cfg.run.debug or not isinstance(exc, expected_errors()):
+            raise
+        return report(exc, EXIT_REFUSED)
     q = s["bits"]["quantized_linears"]
     tasks = s.get("tasks")
     rows = [("model", s["model"]), ("method", s["method"]), ("lattice / config", s["lattice"]),

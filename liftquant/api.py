@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from liftquant.linear import cast_unquantized
 from liftquant.log import get_logger, peak_memory_gib
 from liftquant.models.adapters import get_adapter
 from liftquant.models.loading import load_fp_model
+from liftquant.provenance import provenance
 from liftquant.rate import select_lattice
 
 logger = get_logger("api")
@@ -68,14 +67,10 @@ def eval_perplexity(model, tok, cfg: RunConfig, device: torch.device) -> float:
 
 
 def git_sha() -> str:
-    """Short commit of this checkout; ``LQ_COMMIT`` overrides it (a copied tree has no .git)."""
-    if os.environ.get("LQ_COMMIT"):
-        return os.environ["LQ_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001 - not a git checkout
-        return "unknown"
+    """Short commit of this checkout, or "unknown" (:mod:`liftquant.provenance`)."""
+    from liftquant.provenance import git_sha as short_commit
+
+    return short_commit()
 
 
 def eval_tasks(model, tok, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
@@ -88,10 +83,24 @@ def eval_tasks(model, tok, cfg: RunConfig, device: torch.device) -> dict[str, An
     return res
 
 
-def _quantize_liftquant(model, calib, *, cfg: RunConfig, spec, M, adapter, device, save_dir):
+def _resume_fingerprint(cfg: RunConfig, model, calib, M, device, blocks_dir: Path) -> dict:
+    """This run's fingerprint (:func:`liftquant.blockstore.run_fingerprint`); with --resume,
+    finished blocks of another run are refused here, before any evaluation or block work."""
+    from liftquant.blockstore import check_resume, run_fingerprint
+
+    fingerprint = run_fingerprint(cfg, model_info=model, calib_ids=calib, M=M, device=device)
+    if cfg.run.resume and blocks_dir.is_dir():
+        n = check_resume(blocks_dir, fingerprint)
+        logger.info("resume: %d finished block file(s) in %s match this run", n, blocks_dir)
+    return fingerprint
+
+
+def _quantize_liftquant(model, calib, *, cfg: RunConfig, spec, M, adapter, device, save_dir,
+                        fingerprint):
     """LiftQuant block loop; returns (report rows, bits report, quantization_config, None)."""
     rows = quantize_model(model, calib, cfg=cfg, M=M, spec=spec, adapter=adapter, device=device,
-                          blocks_dir=save_dir / "blocks", resume=cfg.run.resume)
+                          blocks_dir=save_dir / "blocks", resume=cfg.run.resume,
+                          fingerprint=fingerprint)
     qc = quantization_config(spec=spec, M=M, quantized_modules=packed_module_names(model),
                              not_converted=list(adapter.skip))
     return rows, bits_report(model), qc, None
@@ -122,30 +131,38 @@ def _select_quantizer(cfg: RunConfig, model, adapter):
         return spec, None, {"rule": f"--method {lat.method}"}
     spec, rate_info = select_lattice(
         expc=lat.expc, bits=lat.bits, target_size_gb=lat.target_size_gb,
-        model=model, adapter=adapter, lattice_dir=lat.lattice_dir)
+        model=model, adapter=adapter, lattice_dir=lat.lattice_dir, device=cfg.model.device)
     return spec, load_projection(spec, lat.lattice_dir), rate_info
 
 
-def run_quantization(cfg: RunConfig) -> dict[str, Any]:
+def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
+                     calib_ids: torch.Tensor | None = None) -> dict[str, Any]:
     """Load, calibrate, quantize, save (and evaluate); returns the summary written to report.
 
     ``--method rtn|gptq`` runs a baseline instead of LiftQuant with the same calibration data,
-    bits accounting, report and summary keys.
+    bits accounting, report and summary keys. ``model`` (with ``tokenizer``, may be None) and
+    ``calib_ids`` (N, L) replace loading them, for callers that build models in memory (the
+    scale benchmark's random-weight models of real shapes).
     """
     from liftquant.data import load_calibration
 
     t_start = time.time()
     device = resolve_device(cfg.model.device)
+    prov = provenance(device=device)  # the code as it was when the run started
     save_dir = Path(cfg.run.save_dir)
-    model, tok = load_model_for_run(cfg)
+    model, tok = (model, tokenizer) if model is not None else load_model_for_run(cfg)
     adapter = get_adapter(model.config, override=cfg.model.adapter)
     spec, M, rate_info = _select_quantizer(cfg, model, adapter)
     logger.info("quantizer %s (%s bits/weight, rule %s) on %s", spec.name,
                 getattr(spec, "bits_per_weight", cfg.lattice.baseline_bits), rate_info["rule"],
                 device)
-    calib = None if cfg.lattice.method == "rtn" else load_calibration(
-        tok, source=cfg.calib.calib_dataset, n_samples=cfg.calib.nsamples,
-        seq_len=cfg.calib.seqlen, seed=cfg.calib.seed)
+    calib = calib_ids
+    if calib is None and cfg.lattice.method != "rtn":
+        calib = load_calibration(tok, source=cfg.calib.calib_dataset,
+                                 n_samples=cfg.calib.nsamples, seq_len=cfg.calib.seqlen,
+                                 seed=cfg.calib.seed)
+    fingerprint = None if M is None else _resume_fingerprint(cfg, model, calib, M, device,
+                                                             save_dir / "blocks")
     summary: dict[str, Any] = {"model": cfg.model.model, "method": cfg.lattice.method,
                                "lattice": spec.name, "rate_selection": rate_info,
                                "device": str(device)}
@@ -159,7 +176,7 @@ def run_quantization(cfg: RunConfig) -> dict[str, Any]:
     else:
         rows, bits, qc, tensors = _quantize_liftquant(model, calib, cfg=cfg, spec=spec, M=M,
                                                       adapter=adapter, device=device,
-                                                      save_dir=save_dir)
+                                                      save_dir=save_dir, fingerprint=fingerprint)
     summary["quantize_seconds"] = round(time.time() - t_q, 1)
     summary["peak_gib"] = round(peak_memory_gib(device), 3)
     if cfg.run.eval_ppl:
@@ -175,7 +192,8 @@ def run_quantization(cfg: RunConfig) -> dict[str, Any]:
     summary["total_seconds"] = round(time.time() - t_start, 1)
     report = {"summary": {k: v for k, v in summary.items() if k != "bits"},
               "bits": summary["bits"], "blocks": rows, "config": cfg.to_dict(),
-              "git_sha": git_sha(), "calib_tokens": 0 if calib is None else int(calib.numel())}
+              "git_sha": prov["commit_short"], "provenance": prov,
+              "calib_tokens": 0 if calib is None else int(calib.numel())}
     save_quantized(model, tok, save_dir, qconfig=qc, report=report, run_config=cfg.to_dict(),
                    tensors=tensors)
     shutil.rmtree(save_dir / "blocks", ignore_errors=True)  # merged into model.safetensors
@@ -185,6 +203,16 @@ def run_quantization(cfg: RunConfig) -> dict[str, Any]:
 
 
 def write_run_config(cfg: RunConfig) -> None:
+    """Echo the resolved config to ``<save_dir>/liftquant_run.json`` (atomically). A folder
+    holding another run is refused unless --overwrite or --resume; with --resume an existing
+    file (the run being continued) is kept, and the final save writes this run's config."""
+    from liftquant.fileio import atomic_write
+    from liftquant.integrity import check_save_dir
+
     out = Path(cfg.run.save_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "liftquant_run.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    check_save_dir(out, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+    target = out / "liftquant_run.json"
+    if cfg.run.resume and not cfg.run.overwrite and target.is_file():
+        return
+    text = json.dumps(cfg.to_dict(), indent=1)
+    atomic_write(target, lambda tmp: Path(tmp).write_text(text))

@@ -224,11 +224,14 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, *, bits: int, group_size: int
     W = weight.detach().float().clone()  # (out, in), updated in place with the spread error
     H = hessian.detach().float().clone()  # (in, in)
     out_f, in_f = W.shape
+    # act-order sorts on the diagonal before dead inputs get their placeholder 1, so they go
+    # last whatever the Hessian's normalisation (X^T X / n or 2 X^T X): the order, and with it
+    # the groups, must not depend on a scale that GPTQ itself is invariant to
+    perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if act_order
+            else torch.arange(in_f, device=W.device))
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    perm = (torch.argsort(H.diagonal(), descending=True) if act_order
-            else torch.arange(in_f, device=W.device))
     W, H = W[:, perm], H[perm][:, perm]  # columns in quantization order
     U = _inverse_cholesky_upper(H, damp)
     gs = group_size or in_f
@@ -243,7 +246,9 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, *, bits: int, group_size: int
         for j in range(b1 - b0):
             c = b0 + j
             if c % gs == 0:  # group start: its columns as updated so far (this block, then later)
-                cols = torch.cat([W1[:, j:j + gs], W[:, b1:b1 + max(0, gs - (b1 - c))]], dim=1)
+                spill = slice(b1, min(c + gs, in_f))  # group columns past this lazy batch:
+                later = W[:, spill] - E[:, :j] @ U[b0:c, spill]  # + this batch's pending update
+                cols = torch.cat([W1[:, j:j + gs], later], dim=1)
                 scale, zero = minmax_params(cols, bits=bits, sym=sym)
                 scales[:, c // gs], zeros[:, c // gs] = scale, zero
             q = quantize_codes(W1[:, j], scale, zero, bits=bits)

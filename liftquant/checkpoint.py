@@ -9,23 +9,36 @@ Layout of a checkpoint folder::
                          unquantized tensor (embeddings, norms, head)
     tokenizer files, generation_config.json, report.json, liftquant_run.json
 
-Loading builds the model skeleton without allocating weights (accelerate's
-``init_empty_weights``), swaps the listed modules for ``PackedLiftLinear`` built from shapes,
-and loads with ``strict=True``.
+The safetensors header records a SHA-256 per tensor (:mod:`liftquant.integrity`). Saving
+builds the folder next to ``out_dir``, verifies it and renames it into place. Loading checks
+``config.json``, hashes the tensors (``verify=False`` / ``LIFTQUANT_VERIFY=0`` skips that),
+builds the model skeleton without allocating weights (accelerate's ``init_empty_weights``),
+swaps the listed modules for ``PackedLiftLinear`` built from shapes, checks the file's tensor
+names and shapes against it, loads with ``strict=True`` and refuses non-finite values.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from liftquant.integrity import (
+    CHECKSUM_ALGO,
+    CheckpointError,
+    check_finite,
+    check_tensors,
+    checksum_metadata,
+    install_dir,
+    read_header,
+    staging_dir,
+    verify_checksums,
+    verify_default,
+)
 from liftquant.lattice import LatticeSpec
 from liftquant.linear import PackedLiftLinear, cast_unquantized
 from liftquant.log import get_logger
@@ -40,10 +53,6 @@ BLOCK_SHAPE_PREFIX = "whiten.block_shape/"
 BLOCK_SHAPE_RULE = BLOCK_SHAPE_PREFIX + DEFAULT_BLOCK_SHAPE_RULE
 LIFTQUANT_VERSION = "0.1.0"
 WEIGHTS_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is not a LiftQuant checkpoint, is corrupted, or does not match."""
 
 
 def tensor_sha256(t: Tensor) -> str:
@@ -103,14 +112,19 @@ def _state_for_saving(model: nn.Module) -> dict[str, Tensor]:
 def save_quantized(
     model: nn.Module,
     tokenizer: Any,
-    out_dir: "str | Path",
+    out_dir: str | Path,
     *,
     qconfig: dict[str, Any],
     report: dict[str, Any] | None = None,
     run_config: dict[str, Any] | None = None,
     tensors: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write the checkpoint into a temp folder next to ``out_dir``, then move files in.
+    """Write the checkpoint into a hidden folder next to ``out_dir``, verify it, rename it in.
+
+    An existing ``out_dir`` is replaced as a whole (renamed aside, then deleted), keeping only
+    its entries that are not checkpoint files (``quantize.log``, ``blocks/``); if anything fails
+    before the rename, ``out_dir`` is left as it was. Non-finite tensors are refused. Callers
+    that must not replace another run's folder check first (``integrity.check_save_dir``).
 
     ``tensors`` replaces the model's state dict as the content of ``model.safetensors`` (the
     baselines store packed integer codes instead of their dense weights).
@@ -118,13 +132,14 @@ def save_quantized(
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp-save-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        state = _state_for_saving(model) if tensors is None else tensors
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    if out.is_symlink():
+        out = out.resolve()  # replace the folder the link points to, keep the link
+    state = _state_for_saving(model) if tensors is None else tensors
+    check_finite(state.items(), where=f"refusing to save {out}",
+                 fix="the model diverged during quantization or fine-tuning; re-run it")
+    qconfig = {**qconfig, "tensor_checksums": CHECKSUM_ALGO}
+    with staging_dir(out) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata=checksum_metadata(state))
         config = model.config
         config.quantization_config = qconfig
         config.save_pretrained(tmp)
@@ -137,32 +152,84 @@ def save_quantized(
             (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
         if run_config is not None:
             (tmp / "liftquant_run.json").write_text(json.dumps(run_config, indent=1))
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in sorted(names, key=lambda n: n == "config.json"):  # config.json last
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        verify_checksums(tmp / WEIGHTS_NAME, read_header(tmp / WEIGHTS_NAME), declared=True)
+        install_dir(tmp, out)
     logger.info("saved LiftQuant checkpoint to %s", out)
     return out
 
 
-def read_quantization_config(path: "str | Path") -> dict[str, Any]:
+def check_quantization_config(qc: Any, *, where: str | Path) -> dict[str, Any]:
+    """The ``quantization_config`` fields both loaders rely on; ``where`` names config.json."""
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        raise CheckpointError(f"{where}: not a LiftQuant checkpoint (quant_method {method!r})")
+    reinstall = "install the liftquant version that wrote it, or re-quantize"
+    if qc.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where} has LiftQuant format_version {qc.get('format_version')}, this liftquant "
+            f"{LIFTQUANT_VERSION} reads version {CHECKPOINT_FORMAT_VERSION}: {reinstall}")
+    if qc.get("pack_layout") != PACK_LAYOUT:
+        raise CheckpointError(f"{where}: unknown pack_layout {qc.get('pack_layout')!r} (this "
+                              f"liftquant reads {PACK_LAYOUT!r}): {reinstall}")
+    try:
+        block_rule_of(qc)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    try:
+        spec = LatticeSpec.parse(qc["lattice"])
+        lattice_ok = (spec.lifted_dim, spec.target_dim) == (qc["lifted_dim"], qc["target_dim"])
+    except (KeyError, TypeError, ValueError):
+        lattice_ok = False
+    if not lattice_ok:
+        raise CheckpointError(f"{where}: lattice {qc.get('lattice')!r}, lifted_dim "
+                              f"{qc.get('lifted_dim')!r} and target_dim {qc.get('target_dim')!r} "
+                              "are missing or disagree; restore the checkpoint's own config.json")
+    mods = qc.get("quantized_modules")
+    if not isinstance(mods, list) or not all(isinstance(m, str) for m in mods) \
+            or len(set(mods)) != len(mods):
+        raise CheckpointError(f"{where}: quantized_modules must be a list of distinct module "
+                              "names; restore the checkpoint's own config.json")
+    return qc
+
+
+def read_quantization_config(path: str | Path) -> dict[str, Any]:
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: is {path} a checkpoint folder?")
-    qc = json.loads(cfg_file.read_text()).get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"{path} is not a LiftQuant checkpoint (quant_method "
-                              f"{None if not isinstance(qc, dict) else qc.get('quant_method')!r})")
-    if qc.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+    try:
+        qc = json.loads(cfg_file.read_text()).get("quantization_config")
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({exc}): the file is corrupted; "
+                              "re-save or re-download the checkpoint") from exc
+    return check_quantization_config(qc, where=cfg_file)
+
+
+def verify_lattice(qc: dict[str, Any], M: Tensor, *, where: str | Path, source: str | Path,
+                   fix: str) -> None:
+    """``M`` (from ``source``) must be the lattice whose SHA-256 the checkpoint recorded."""
+    recorded, got = qc.get("M_sha256"), tensor_sha256(M)
+    if recorded is None:
+        logger.warning("%s records no M_sha256: lattice %s not verified", where, qc["lattice"])
+    elif got != recorded:
         raise CheckpointError(
-            f"{path} has LiftQuant format_version {qc.get('format_version')}, this liftquant "
-            f"{LIFTQUANT_VERSION} reads version {CHECKPOINT_FORMAT_VERSION}: re-quantize or "
-            "install the matching liftquant version")
-    if qc.get("pack_layout") != PACK_LAYOUT:
-        raise CheckpointError(f"unknown pack_layout {qc.get('pack_layout')!r}")
-    block_rule_of(qc)
-    return qc
+            f"{where}: lattice {qc['lattice']} was recorded with M_sha256 {recorded[:16]}..., but "
+            f"{source} hashes to {got[:16]}...: the checkpoint was quantized with another "
+            f"{qc['lattice']} matrix (a regenerated lattice or another --lattice_dir); {fix}")
+
+
+def checkpoint_lattice(qc: dict[str, Any], *, where: str | Path,
+                       lattice_dir: str | Path | None = None, fix: str) -> Tensor | None:
+    """The checkpoint's lattice M from ``lattice_dir`` (default: the shipped ``lattice/``),
+    verified against ``M_sha256``; None when no lattice of that name is there."""
+    from liftquant.lattice import lattice_path, load_projection
+
+    file = lattice_path(qc["lattice"], lattice_dir)
+    if not file.is_file():
+        logger.info("no %s to verify %s's lattice against", file, where)
+        return None
+    M = load_projection(qc["lattice"], lattice_dir)
+    verify_lattice(qc, M, where=where, source=file, fix=fix)
+    return M
 
 
 def block_rule_of(qc: dict[str, Any]) -> str:
@@ -197,17 +264,36 @@ def build_skeleton(config: Any, qc: dict[str, Any], *, dtype: torch.dtype) -> nn
     return model
 
 
+def tied_keys(config: Any, keys: Any) -> set[str]:
+    """State-dict keys a checkpoint may omit because they are tied (the LM head)."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return set()
+    return {k for k in keys if k.endswith("lm_head.weight")}
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in model.state_dict().items()}
+
+
+NONFINITE_FIX = ("the checkpoint was saved from a diverged run or edited; re-quantize (or "
+                 "re-run fine-tuning with a lower learning rate)")
+
+
 def load_quantized(
-    path: "str | Path",
+    path: str | Path,
     *,
-    device: "torch.device | str" = "cpu",
+    device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     trainable: bool = False,
     backend: str = "auto",
+    verify: bool | None = None,
 ) -> tuple[nn.Module, Any]:
     """Rebuild a LiftQuant model from ``path`` (strict load); returns ``(model, tokenizer)``.
 
     ``backend`` picks the kernels of the packed layers ("auto", "torch", "triton", "bitblas").
+    ``verify`` hashes every tensor against the SHA-256 recorded at save (default: on, unless
+    ``LIFTQUANT_VERIFY=0``); names, shapes, the module list and finiteness are always checked.
+    Every refusal is a :class:`CheckpointError` naming the file, the tensor and the fix.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -215,22 +301,27 @@ def load_quantized(
 
     path = Path(path)
     qc = read_quantization_config(path)
+    weights = path / WEIGHTS_NAME
+    header = read_header(weights)
+    if verify_default() if verify is None else verify:
+        verify_checksums(weights, header, declared=qc.get("tensor_checksums") == CHECKSUM_ALGO)
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config  # our own loader; do not let transformers dispatch on it
     try:
-        state = load_file(str(path / WEIGHTS_NAME))
+        state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read {path / WEIGHTS_NAME} ({exc}): the file is missing "
+        raise CheckpointError(f"cannot read {weights} ({exc}): the file is missing "
                               "or corrupted; re-save or re-download the checkpoint") from exc
     if dtype is None:
-        dtype = next(t.dtype for k, t in state.items() if k.endswith("embed_tokens.weight"))
+        dtype = next((t.dtype for k, t in state.items() if k.endswith("embed_tokens.weight")),
+                     torch.float32)
     model = build_skeleton(config, qc, dtype=dtype)
-    tied = getattr(config, "tie_word_embeddings", False)
-    expected = set(model.state_dict())
-    if tied:
-        for key in expected - set(state):
-            if key.endswith("lm_head.weight"):
-                state[key] = state[next(k for k in state if k.endswith("embed_tokens.weight"))]
+    expected = expected_shapes(model)
+    tied = tied_keys(config, expected)
+    check_tensors(weights, header, expected, quantized_modules=qc["quantized_modules"], tied=tied)
+    check_finite(state.items(), where=str(weights), fix=NONFINITE_FIX)
+    for key in tied - set(state):
+        state[key] = state[next(k for k in state if k.endswith("embed_tokens.weight"))]
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:

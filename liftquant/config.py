@@ -11,12 +11,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT_VERSION = 1
 METHODS = ("liftquant", "rtn", "gptq")  # --method; rtn/gptq live in liftquant.baselines
 DEMO_MODEL = "demo"  # --model demo (the default): SmolLM2-135M-Instruct fetched from PyPI
+# Shortest calibration window accepted (--seqlen): the floor this toolkit has always enforced;
+# the tests calibrate with 16-32 tokens. A perplexity window needs >= 2 tokens (one prediction).
+MIN_SEQLEN = 8
+MIN_EVAL_SEQLEN = 2
+LEARNING_RATES = ("lexw_lr", "la_lr", "lscale_lr", "lw_lr", "lt_lr")  # TrainArgs, all >= 0
 
 
 def _f(default, help: str, *, aliases: tuple[str, ...] = (), choices=None):
@@ -136,6 +143,7 @@ class RunArgs:
     backend: str = _f("auto", "kernel backend of packed layers (evaluation, propagation)",
                       choices=("auto", "torch", "triton", "bitblas"))
     config: str | None = _f(None, "read arguments from this JSON (CLI flags override)")
+    debug: bool = _f(False, "on an error show the full traceback instead of one line")
 
 
 GROUPS = {"model": ModelArgs, "calib": CalibArgs, "lattice": LatticeArgs,
@@ -180,21 +188,82 @@ class RunConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        t, c = self.train, self.calib
+        t = self.train
         for name in ("abits", "kbits", "vbits"):
             if getattr(t, name) != 16:
                 raise ValueError(f"--{name} {getattr(t, name)}: only 16 is supported "
                                  "(LiftQuant quantizes weights only)")
         if t.use_fpinps:
             t.propagate = "fp"
-        if c.nsamples < 2:
-            raise ValueError("--nsamples must be >= 2 (one sequence is held out)")
-        if sum(x is not None for x in (self.lattice.expc, self.lattice.bits,
-                                       self.lattice.target_size_gb)) > 1:
-            raise ValueError("give at most one of --expc, --bits, --target_size_gb")
-        if c.seqlen < 8 or c.batch_size < 1:
-            raise ValueError("--seqlen must be >= 8 and --batch_size >= 1")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.model.device):
+            raise ValueError(f"--device {self.model.device!r}: give auto, cpu, cuda or cuda:<i>")
+        self._check_finite()
+        self._check_counts()
+        self._check_learning_rates()
+        self._check_rate_request()
+
+    # validation (every message names the flag to change) -------------------------------
+    def _check_finite(self) -> None:
+        for name, group in GROUPS.items():
+            for f in dataclasses.fields(group):
+                v = getattr(getattr(self, name), f.name)
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"--{f.name} {v}: give a finite number")
+
+    def _check_counts(self) -> None:
+        c, t, r = self.calib, self.train, self.run
+        floors = (  # (flag, value or None, smallest accepted, what it means / the fix)
+            ("nsamples", c.nsamples, 2, "one sequence is held out for the reported error"),
+            ("seqlen", c.seqlen, MIN_SEQLEN, "tokens per calibration window"),
+            ("batch_size", c.batch_size, 1, "sequences per optimisation step"),
+            ("stage1_nsamples", c.stage1_nsamples, 1, "omit it to use --nsamples"),
+            ("stage2_nsamples", c.stage2_nsamples, 1, "omit it to use --nsamples"),
+            ("epochs", t.epochs, 0, "0 skips training"),
+            ("stage1_epochs", t.stage1_epochs, 0, "0 skips transform learning"),
+            ("stage2_epochs", t.stage2_epochs, 0, "0 skips block correction"),
+            ("holdout", t.holdout, 0, "0 holds out 1/32 of --nsamples"),
+            ("wbits", self.lattice.wbits, 1, "omit it for floor(D/d)"),
+            ("eval_seqlen", r.eval_seqlen, MIN_EVAL_SEQLEN, "tokens per perplexity window"),
+            ("eval_max_windows", r.eval_max_windows, 1, "omit it to use every window"),
+            ("eval_batch_size", r.eval_batch_size, 1, "lm-eval requests per forward pass"),
+            ("tasks_limit", r.tasks_limit, 1, "omit it to use every example"),
+        )
+        for flag, value, low, hint in floors:
+            if value is not None and value < low:
+                raise ValueError(f"--{flag} {value}: must be >= {low} ({hint})")
+        if t.holdout >= c.nsamples:
+            raise ValueError(f"--holdout {t.holdout} leaves no training sequence out of "
+                             f"--nsamples {c.nsamples}: give --holdout < --nsamples")
+        for flag in ("max_gpu_memory", "max_host_memory"):
+            value = getattr(c, flag)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{flag} {value}: must be > 0 GiB (omit it for no cap)")
+
+    def _check_learning_rates(self) -> None:
+        for flag in LEARNING_RATES:
+            value = getattr(self.train, flag)
+            if value < 0:
+                raise ValueError(f"--{flag} {value}: a learning rate must be >= 0 "
+                                 "(0 freezes those parameters)")
+
+    def _check_rate_request(self) -> None:
+        """Flag-level checks of --expc/--bits/--target_size_gb; whether a shipped lattice
+        honours them is checked by :func:`liftquant.rate.select_lattice` at run time."""
         lat = self.lattice
+        if sum(x is not None for x in (lat.expc, lat.bits, lat.target_size_gb)) > 1:
+            raise ValueError("give at most one of --expc, --bits, --target_size_gb")
+        if lat.expc is not None:
+            from liftquant.lattice import LatticeSpec
+
+            try:
+                LatticeSpec.parse(lat.expc)
+            except ValueError as exc:
+                raise ValueError(f"--expc: {exc}") from None
+        if lat.bits is not None and lat.bits <= 0:
+            raise ValueError(f"--bits {lat.bits}: must be > 0 bits per weight (e.g. --bits 2.5)")
+        if lat.target_size_gb is not None and lat.target_size_gb <= 0:
+            raise ValueError(f"--target_size_gb {lat.target_size_gb}: must be > 0 GB (the size "
+                             "of the whole quantized checkpoint)")
         if lat.method not in METHODS:
             raise ValueError(f"--method {lat.method!r}: choose one of {', '.join(METHODS)}")
         if lat.method != "liftquant":

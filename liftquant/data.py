@@ -37,6 +37,13 @@ HUB_SOURCES = ("wikitext2", "c4", "redpajama")
 LOCAL_SUFFIXES = (".txt", ".jsonl")
 OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 OFFLINE_FIX = "use `--calib_dataset wiki-offline` (or a local .txt/.jsonl file) instead"
+LOCAL_FILE_FIX = ("give a UTF-8 .txt file or a .jsonl file of {\"text\": ...} records, or "
+                  "--calib_dataset wiki-offline")
+# Calibration windows are drawn at random offsets of the token stream; when the windows ask for
+# more than this many times the stream's tokens (n_samples * seq_len > MAX_TOKEN_REUSE * T),
+# each token is seen that often on average: calibration repeats a short text and the holdout
+# error is no longer held out. A warning, not a refusal (a small text can still be useful).
+MAX_TOKEN_REUSE = 2.0
 PARAGRAPH_SEPARATOR = "\n\n"
 # Paragraph-aligned chunk size for tokenising long texts in one batched call. For byte-level
 # BPE tokenizers (GPT-2, Llama-3, Qwen, SmolLM) the chunked ids equal the ids of the whole text
@@ -116,8 +123,10 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     warning (``verbose=False``).
     """
     ids: list[int] = _special_prefix(tokenizer)
-    encoded = tokenizer(_chunks(text, TOKENIZE_CHUNK_CHARS), add_special_tokens=False,
-                        verbose=False)["input_ids"]
+    pieces = _chunks(text, TOKENIZE_CHUNK_CHARS)
+    if not pieces:  # empty text: a batch of no strings would fail inside the tokenizer
+        return torch.tensor(ids, dtype=torch.long)
+    encoded = tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]
     for chunk_ids in encoded:
         ids.extend(chunk_ids)
     return torch.tensor(ids, dtype=torch.long)
@@ -167,7 +176,24 @@ def _is_local(source: str) -> bool:
 
 
 def _read_local(path: Path) -> str:
-    """Text of a local .txt file, or the joined records of a .jsonl file."""
+    """Text of a local .txt file, or the joined records of a .jsonl file.
+
+    Refuses (``ValueError`` naming the file and the fix) a file that is not UTF-8 text, holds
+    NUL bytes (binary), is malformed JSON Lines, or holds no text at all.
+    """
+    try:
+        text = _read_local_text(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                         f"{LOCAL_FILE_FIX}") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} holds NUL bytes, so it is a binary file; {LOCAL_FILE_FIX}")
+    if not text.strip():
+        raise ValueError(f"{path} holds no text; {LOCAL_FILE_FIX}")
+    return text
+
+
+def _read_local_text(path: Path) -> str:
     if path.suffix.lower() != ".jsonl":
         return path.read_text(encoding="utf-8")
     texts = []
@@ -175,7 +201,11 @@ def _read_local(path: Path) -> str:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not a JSON record ({err.msg}); a .jsonl file "
+                                 "holds one JSON object per line") from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str) and isinstance(record, dict):
                 text = next((v for v in record.values() if isinstance(v, str)), None)
@@ -287,14 +317,25 @@ def load_calibration(
         return _document_windows(tokenizer, docs, n=n_samples, seq_len=seq_len,
                                  rng=random.Random(seed))
     ids = _stream(tokenizer, source=source, split="calibration")
-    if ids.numel() < seq_len:
-        raise ValueError(
-            f"calibration text of {source!r} has only {ids.numel()} tokens, fewer than one "
-            f"window of seq_len={seq_len}; use a longer text or a smaller seq_len"
-        )
+    _check_window_supply(source, n_tokens=ids.numel(), n_samples=n_samples, seq_len=seq_len)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=gen)
     return ids[starts[:, None] + torch.arange(seq_len)]  # (n_samples, seq_len)
+
+
+def _check_window_supply(source: str, *, n_tokens: int, n_samples: int, seq_len: int) -> None:
+    """Refuse a text shorter than one window; warn when windows must overlap heavily."""
+    if n_tokens < seq_len:
+        raise ValueError(
+            f"calibration text {source!r} has {n_tokens} tokens, fewer than one window of "
+            f"--seqlen {seq_len}; give a longer --calib_dataset or --seqlen <= {n_tokens}")
+    reuse = n_samples * seq_len / n_tokens
+    if reuse > MAX_TOKEN_REUSE:
+        logger.warning(
+            "calibration text %r has %d tokens but --nsamples %d x --seqlen %d asks for %d: the "
+            "windows overlap heavily (each token used %.1f times on average); give a longer "
+            "--calib_dataset or fewer/shorter windows", source, n_tokens, n_samples, seq_len,
+            n_samples * seq_len, reuse)
 
 
 def load_eval_tokens(tokenizer, *, source: str, seq_len: int = C4_EVAL_SEQ_LEN) -> torch.Tensor:

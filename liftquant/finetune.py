@@ -107,13 +107,19 @@ def build_e2e_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def check_lattice(qc: dict[str, Any], expc: str | None) -> None:
-    """``--expc`` must name the checkpoint's lattice (codes cannot change lattice here)."""
+def check_lattice(qc: dict[str, Any], expc: str | None, *, where: str | Path = "config.json"
+                  ) -> None:
+    """``--expc`` must name the checkpoint's lattice (codes cannot change lattice here) and,
+    where a lattice of that name is shipped, be the matrix recorded as ``M_sha256``."""
+    from liftquant.checkpoint import checkpoint_lattice
     from liftquant.lattice import LatticeSpec
 
     if expc is not None and LatticeSpec.parse(expc).name != qc["lattice"]:
         raise ValueError(f"--expc {expc} does not match the checkpoint's lattice "
                          f"{qc['lattice']}: fine-tuning keeps the codes, re-quantize instead")
+    if expc is not None:
+        checkpoint_lattice(qc, where=where, fix="drop --expc to fine-tune anyway (fine-tuning "
+                           "keeps the codes and does not use M)")
 
 
 # ----------------------------------------------------------------------- parameters
@@ -281,7 +287,7 @@ def _fp_perplexity(cfg: E2EArgs, ppl_ids, device) -> float:
 
 def run_e2e(cfg: E2EArgs) -> dict[str, Any]:
     """Load -> evaluate -> train -> freeze -> evaluate -> save; returns the report."""
-    from liftquant.api import git_sha, resolve_device
+    from liftquant.api import resolve_device
     from liftquant.calibrate import cast_unquantized
     from liftquant.checkpoint import (
         bits_report,
@@ -290,10 +296,11 @@ def run_e2e(cfg: E2EArgs) -> dict[str, Any]:
         save_quantized,
     )
     from liftquant.data import load_calibration, load_eval_tokens
+    from liftquant.provenance import provenance
 
     src, out_dir, device = Path(cfg.quant_model_path), Path(cfg.output_dir), \
         resolve_device(cfg.device)
-    check_lattice(read_quantization_config(src), cfg.expc)
+    check_lattice(read_quantization_config(src), cfg.expc, where=src / "config.json")
     torch.manual_seed(cfg.data_seed)
     model, tok = load_quantized(src, device=device, trainable=True, backend=cfg.backend)
     tok, qc = _tokenizer(cfg, tok), dict(model.config.quantization_config)
@@ -301,8 +308,10 @@ def run_e2e(cfg: E2EArgs) -> dict[str, Any]:
     if device.type == "cpu" and stored != torch.float32:
         cast_unquantized(model, torch.float32)  # CPUs run bf16/fp16 matmuls slowly
     ppl_ids = load_eval_tokens(tok, source=cfg.ppl_dataset) if cfg.do_ppl_eval else None
+    prov = provenance(device=device)
     report: dict[str, Any] = {"lattice": qc["lattice"], "device": str(device),
-                              "config": dataclasses.asdict(cfg), "git_sha": git_sha()}
+                              "config": dataclasses.asdict(cfg), "git_sha": prov["commit_short"],
+                              "provenance": prov}
     if ppl_ids is not None and cfg.fp_model_path:
         report["fp"] = {"ppl": _fp_perplexity(cfg, ppl_ids, device)}
     report["before"] = evaluate(model, tok, cfg, device=device, ppl_ids=ppl_ids)

@@ -4,6 +4,9 @@ Used by ``scripts/pareto.py``. CSV columns are :data:`COLUMNS`; ``size_gb`` is b
 (``checkpoint.bits_report``: codes + side tensors + unquantized tensors in the model dtype) in
 units of 1e9 B; ``bits_per_weight`` is codes + side bits of the quantized linears (FP: the
 weight dtype width). matplotlib is optional: :func:`plot` returns None with a warning without it.
+Rows carry their provenance (:func:`liftquant.provenance.record_fields`) and are merged into the
+CSV (:func:`liftquant.records.merge_csv_rows`): re-running a sweep replaces its own rows and
+keeps those measured at other commits or on other GPUs.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ from pathlib import Path
 
 from liftquant.fileio import atomic_write
 from liftquant.log import get_logger
+from liftquant.provenance import RECORD_KEY
+from liftquant.records import merge_csv_rows
 
 log = get_logger("pareto")
 
-COLUMNS = ("model", "method", "config", "bits_per_weight", "size_gb", "ppl_wiki_offline",
-           "task_avg", "tasks", "calib_tokens", "gpu", "commit")
+CORE_COLUMNS = ("model", "method", "config", "bits_per_weight", "size_gb", "ppl_wiki_offline",
+                "task_avg", "tasks", "calib_tokens", "gpu", "commit")  # every file has these
+COLUMNS = (*CORE_COLUMNS, "dirty", "source_sha256", "date", "torch", "command")
+KEY = ("model", "method", "config", "tasks", "calib_tokens", *RECORD_KEY)  # one measurement
 MARKERS = {"liftquant": "o", "rtn": "s", "gptq": "^"}
 
 
@@ -32,21 +39,23 @@ def parse_jobs(configs: str | None, baselines: list[str]) -> list[tuple[str, str
     return jobs
 
 
+def _check_columns(path: Path, header) -> None:
+    missing = [c for c in CORE_COLUMNS if c not in (header or ())]
+    if missing:
+        raise ValueError(f"{path} has columns {header}, expected {list(COLUMNS)} "
+                         f"(missing {missing})")
+
+
 def append_rows(path: str | Path, rows: list[dict]) -> None:
-    """Append ``rows`` to the CSV at ``path`` (header written once; a different header raises)."""
+    """Add ``rows`` to the CSV at ``path``: a row with the same :data:`KEY` (configuration,
+    GPU, commit and source hash) is replaced, rows of other runs are kept; a file without the
+    :data:`CORE_COLUMNS` raises."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.is_file() or path.stat().st_size == 0
-    if not new:
+    if path.is_file() and path.stat().st_size:
         with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if tuple(header or ()) != COLUMNS:
-            raise ValueError(f"{path} has columns {header}, expected {list(COLUMNS)}")
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
+            _check_columns(path, next(csv.reader(f), None))
+    merge_csv_rows(path, [{k: row.get(k, "") for k in COLUMNS} for row in rows], KEY,
+                   columns=COLUMNS)
 
 
 def merge(paths: list[str | Path], out: str | Path) -> int:
@@ -54,12 +63,12 @@ def merge(paths: list[str | Path], out: str | Path) -> int:
     (model, method, config) -- the last one read wins -- sorted by model, method, size.
     Returns the number of rows written."""
     rows: dict[tuple, dict] = {}
+    fields = list(COLUMNS)
     for path in paths:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) != COLUMNS:
-                raise ValueError(f"{path} has columns {reader.fieldnames}, "
-                                 f"expected {list(COLUMNS)}")
+            _check_columns(Path(path), reader.fieldnames)
+            fields += [c for c in reader.fieldnames or () if c not in fields]
             for r in reader:
                 rows[(r["model"], r["method"], r["config"])] = r
     order = {"fp": 0, "liftquant": 1, "gptq": 2, "rtn": 3}
@@ -68,7 +77,7 @@ def merge(paths: list[str | Path], out: str | Path) -> int:
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(ranked)
 

@@ -18,8 +18,6 @@ all layers and models. ``python scripts/bench_decode.py --out bench/decode.csv``
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import warnings
 from pathlib import Path
 
@@ -30,11 +28,14 @@ from torch import nn
 from liftquant.kernels import registry
 from liftquant.kernels.decode import DecodeStep, GraphedDecode
 from liftquant.linear import PackedLiftLinear
+from liftquant.provenance import RECORD_KEY, record_fields
+from liftquant.records import merge_csv_rows
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 COLUMNS = ["model", "config", "backend", "decode_tokens_per_s", "bf16_tokens_per_s", "speedup",
            "peak_mem_gb", "compile", "gpu", "commit"]
+KEY = ("model", "config", "backend", "compile", *RECORD_KEY)  # other commits' rows are kept
 PROMPT, WARMUP = 32, 8
 
 
@@ -142,8 +143,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     mode = args.compile_mode if args.compile else None
-    base = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("LQ_COMMIT", "unknown"),
-            "compile": mode or "none"}
+    base = {**record_fields(device="cuda"), "compile": mode or "none"}
     runs = []  # (model name, config, backend, loader); each model's bf16 run comes first
     if args.lattices:
         cfg = llama3_8b_config()
@@ -170,10 +170,7 @@ def main() -> None:
                      "speedup": f"{tps / ref:.2f}", "peak_mem_gb": f"{peak:.2f}"})
         print(f"{name} {config}: {tps:.1f} tok/s (x{tps / ref:.2f} vs bf16), peak {peak:.2f} GB",
               flush=True)
-        with open(args.out, "w", newline="") as fh:  # rewritten as rows arrive
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        merge_csv_rows(args.out, rows, KEY, columns=COLUMNS)  # as rows arrive
 
 
 if __name__ == "__main__":

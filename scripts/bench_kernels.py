@@ -21,10 +21,7 @@ Inputs rotate over enough weight copies (> 3x L2) that weights never stay in L2.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
-import os
 from itertools import cycle
 
 import torch
@@ -34,6 +31,8 @@ from liftquant.kernels import gemv_tuner, registry
 from liftquant.kernels import triton_int1 as ti
 from liftquant.kernels.gemv_splitk import SplitKConfig
 from liftquant.linear import PackedLiftLinear
+from liftquant.provenance import RECORD_KEY, record_fields
+from liftquant.records import merge_csv_rows, merge_json_rows
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
 # Sibling groups run as one T* and one GEMV launch (liftquant.kernels.groups): (name, member
@@ -44,6 +43,7 @@ LATTICES = ["16to8", "24to10", "20to8", "24to8"]
 ROTATE_BYTES = 200 * 2**20  # > 3x the H100's 50 MB L2
 COLUMNS = ["shape", "config", "backend", "time_us", "weight_gbps", "copy_gbps", "fraction_of_copy",
            "fp16_time_us", "speedup_vs_fp16", "gpu", "commit", "kernel"]
+KEY = ("shape", "config", "backend", *RECORD_KEY)  # other commits' and GPUs' rows are kept
 
 
 @torch.no_grad()
@@ -207,8 +207,7 @@ def main() -> None:
     torch.manual_seed(0)
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x")))
                                              for s in args.shapes.split(",")]
-    base = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("LQ_COMMIT", "unknown"),
-            "copy_gbps": round(copy_gbps(), 1)}
+    base = {**record_fields(device="cuda"), "copy_gbps": round(copy_gbps(), 1)}
     print(f"{base['gpu']}: copy {base['copy_gbps']} GB/s (read + write)", flush=True)
     rows, sweep_log = [], {}
     jobs = [(bench_shape, (N, n)) for N, n in shapes]
@@ -221,13 +220,11 @@ def main() -> None:
             else:
                 bench_group(*shape, spec, rows, base)
             torch.cuda.empty_cache()
-            with open(args.out, "w", newline="") as fh:  # rewritten as rows arrive
-                writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
+            merge_csv_rows(args.out, rows, KEY, columns=COLUMNS)  # as rows arrive
             if args.sweep_json:
-                with open(args.sweep_json, "w") as fh:
-                    json.dump(sweep_log, fh, indent=1)
+                merge_json_rows(args.sweep_json, [{"name": name, **entry, **base}
+                                                  for name, entry in sweep_log.items()],
+                                ("name", *RECORD_KEY))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,7 @@ Usage: python scripts/bench_lattice.py --lattices 16to8,20to8,24to8,24to10,30to1
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,19 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from liftquant import lattice as L  # noqa: E402
-from liftquant.fileio import atomic_write  # noqa: E402
+from liftquant.provenance import RECORD_KEY, record_fields
+from liftquant.records import merge_csv_rows
 
 COLUMNS = ["lattice", "method", "device", "seconds_per_1M", "mse", "commit"]
+KEY = ("lattice", "method", "device", *RECORD_KEY)  # rows of other commits/GPUs are kept
 BASELINE_CHUNK_ELEMENTS = 1 << 28  # give the torch baseline large (1 GiB fp32) chunks on GPU
-
-
-def _commit() -> str:
-    if os.environ.get("LQ_COMMIT"):  # the device machine gets no .git: pass it in
-        return os.environ["LQ_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001 - no git on the device machine is fine
-        return "unknown"
 
 
 def _time(fn, *, repeats: int, device: torch.device) -> tuple[float, object]:
@@ -95,16 +85,6 @@ def bench_one(name: str, *, n_weights: int, device: torch.device, repeats: int) 
     return rows
 
 
-def _write(path: Path, rows: list[dict], commit: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            w.writerows({**r, "commit": commit} for r in rows)
-
-    atomic_write(path, write)
-
-
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -118,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=Path("bench/lattice.csv"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    commit = _commit()
+    prov = record_fields(device=device)  # commit, dirty, source hash, gpu, date, torch
     rows = []
     names = [n.strip() for n in args.lattices.split(",")]
     missing = [n for n in names if not L.lattice_path(n).is_file()]
@@ -128,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         rows += bench_one(name, n_weights=args.n_weights, device=device,
                           repeats=args.repeats)
-        _write(args.output, rows, commit)  # after every lattice: a run cut short keeps its rows
+        # after every lattice, so a run cut short keeps its rows; other commits' rows stay
+        merge_csv_rows(args.output, [{**r, **prov} for r in rows], KEY, columns=COLUMNS)
     print(f"\n{'lattice':8s} {'speedup(triton+flip vs baseline)':>34s} {'mse base':>9s} {'mse ours':>9s}")
     for name in names:
         base = next(r for r in rows if r["lattice"] == name and r["method"] == "pinv_torch_baseline")

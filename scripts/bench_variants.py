@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 import statistics
 
 import torch
@@ -25,6 +23,8 @@ from profile_decode import shape_config
 
 from liftquant.kernels import decode, fused_small, int1_words
 from liftquant.kernels.decode import DecodeStep, GraphedDecode
+from liftquant.provenance import RECORD_KEY, record_fields
+from liftquant.records import merge_json_rows
 
 # switch -> (module, attribute, its values for 0 and 1): PDL launches, the one-launch small
 # path, whether the transform lets its GEMV launch at its start (else once its loads are
@@ -91,11 +91,11 @@ def main() -> None:
                                 "tokens_per_s": tps, "median": statistics.median(tps)})
             del model, step
             torch.cuda.empty_cache()
-    gpu, commit = torch.cuda.get_device_name(), os.environ.get("LQ_COMMIT", "unknown")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"gpu": gpu, "commit": commit, "rows": results}, fh, indent=1)
-    print(f"{gpu}, commit {commit}")
+    prov = record_fields(device="cuda")
+    if args.json:  # a list of rows; rows of other commits, GPUs and variants are kept
+        merge_json_rows(args.json, [{**r, **prov} for r in results],
+                        ("shape", "config", "variant", *RECORD_KEY))
+    print(f"{prov['gpu']}, commit {prov['commit']}" + (" (dirty)" if prov["dirty"] else ""))
     print(f"{'shape':14} {'config':7} {'variant':16} {'tok/s':>7} {'min':>7} {'max':>7} "
           f"{'x bf16':>6}")
     for r in results:

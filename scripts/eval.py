@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if tok is None:
         parser.error("the model has no tokenizer files; evaluation needs one")
     result["device"] = str(device)
+    from liftquant.provenance import provenance
+
+    result["provenance"] = provenance(device=device)  # commit, dirty, source hash, GPU, argv
     if ev.eval_ppl:
         result.update(eval_dataset=ev.eval_dataset, eval_seqlen=ev.eval_seqlen,
                       ppl=api.eval_perplexity(model, tok, cfg, device))

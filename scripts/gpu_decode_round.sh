@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: CUDA kernel tests, the decode-step profile and the 8B-shape decode rows.
-# Run from an unpacked snapshot with LQ_COMMIT set; results land in $OUT/round.tar.gz.
+# Run from an unpacked snapshot; results land in $OUT/round.tar.gz. Rows record the source hash
+# (no .git there): `python -m liftquant.provenance match HASH` names its commit here.
 #   STEPS="tests profile variants decode kernels sweep" (default: tests profile decode)
 set -u
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1

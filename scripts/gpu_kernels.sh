@@ -11,7 +11,6 @@ set -u
 OUT=${OUT:-/tmp/lq_out}; FP_MODEL=${FP_MODEL:-demo}; CKPT=${CKPT:-}
 LOGS=$OUT/logs; mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=$PWD
-export LQ_COMMIT=${LQ_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)+wip}
 # Per-step limits (s): 100 + 120 + 170 + 110 plus kill grace stays under 9 minutes; the benches
 # write their CSVs row by row, so a step cut short still leaves its finished rows.
 step() {  # name, limit, command...

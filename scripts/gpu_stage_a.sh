@@ -3,7 +3,7 @@
 # scratch folder that the next calls reuse, check that lm-eval imports, then the lattice work:
 # the search benchmark (bench/lattice.csv), the MSE of the shipped 32to16 against the number of
 # null-space bases, and a refinement run of 32to16 from the shipped matrix (kept only if better).
-#   SCR=/tmp/lq_scratch OUT=... LQ_COMMIT=<sha> bash scripts/gpu_stage_a.sh
+#   SCR=/tmp/lq_scratch OUT=... bash scripts/gpu_stage_a.sh
 # Carry: .assets/p1 (gguf.part00), .whl (wheels). Everything under $OUT/a.tar.gz + summary.txt.
 set -u
 OUT=${OUT:-/tmp/lq_out}; SCR=${SCR:-/tmp/lq_scratch}; L=$OUT/logs

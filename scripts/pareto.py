@@ -6,7 +6,9 @@
 Every main.py flag is accepted and applies to every run (--nsamples, --epochs, --group_size,
 --eval_max_windows, ...). Per config: LiftQuant lattice ``DtoD'`` or baseline ``rtn:B`` /
 ``gptq:B`` -> liftquant.api.run_quantization (perplexity always on, lm-eval with --tasks) -> one
-CSV row (COLUMNS) appended to --csv. The FP model is evaluated first (--skip_fp to not).
+CSV row (COLUMNS, with commit, dirty flag, source hash, GPU, date, torch version, command)
+merged into --csv: a re-run replaces its own rows, rows of other commits and GPUs are kept. The FP
+model is evaluated first (--skip_fp to not).
 size_gb = bytes as stored (codes + side tensors + unquantized tensors in the model dtype), 1e9 B.
 The plot (PNG, needs matplotlib; skipped with a warning otherwise) shows perplexity, and task
 average when present, against size for every model in the CSV, the FP point as a star and the
@@ -64,25 +66,25 @@ def main(argv: list[str] | None = None) -> int:
         jobs = parse_jobs(ns.configs, ns.baselines)
     except ValueError as exc:
         parser.error(str(exc))
-    import torch
-
-    from liftquant.api import git_sha, run_quantization
+    from liftquant.api import run_quantization
     from liftquant.config import RunConfig
     from liftquant.log import setup_logging
+    from liftquant.provenance import record_fields
 
     setup_logging()
     ns.eval_ppl = True
     root = Path(ns.save_dir or "out/pareto")
     name = ns.model_name or ("smollm2-135m" if ns.model in (None, "demo") else Path(ns.model).name)
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and ns.device != "cpu" else "cpu"
+    prov = record_fields(device="cpu" if ns.device == "cpu" else None)  # as the run starts
     from liftquant.tasks import resolve_tasks
 
     tasks_note = "+".join(resolve_tasks(ns.tasks)) if ns.tasks else ""
     if ns.tasks and ns.tasks_limit:
         tasks_note += f"@limit{ns.tasks_limit}"
-    common = {"model_name": name, "tasks_note": tasks_note, "gpu": gpu, "commit": git_sha()}
+    common = {"model_name": name, "tasks_note": tasks_note, "gpu": prov["gpu"],
+              "commit": prov["commit"]}
     if not ns.skip_fp:
-        append_rows(ns.csv, [run_fp(ns, **common)])
+        append_rows(ns.csv, [{**run_fp(ns, **common), **prov}])
     for method, config, bits in jobs:
         job = copy.copy(ns)
         job.method = method
@@ -91,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         job.save_dir = str(root / f"{name}-{config}{bits or ''}")
         apply_demo_defaults(job)
         summary = run_quantization(RunConfig.from_args(job))
-        append_rows(ns.csv, [csv_row(summary, method=method, config=summary["lattice"],
-                                  bits=summary["bits"], model=name, tasks_note=tasks_note,
-                                  gpu=gpu, commit=common["commit"])])
+        append_rows(ns.csv, [{**csv_row(summary, method=method, config=summary["lattice"],
+                                        bits=summary["bits"], model=name, tasks_note=tasks_note,
+                                        gpu=prov["gpu"], commit=prov["commit"]), **prov}])
         if not ns.keep_checkpoints:
             shutil.rmtree(job.save_dir, ignore_errors=True)
     png = plot(ns.csv, ns.plot or Path(ns.csv).with_suffix(".png"), budget_gb=ns.budget_gb)
-    print(f"rows appended to {ns.csv}" + (f"; plot {png}" if png else ""))
+    print(f"rows merged into {ns.csv}" + (f"; plot {png}" if png else ""))
     return 0
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import defaultdict
 
 import torch
 from bench_decode import PROMPT, WARMUP, build_model, llama3_8b_config
 
 from liftquant.kernels.decode import DecodeStep, GraphedDecode
+from liftquant.provenance import RECORD_KEY, record_fields
+from liftquant.records import merge_json_rows
 
 
 def shape_config(name: str):
@@ -102,7 +103,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    results = []
+    results, prov = [], record_fields(device="cuda")
     for shape in args.shapes.split(","):
         cfg = shape_config(shape)
         for lat in [None] + [x for x in args.lattices.split(",") if x]:
@@ -110,13 +111,13 @@ def main() -> None:
             model = build_model(cfg, lat, args.backend if lat else "torch")
             res = profile(model, tokens=args.tokens, compile_mode=args.compile_mode)
             del model
-            res.update(shape=shape, config=lat or "bf16", gpu=torch.cuda.get_device_name(),
-                       commit=os.environ.get("LQ_COMMIT", "unknown"))
+            res.update(shape=shape, config=lat or "bf16", backend=args.backend if lat else "torch",
+                       tokens=args.tokens, compile_mode=args.compile_mode, **prov)
             results.append(res)
             print(json.dumps(res, indent=1), flush=True)
-            if args.json:
-                with open(args.json, "w") as fh:
-                    json.dump(results, fh, indent=1)
+            if args.json:  # rows of other commits and GPUs are kept
+                merge_json_rows(args.json, results, ("shape", "config", "backend", "tokens",
+                                                     "compile_mode", *RECORD_KEY))
     cats = sorted({c for r in results for c in r["category_us"]})
     print("\nshape config tok/s step_us busy_us " + " ".join(c.replace(" ", "_") for c in cats))
     for r in results:

@@ -9,8 +9,6 @@ over rotating side tensors (HBM, not L2), next to a trivial Triton kernel as the
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 import triton
@@ -18,6 +16,10 @@ import triton.language as tl
 from bench_kernels import graph_bench, random_packed_layer
 
 from liftquant.kernels import triton_int1 as ti
+from liftquant.provenance import RECORD_KEY, record_fields
+from liftquant.records import merge_json_rows
+
+KEY = ("n", "members", "tile_rows", "chunk", "warps", "pairs", *RECORD_KEY)
 
 
 @triton.jit
@@ -33,13 +35,12 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dt = torch.bfloat16
-    res = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("LQ_COMMIT", "?"),
-           "rows": []}
+    prov = record_fields(device="cuda")
+    res = {"rows": []}
     x = torch.randn(1, 4096, device="cuda", dtype=dt)
     y = torch.empty_like(x)
     floor = graph_bench(lambda a, b: _floor_kernel[(1,)](a, b, 4096, BLOCK=4096), [(x, y)])
     print(f"floor kernel {floor:.2f} us", flush=True)
-    res["floor_us"] = floor
     for n in map(int, args.ins.split(",")):
         for M in (1, 3):
             layers = [[random_packed_layer(n, 64, args.lattice, seed=10 * c + m) for m in range(M)]
@@ -72,9 +73,9 @@ def main() -> None:
                                    "pairs": pairs, "us": round(t, 2)}
                             res["rows"].append(row)
                             print(row, flush=True)
-            if args.json:
-                with open(args.json, "w") as fh:
-                    json.dump(res, fh, indent=1)
+            if args.json:  # a list of rows; rows of other commits and GPUs are kept
+                merge_json_rows(args.json, [{**r, "floor_us": floor, **prov} for r in res["rows"]],
+                                KEY)
     best = {}
     for r in res["rows"]:
         k = (r["n"], r["members"], r["pairs"])

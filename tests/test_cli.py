@@ -134,12 +134,12 @@ def test_main_end_to_end_on_tiny_model(tiny_model_dir, tiny_lattice_dir, tmp_pat
 
 
 def test_main_rejects_missing_model_and_unknown_arch(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError):  # --debug: the exception, not the one-line error
         main_script.main(["--model", str(tmp_path / "missing"), "--save_dir", str(tmp_path / "o"),
-                          "--device", "cpu"])
+                          "--device", "cpu", "--debug"])
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "odd")
     with pytest.raises(ValueError, match="gpt2.*llama|llama.*gpt2"):
         main_script.main(["--model", str(tmp_path / "odd"), "--save_dir", str(tmp_path / "o2"),
-                          "--device", "cpu"])
+                          "--device", "cpu", "--debug"])

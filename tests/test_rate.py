@@ -7,11 +7,13 @@ from liftquant.models import get_adapter, tiny_llama
 from liftquant.rate import estimate_checkpoint_bytes, quantized_linear_bytes, select_lattice
 
 
-def test_bits_picks_nearest_shipped():
-    spec, info = select_lattice(expc=None, bits=2.4, target_size_gb=None)
+def test_bits_picks_the_shipped_lattice_of_that_rate():
+    spec, info = select_lattice(expc=None, bits=2.4, target_size_gb=None, device="cpu")
     assert spec.name == "24to10" and info["rule"] == "bits"
-    spec, _ = select_lattice(expc=None, bits=3.1, target_size_gb=None)
-    assert spec.name == "24to8"
+    spec, _ = select_lattice(expc=None, bits=3, target_size_gb=None, device="cpu")
+    assert spec.name == "9to3"  # 9to3 and 24to8 are both 3 bits: smallest D on CPU
+    with pytest.raises(ValueError, match="no shipped lattice has exactly 3.1"):
+        select_lattice(expc=None, bits=3.1, target_size_gb=None)  # no longer rounded
     spec, _ = select_lattice(expc="22to8", bits=None, target_size_gb=None)
     assert spec.name == "22to8"
 

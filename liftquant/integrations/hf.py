@@ -9,6 +9,13 @@ differs only logs a warning), which registers
   (the same swap as :func:`liftquant.checkpoint.build_skeleton`), so transformers then loads the
   packed signs, scales and fused transform buffers straight from ``model.safetensors``.
 
+Before any weight is read, the quantizer applies the checks of ``load_quantized``
+(:mod:`liftquant.integrity`): ``config.json`` fields (format version, pack layout, lattice,
+module list), the per-tensor SHA-256 of ``model.safetensors`` (``LIFTQUANT_VERIFY=0`` skips
+the hashing), and the file's tensor names and shapes against the swapped skeleton, including
+packed codes for exactly the listed modules; after loading it refuses non-finite tensors and
+tensors transformers left uninitialised. Refusals are :class:`CheckpointError`.
+
 The result matches :func:`liftquant.load_quantized` (which stays the reference loader and
 additionally takes ``backend=``); the kernel backend of a ``from_pretrained`` model is "auto"
 (Triton on CUDA, torch on CPU); call :func:`liftquant.kernels.set_backend` afterwards to pick
@@ -24,13 +31,25 @@ _process_model_after_weight_loading, is_serializable, is_trainable, validate_env
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from liftquant.checkpoint import (
-    CHECKPOINT_FORMAT_VERSION,
+    NONFINITE_FIX,
     QUANT_METHOD,
     CheckpointError,
     block_rule_of,
+    check_quantization_config,
+    expected_shapes,
+    tied_keys,
+)
+from liftquant.integrity import (
+    CHECKSUM_ALGO,
+    check_finite,
+    check_tensors,
+    read_header,
+    verify_checksums,
+    verify_default,
 )
 from liftquant.log import get_logger
 
@@ -68,17 +87,33 @@ def _define_classes() -> tuple[type, type]:
         requires_calibration = True  # only pre-quantized LiftQuant checkpoints can be loaded
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-            qc = self.quantization_config
             if not self.pre_quantized:
                 raise ValueError("LiftQuant quantizes with `python main.py`, not on the fly in "
                                  "from_pretrained: pass a LiftQuant checkpoint folder")
-            version = getattr(qc, "format_version", None)
-            if version != CHECKPOINT_FORMAT_VERSION:
-                raise CheckpointError(f"LiftQuant format_version {version}; this liftquant reads "
-                                      f"version {CHECKPOINT_FORMAT_VERSION}")
-            block_rule_of(qc.to_dict())  # an unknown block-shape rule: a clear error now
 
-        def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        def _process_model_before_weight_loading(self, model: Any, *,
+                                                 checkpoint_files: list[str] | None = None,
+                                                 **kwargs: Any) -> Any:
+            files = [Path(f) for f in checkpoint_files or ()]
+            if not files or any(f.suffix != ".safetensors" for f in files):
+                raise CheckpointError(f"LiftQuant checkpoints load from model.safetensors in "
+                                      f"their folder (got {[str(f) for f in files]}); pass the "
+                                      "checkpoint folder to from_pretrained")
+            qd = check_quantization_config(self.quantization_config.to_dict(),
+                                           where=files[0].parent / "config.json")
+            self._swap_packed(model, qd)
+            headers = {f: read_header(f) for f in files}
+            if verify_default():
+                for f, header in headers.items():
+                    verify_checksums(f, header, declared=qd.get("tensor_checksums") == CHECKSUM_ALGO)
+            merged = {"tensors": {k: e for h in headers.values() for k, e in h["tensors"].items()}}
+            self._weights = files[0] if len(files) == 1 else files[0].parent
+            expected = expected_shapes(model)
+            check_tensors(self._weights, merged, expected, quantized_modules=qd["quantized_modules"],
+                          tied=tied_keys(model.config, expected))
+            return model
+
+        def _swap_packed(self, model: Any, qd: dict[str, Any]) -> None:
             import torch
 
             from liftquant.lattice import LatticeSpec
@@ -86,10 +121,10 @@ def _define_classes() -> tuple[type, type]:
             from liftquant.models.adapters import set_module
 
             qc = self.quantization_config
-            spec = LatticeSpec(qc.lifted_dim, qc.target_dim)
-            block_rule = block_rule_of(qc.to_dict())
+            spec = LatticeSpec(qd["lifted_dim"], qd["target_dim"])
+            block_rule = block_rule_of(qd)
             modules = dict(model.named_modules())
-            for name in qc.quantized_modules:
+            for name in qd["quantized_modules"]:
                 lin = modules.get(name)
                 if lin is None or not hasattr(lin, "in_features"):
                     raise CheckpointError(f"quantized module {name!r} does not exist in "
@@ -99,11 +134,18 @@ def _define_classes() -> tuple[type, type]:
                                          block_rule=block_rule)
                 layer.backend = getattr(qc, "backend", "auto")
                 set_module(model, name, layer)
-            return model
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             from liftquant.kernels.registry import set_backend
 
+            state = model.state_dict()
+            offloaded = "disk" in set((getattr(model, "hf_device_map", None) or {}).values())
+            unset = sorted(k for k, t in state.items() if t.device.type == "meta")
+            if unset and not offloaded:  # disk-offloaded weights stay on meta by design
+                raise CheckpointError(f"{self._weights}: tensor {unset[0]!r} (and {len(unset) - 1} "
+                                      "more) was not restored by from_pretrained; re-save or "
+                                      "re-download the checkpoint")
+            check_finite(state.items(), where=str(self._weights), fix=NONFINITE_FIX)
             model.requires_grad_(False)
             n = set_backend(model, getattr(self.quantization_config, "backend", "auto"))
             logger.info("from_pretrained: %d packed LiftQuant layers", n)

@@ -77,13 +77,16 @@ def resolve_source(path_or_id: str, gguf_file: str | None = None) -> tuple[str, 
             raise FileNotFoundError(f"no GGUF file {gguf_file!r} in {path}")
         if gguf_file is None and not (path / "config.json").is_file():
             ggufs = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}"))
-            hint = f" It holds GGUF files {ggufs}: pass one of them." if ggufs else ""
+            hint = (f" It holds GGUF files {ggufs}: pass one of them." if ggufs else
+                    " Pass --model a folder with config.json and weights, a .gguf file or a hub id.")
             raise FileNotFoundError(
                 f"{path} has no config.json, so it is not a model folder.{hint}"
             )
         return str(path.resolve()), gguf_file, True
     if path.exists():
-        raise FileNotFoundError(f"{path_or_id!r} is neither a model folder nor a .gguf file")
+        raise FileNotFoundError(f"{path_or_id!r} is neither a model folder nor a .gguf file; "
+                                "pass --model a folder with config.json and weights, a .gguf "
+                                "file or a hub id")
     if _looks_like_local_path(str(path_or_id)):
         raise FileNotFoundError(
             f"model path {path_or_id!r} does not exist. Give a model folder (config.json + "

@@ -1,0 +1,213 @@
+"""Quantization time and memory at real model sizes, on random-weight models of real shapes.
+
+Builds a Llama-3-8B or Llama-3-70B shaped model (all blocks, or the first K of them) with
+random bf16 weights directly in memory, then runs the real ``main.py`` pipeline on it
+(``liftquant.api.run_quantization``: memory plan, activation caches, block loop, packing,
+checkpoint writing) with the authors' recipe flags, random calibration tokens, and the
+requested lattice and calibration size. Writes, merging with earlier rows (keyed by
+configuration, GPU, commit and source hash):
+
+* ``bench/scale.csv``: one row per run (``shape, lattice, nsamples, seqlen, blocks_run,
+  blocks_total, seconds_per_block, total_seconds, projected, peak_gpu_gib, peak_host_gib, gpu,
+  commit`` ...). ``total_seconds`` is measured (``projected`` 0) when every block ran, else
+  projected as capture + first block + (blocks_total - 1) x mean of the later blocks
+  (``projected`` 1). ``--project_nsamples N`` adds a row for N calibration samples projected
+  from runs of this shape and lattice at two or more measured sample counts (per-block time
+  fitted linearly in the sample count);
+* ``bench/scale.json``: the same runs with the per-block time split (to_device, targets,
+  stage1, holdout, search, stage2, pack, offload), the memory plan and the command.
+
+Example (one H200)::
+
+    python scripts/bench_scale.py --shape llama3-8b --expc 20to8 --nsamples 128 --seqlen 2048
+    python scripts/bench_scale.py --shape llama3-70b --blocks 2 --max_gpu_memory 24 \
+        --max_host_memory 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {  # Llama-3 family (rope scaling "llama3"); Qwen3.5-27B is added with its adapter
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8},
+    "llama-tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2},  # smoke test (CPU)
+    "llama3-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                   "num_attention_heads": 64, "num_key_value_heads": 8},
+}
+LLAMA3 = {"vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+          "max_position_embeddings": 131072, "tie_word_embeddings": False,
+          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+# The authors' README recipe (SPEC §6) minus model/paths/calibration size, which are ours.
+RECIPE = ["--wbits", "2", "--w_sym", "--abits", "16", "--kbits", "16", "--vbits", "16",
+          "--true-sequential", "--act-order", "--use_fpinps", "--Rres_init", "Hadamard",
+          "--epochs", "2", "--batch_size", "2", "--usefullfp", "--training_trans",
+          "--finetuning_weights", "--align", "1", "--lscale_lr", "5e-3", "--lexw_lr", "2e-2",
+          "--lw_lr", "2e-5", "--la_lr", "2e-3", "--lt_lr", "2e-4"]
+WEIGHT_STD = 0.02  # typical std of Llama linear weights
+
+
+def build_model(shape: str, blocks: int | None, *, seed: int = 0):
+    """A random-weight LlamaForCausalLM of ``shape`` with ``blocks`` decoder blocks (bf16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**LLAMA3, **SHAPES[shape]})
+    if blocks:
+        cfg.num_hidden_layers = blocks
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norms
+                p.fill_(1.0)
+                continue
+            for r in range(0, p.shape[0], 8192):  # bounded temporaries
+                chunk = torch.randn(p[r:r + 8192].shape, generator=gen, device=dev)
+                p[r:r + 8192].copy_((chunk * WEIGHT_STD).to(torch.bfloat16))
+        for mod_name, mod in list(model.named_modules()):  # buffers were left uninitialised
+            if type(mod).__name__.endswith("RotaryEmbedding"):
+                parent = model.get_submodule(mod_name.rsplit(".", 1)[0])
+                setattr(parent, mod_name.rsplit(".", 1)[1], type(mod)(cfg))
+    model.eval()
+    return model, SHAPES[shape]["num_hidden_layers"]
+
+
+def _peak_host_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_one(args, extra: list[str]) -> dict:
+    from liftquant.api import run_quantization
+    from liftquant.config import RunConfig, build_parser
+    from liftquant.provenance import provenance
+
+    t0 = time.perf_counter()
+    model, total_blocks = build_model(args.shape, args.blocks, seed=args.seed)
+    build_s = time.perf_counter() - t0
+    save_dir = Path(args.save_dir or tempfile.mkdtemp(prefix=f"lq_scale_{args.shape}_"))
+    argv = ["--model", f"random:{args.shape}", "--save_dir", str(save_dir), "--expc", args.expc,
+            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), *RECIPE, *extra]
+    cfg = RunConfig.from_args(build_parser("bench_scale").parse_args(argv))
+    ids = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen),
+                        generator=torch.Generator().manual_seed(args.seed))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    summary = run_quantization(cfg, model=model, calib_ids=ids)
+    report = json.loads((save_dir / "report.json").read_text())
+    blocks = report["blocks"]
+    secs = [b["seconds"] for b in blocks]
+    later = secs[1:] or secs
+    capture = blocks[0].get("capture_seconds", 0.0)
+    run = len(blocks)
+    per_block = sum(later) / len(later)
+    measured = run == total_blocks
+    total = summary["quantize_seconds"] if measured else capture + secs[0] + (
+        total_blocks - 1) * per_block
+    prov = provenance(device=torch.device("cuda") if torch.cuda.is_available() else None)
+    row = {"shape": args.shape, "lattice": args.expc, "nsamples": args.nsamples,
+           "seqlen": args.seqlen, "max_gpu_memory": args.max_gpu_memory or "",
+           "max_host_memory": args.max_host_memory or "", "blocks_run": run,
+           "blocks_total": total_blocks, "first_block_seconds": round(secs[0], 2),
+           "seconds_per_block": round(per_block, 2), "total_seconds": round(total, 1),
+           "projected": 0 if measured else 1,
+           "peak_gpu_gib": round(max(b["peak_gib"] for b in blocks), 2),
+           "peak_host_gib": round(_peak_host_gib(), 2), "cache_mode": blocks[0]["cache_mode"],
+           "checkpoint_mib": round(summary["checkpoint_bytes"] / 2**20, 1),
+           "build_seconds": round(build_s, 1), "gpu": prov["gpu"],
+           "commit": prov["commit_short"], "dirty": prov["dirty"],
+           "source_sha256": prov["source_sha256"][:16], "date": prov["date"][:10]}
+    detail = {**row, "command": " ".join(sys.argv), "argv": argv, "provenance": prov,
+              "blocks": [{k: b.get(k) for k in ("block", "seconds", "time_split", "peak_gib",
+                                                  "memory_plan", "candidate_fraction",
+                                                  "holdout_rounded", "holdout_corrected")}
+                         for b in blocks]}
+    if not args.save_dir:
+        shutil.rmtree(save_dir, ignore_errors=True)
+    return row, detail
+
+
+KEY = ("shape", "lattice", "nsamples", "seqlen", "max_gpu_memory", "max_host_memory",
+       "projected", "gpu", "commit", "source_sha256")
+
+
+def project(rows: list[dict], shape: str, expc: str, n_target: int) -> dict | None:
+    """Per-block seconds fitted linearly in nsamples from measured runs of the same source."""
+    pts = {}  # nsamples -> (measured seconds per block, row)
+    for r in rows:
+        if r["shape"] == shape and r["lattice"] == expc and int(r["blocks_run"] or 0) > 0:
+            pts[int(r["nsamples"])] = (float(r["seconds_per_block"]), r)
+    if len(pts) < 2:
+        return None
+    ns = sorted(pts)
+    (n0, (t0, _)), (n1, (t1, base)) = (ns[0], pts[ns[0]]), (ns[-1], pts[ns[-1]])
+    slope = (t1 - t0) / (n1 - n0)
+    per = t1 + slope * (n_target - n1)
+    total = per * int(base["blocks_total"])
+    return {**base, "nsamples": n_target, "seconds_per_block": round(per, 2),
+            "total_seconds": round(total, 1), "projected": 1, "first_block_seconds": "",
+            "peak_gpu_gib": "", "peak_host_gib": "", "blocks_run": 0,
+            "note": f"linear in nsamples from measured {n0} and {n1}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    p.add_argument("--expc", default="20to8")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--blocks", type=int, default=None, help="first K blocks only (default all)")
+    p.add_argument("--max_gpu_memory", type=float, default=None)
+    p.add_argument("--max_host_memory", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save_dir", default=None, help="keep the checkpoint here (default: temp)")
+    p.add_argument("--project_nsamples", type=int, default=None)
+    p.add_argument("--out", default=str(ROOT / "bench" / "scale.csv"))
+    args, extra = p.parse_known_args(argv)
+    from liftquant.log import setup_logging
+    from liftquant.records import merge_csv_rows, merge_json_rows
+
+    setup_logging()
+    if extra:
+        print(f"passing to the pipeline: {' '.join(extra)}")
+    extra += [f"--max_gpu_memory={args.max_gpu_memory}"] if args.max_gpu_memory else []
+    extra += [f"--max_host_memory={args.max_host_memory}"] if args.max_host_memory else []
+    row, detail = run_one(args, extra)
+    out = Path(args.out)
+    merge_csv_rows(out, [row], KEY)
+    merge_json_rows(out.with_suffix(".json"), [detail], KEY)
+    if args.project_nsamples:
+        import csv
+
+        rows = list(csv.DictReader(out.open()))
+        same = [r for r in rows if r["source_sha256"] == row["source_sha256"]
+                and r["gpu"] == row["gpu"] and r.get("max_gpu_memory", "") == ""]
+        proj = project(same, args.shape, args.expc, args.project_nsamples)
+        if proj:
+            merge_csv_rows(out, [proj], KEY)
+            print("projected:", json.dumps(proj))
+    cols = ("shape", "lattice", "nsamples", "blocks_run", "blocks_total", "seconds_per_block",
+            "total_seconds", "projected", "peak_gpu_gib", "peak_host_gib", "cache_mode")
+    print(" | ".join(cols))
+    print(" | ".join(str(row[c]) for c in cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
