@@ -79,8 +79,8 @@ def module_identity(model: nn.Module) -> str:
         if t.device.type == "meta" or t.numel() == 0:
             continue
         flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(SAMPLE_PER_TENSOR, flat.numel()),
-                             device=flat.device).long()
+        k = min(SAMPLE_PER_TENSOR, flat.numel())  # integer strides: float linspace rounds
+        idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(1, k - 1)
         h.update(flat[idx].cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

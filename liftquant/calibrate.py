@@ -46,7 +46,7 @@ from liftquant.lattice import LatticeSpec, encode_candidates
 from liftquant.linear import LiftLinear, cast_unquantized
 from liftquant.log import get_logger, peak_memory_gib, seed_everything
 from liftquant.models.adapters import ModelAdapter
-from liftquant.plan import GIB, MemoryPlan, gpu_budget_bytes, plan_block, shrink
+from liftquant.plan import GIB, MemoryPlan, cuda_index, gpu_budget_bytes, plan_block, shrink
 from liftquant.stream import BlockStream, forward_block, index_batches
 
 logger = get_logger("calibrate")
@@ -303,9 +303,10 @@ def _cap_allocator(device: torch.device, cap_gib: float | None) -> None:
     """Hand ``--max_gpu_memory`` to the CUDA allocator (None: lift the cap again)."""
     if device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = cuda_index(device)
+    total = torch.cuda.get_device_properties(index).total_memory
     frac = 1.0 if cap_gib is None else min(1.0, cap_gib * GIB / total)
-    torch.cuda.set_per_process_memory_fraction(frac, device)
+    torch.cuda.set_per_process_memory_fraction(frac, index)
 
 
 def quantize_model(

@@ -105,12 +105,17 @@ def estimate_bytes(
     return {"targets": targets, "stage1": stage1, "search": search, "stage2": stage2}
 
 
+def cuda_index(device: torch.device) -> int:
+    """The CUDA ordinal of ``device`` ("cuda" means the current device)."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def gpu_budget_bytes(device: torch.device, cap_gib: float | None) -> int | None:
     """The accelerator cap in bytes (None on CPU without a cap)."""
     if cap_gib is not None:
         return int(cap_gib * GIB)
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
+        free, _total = torch.cuda.mem_get_info(cuda_index(device))
         return int(GPU_FREE_FRACTION * free)
     return None
 
