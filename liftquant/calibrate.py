@@ -71,14 +71,16 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
 class _Clock:
     """Per-phase wall time of one block (synchronised on CUDA so phases do not blur)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, block: int = 0) -> None:
         self.device, self.split, self._t = device, {}, time.perf_counter()
+        self.block = block
 
     def lap(self, phase: str) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.split[phase] = round(self.split.get(phase, 0.0) + now - self._t, 3)
+        logger.debug("block %d %s %.2f s", self.block + 1, phase, now - self._t)
         self._t = now
 
 
@@ -348,7 +350,7 @@ def quantize_model(
         rows, times = [], []
         for i in tqdm(range(len(blocks)), desc="blocks"):
             t_block = time.perf_counter()
-            clock = _Clock(device)
+            clock = _Clock(device, i)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             seed_everything(cfg.calib.seed + i)

@@ -92,13 +92,16 @@ class _CandidateSignMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xt: Tensor, cand: Tensor, signs: Tensor, cand_idx: Tensor, layer):
-        ctx.save_for_backward(xt, signs, cand_idx)
-        ctx.layer = layer
+        ctx.save_for_backward(xt)
+        # ``signs`` is refreshed in place by every forward; its values only change after an
+        # optimizer step (they are sign(cand)), so it is kept without the version check.
+        ctx.signs, ctx.cand_idx, ctx.layer = signs, cand_idx, layer
         return xt @ signs.to(xt.dtype).T  # (..., out)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        xt, signs, cand_idx = ctx.saved_tensors
+        (xt,) = ctx.saved_tensors
+        signs, cand_idx = ctx.signs, ctx.cand_idx
         gx = g @ signs.to(g.dtype)  # (..., K)
         g_cand = None
         if ctx.layer.track_latent_grad:

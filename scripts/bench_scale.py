@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     from liftquant.records import merge_csv_rows, merge_json_rows
 
     setup_logging()
+    import logging
+
+    logging.getLogger("liftquant.calibrate").setLevel(logging.DEBUG)  # per-phase times as they end
     if extra:
         print(f"passing to the pipeline: {' '.join(extra)}")
     extra += [f"--max_gpu_memory={args.max_gpu_memory}"] if args.max_gpu_memory else []
