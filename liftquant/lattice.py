@@ -209,7 +209,7 @@ def all_codes(n: int, *, device=None, dtype=torch.float32) -> Tensor:
     return codes_from_index(torch.arange(1 << n, device=device), n, dtype=dtype)
 
 
-_NULL_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
+_NULL_CACHE: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor]]] = {}
 
 
 def null_space(M: Tensor) -> tuple[Tensor, Tensor]:
@@ -221,13 +221,14 @@ def null_space(M: Tensor) -> tuple[Tensor, Tensor]:
     """
     key = (M.device, M.data_ptr(), M._version, tuple(M.shape), M.dtype)
     if not M.requires_grad and key in _NULL_CACHE:
-        return _NULL_CACHE[key]
+        return _NULL_CACHE[key][1]
     out = _null_space(M.detach().cpu())
     out = (out[0].to(M.device), out[1].to(M.device))
     if not M.requires_grad:
         if len(_NULL_CACHE) > 16:
             _NULL_CACHE.clear()
-        _NULL_CACHE[key] = out
+        # the entry holds M itself: its address cannot be reused by another matrix while cached
+        _NULL_CACHE[key] = (M.detach(), out)
     return out
 
 

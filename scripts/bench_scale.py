@@ -30,6 +30,7 @@ import argparse
 import json
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -89,6 +90,14 @@ def build_model(shape: str, blocks: int | None, *, seed: int = 0):
     return model, SHAPES[shape]["num_hidden_layers"]
 
 
+class Stopped(Exception):
+    """SIGTERM (e.g. from ``timeout``) arrived: rows are written from the finished blocks."""
+
+
+def _stop(signum, _frame):
+    raise Stopped(f"stopped by signal {signum}")
+
+
 def _peak_host_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -109,15 +118,25 @@ def run_one(args, extra: list[str]) -> dict:
                         generator=torch.Generator().manual_seed(args.seed))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    summary = run_quantization(cfg, model=model, calib_ids=ids)
-    report = json.loads((save_dir / "report.json").read_text())
-    blocks = report["blocks"]
+    signal.signal(signal.SIGTERM, _stop)  # `timeout` ends the run: keep the finished blocks
+    stopped = ""
+    try:
+        summary = run_quantization(cfg, model=model, calib_ids=ids)
+        blocks = json.loads((save_dir / "report.json").read_text())["blocks"]
+    except Stopped as exc:
+        stopped, summary = str(exc), {"checkpoint_bytes": 0}
+        from liftquant.blockstore import read_block_json
+
+        done = sorted((save_dir / "blocks").glob("block_*.safetensors"))  # written last
+        blocks = [read_block_json(p)["row"] for p in done]
+        if not blocks:
+            raise SystemExit(f"bench_scale: {exc} before the first block finished") from None
     secs = [b["seconds"] for b in blocks]
     later = secs[1:] or secs
     capture = blocks[0].get("capture_seconds", 0.0)
     run = len(blocks)
     per_block = sum(later) / len(later)
-    measured = run == total_blocks
+    measured = run == total_blocks and not stopped
     total = summary["quantize_seconds"] if measured else capture + secs[0] + (
         total_blocks - 1) * per_block
     prov = provenance(device=torch.device("cuda") if torch.cuda.is_available() else None)
@@ -130,7 +149,7 @@ def run_one(args, extra: list[str]) -> dict:
            "peak_gpu_gib": round(max(b["peak_gib"] for b in blocks), 2),
            "peak_host_gib": round(_peak_host_gib(), 2), "cache_mode": blocks[0]["cache_mode"],
            "checkpoint_mib": round(summary["checkpoint_bytes"] / 2**20, 1),
-           "build_seconds": round(build_s, 1), "gpu": prov["gpu"],
+           "build_seconds": round(build_s, 1), "stopped": stopped, "gpu": prov["gpu"],
            "commit": prov["commit_short"], "dirty": prov["dirty"],
            "source_sha256": prov["source_sha256"][:16], "date": prov["date"][:10]}
     detail = {**row, "command": " ".join(sys.argv), "argv": argv, "provenance": prov,

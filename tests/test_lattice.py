@@ -104,14 +104,17 @@ def test_shipped_lattices_load_and_beat_sign_quantization():
 
 SHIPPED_REQUIRED = ["16to10", "32to20", "16to8", "32to16", "30to14", "18to8", "20to8",
                     "22to8", "24to10", "25to10", "20to10", "24to8"]
-# Paper Table 1 (and the authors' released matrices where the paper prints none): ceilings.
+# Paper Table 1 (and the authors' released matrices where the paper prints none): ceilings on
+# the point estimate. tests/test_lattice_claims.py checks the recorded numbers themselves and
+# lattice/README.md states each verdict with its standard error.
 MSE_CEILING = {"32to16": 0.082, "30to14": 0.070, "24to10": 0.053, "32to20": 0.146,
-               "16to8": 0.092, "20to8": 0.050, "24to8": 0.0256}
+               "16to8": 0.089, "20to8": 0.050, "24to8": 0.0256}
 
 
 # Lattices known to miss their ceiling (kept visible as strict xfails instead of loosening the
-# bound). Empty since 32to16 was Lloyd-polished to 0.08194 (8 bases, H100, n = 1e5).
-KNOWN_ABOVE_CEILING: set[str] = set()
+# bound). 16to8: 0.09071 +- 0.00018 against the paper's 0.089 (it beats the released 0.092);
+# more training on an H200 did not get under 0.0905 (lattice/README.md).
+KNOWN_ABOVE_CEILING: set[str] = {"16to8"}
 
 
 def test_required_lattices_shipped():
@@ -125,14 +128,6 @@ def test_required_lattices_shipped():
 def test_lattice_within_paper_bound(name):
     mse = _index()[name]["mse"]
     assert mse <= MSE_CEILING[name], (name, mse, MSE_CEILING[name])
-
-
-def test_small_shipped_lattice_mse_reproduces():
-    """Re-measure one cheap shipped lattice: index.json must not overstate quality."""
-    name = "16to8"
-    M = L.load_projection(name)
-    mse = L.gaussian_mse(M, n=20_000, seed=99, method="exhaustive")
-    assert mse == pytest.approx(_index()[name]["mse"], rel=0.03)
 
 
 def test_generator_cli_trains_and_registers(tmp_path):
@@ -235,3 +230,27 @@ def test_search_bases_follow_the_lattice_index(tmp_path):
     (tmp_path / "index.json").write_text("{not json")
     assert search_bases(32, 16, tmp_path) == SEARCH_BASES  # unreadable index: the default
     assert search_bases(32, 16, tmp_path / "missing") == SEARCH_BASES
+
+
+def test_null_space_cache_never_serves_a_freed_matrix():
+    """The cache is keyed by address; a new matrix at a freed one's address must not get the
+    old entry (it did: 16to8 candidates measured 0.586 instead of 0.0906 on the GPU)."""
+    from liftquant.lattice import _null_space, null_space
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        M = torch.randn(4, 8, generator=g)
+        got = null_space(M)[1]
+        torch.testing.assert_close(got, _null_space(M)[1])
+        del M, got
+
+
+def test_search_launch_tunes_on_a_small_slice_first():
+    from liftquant.kernels.search import TUNE_ROWS, _tune_small_first
+
+    calls = []
+    _tune_small_first(lambda lo, hi: calls.append((lo, hi)), 3 * TUNE_ROWS + 5)
+    assert calls == [(0, TUNE_ROWS), (TUNE_ROWS, 3 * TUNE_ROWS + 5)]
+    calls.clear()
+    _tune_small_first(lambda lo, hi: calls.append((lo, hi)), 10)
+    assert calls == [(0, 10)]

@@ -28,6 +28,20 @@ except ImportError:  # pragma: no cover - exercised on CPU-only installs
     HAS_TRITON = False
 
 
+# The autotuner times every config several times on the launch that first meets a new key. On
+# a 4M-row chunk one launch takes about a second (H200), so tuning there cost about a minute
+# per block; the first TUNE_ROWS rows are therefore launched (and tuned) on their own.
+TUNE_ROWS = 1 << 16
+
+
+def _tune_small_first(launch, B: int) -> None:
+    """``launch(lo, hi)`` on rows [0, TUNE_ROWS) and then on the rest (same results)."""
+    first = min(B, TUNE_ROWS)
+    launch(0, first)
+    if first < B:
+        launch(first, B)
+
+
 def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
@@ -102,11 +116,16 @@ def search_pinv_triton(z: Tensor, M: Tensor, offsets: Tensor) -> tuple[Tensor, T
     B, P = z.shape[0], offsets.shape[0]
     best_idx = torch.empty(B, device=z.device, dtype=torch.int32)
     best_dist = torch.empty(B, device=z.device, dtype=torch.float32)
-    args = (u, z.float().contiguous(), offsets.float().contiguous(), mt_hi, mt_lo,
-            best_idx, best_dist, B)
+    zf, off = z.float().contiguous(), offsets.float().contiguous()
+    args = (u, zf, off, mt_hi, mt_lo, best_idx, best_dist, B)
     if z.is_cuda:
-        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)  # noqa: E731
-        _pinv_search_tuned[grid](*args, P=P, D=D, d=d, DP=DP, dP=dP)
+
+        def launch(lo: int, hi: int) -> None:
+            grid = lambda meta: (triton.cdiv(hi - lo, meta["BLOCK_B"]),)  # noqa: E731
+            _pinv_search_tuned[grid](u[lo:hi], zf[lo:hi], off, mt_hi, mt_lo, best_idx[lo:hi],
+                                     best_dist[lo:hi], hi - lo, P=P, D=D, d=d, DP=DP, dP=dP)
+
+        _tune_small_first(launch, B)
     else:  # Triton interpreter (TRITON_INTERPRET=1): autotuning needs a GPU
         _pinv_search_kernel[(triton.cdiv(B, 16),)](
             *args, P=P, D=D, d=d, DP=DP, dP=dP, BLOCK_B=16, BLOCK_P=16
@@ -163,7 +182,7 @@ if HAS_TRITON:
     )
 
 # Per-code norms ||M y||^2 for the exhaustive kernel, cached per matrix (device, data, shape).
-_Q_CACHE: dict[tuple, Tensor] = {}
+_Q_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
 def _code_norms(M: Tensor) -> Tensor:
@@ -180,8 +199,8 @@ def _code_norms(M: Tensor) -> Tensor:
             idx = torch.arange(s, min(s + step, 1 << D), device=M.device)
             y = codes_from_index(idx, D)
             q[s:s + idx.numel()] = (y @ M.float().T).square().sum(-1)
-        _Q_CACHE[key] = q
-    return _Q_CACHE[key]
+        _Q_CACHE[key] = (M.detach(), q)  # holding M keeps its address from being reused
+    return _Q_CACHE[key][1]
 
 
 def search_exhaustive_triton(z: Tensor, M: Tensor) -> Tensor:
@@ -202,8 +221,14 @@ def search_exhaustive_triton(z: Tensor, M: Tensor) -> Tensor:
     best_score = torch.empty(B, device=z.device, dtype=torch.float32)
     args = (c_hi, c_lo, q, best_idx, best_score, B)
     if z.is_cuda:
-        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)  # noqa: E731
-        _exhaustive_search_tuned[grid](*args, N_CODES=1 << D, D=D, DP=DP)
+
+        def launch(lo: int, hi: int) -> None:
+            grid = lambda meta: (triton.cdiv(hi - lo, meta["BLOCK_B"]),)  # noqa: E731
+            _exhaustive_search_tuned[grid](c_hi[lo:hi], c_lo[lo:hi], q, best_idx[lo:hi],
+                                           best_score[lo:hi], hi - lo, N_CODES=1 << D, D=D,
+                                           DP=DP)
+
+        _tune_small_first(launch, B)
     else:
         _exhaustive_search_kernel[(triton.cdiv(B, 16),)](
             *args, N_CODES=1 << D, D=D, DP=DP, BLOCK_B=16, BLOCK_C=16
