@@ -48,7 +48,6 @@ def test_wheel_holds_every_module_and_lattice(wheel):
     assert not any(n.startswith("lattice/") for n in names), "no top-level 'lattice' package"
 
 
-@pytest.mark.slow  # ~17 s here plus the ~6 s wheel build it shares
 def test_installed_wheel_loads_shipped_lattice(wheel, tmp_path):
     """Install into a fresh venv (no editable finder, no checkout on sys.path) and load a
     lattice from another cwd. torch comes from the system site (``--system-site-packages``)
@@ -59,9 +58,9 @@ def test_installed_wheel_loads_shipped_lattice(wheel, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
                     str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    purelib = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                                   "['purelib'])"], check=True, capture_output=True, text=True
-                                  ).stdout.strip())
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = Path(subprocess.run([str(py), "-c", where], check=True, capture_output=True,
+                                  text=True).stdout.strip())
     (purelib / "zz_parent_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps",
                     "--no-index", "-q", str(wheel)], check=True, capture_output=True, text=True,
