@@ -96,13 +96,17 @@ def _resume_fingerprint(cfg: RunConfig, model, calib, M, device, blocks_dir: Pat
 
 
 def _quantize_liftquant(model, calib, *, cfg: RunConfig, spec, M, adapter, device, save_dir,
-                        fingerprint):
-    """LiftQuant block loop; returns (report rows, bits report, quantization_config, None)."""
+                        fingerprint, mix=None):
+    """LiftQuant block loop; returns (report rows, bits report, quantization_config, None).
+
+    ``mix``: (LatticePlan, {module: (spec, M)}) of a per-layer mix, else None."""
+    lattice_map = None if mix is None else mix[1]
     rows = quantize_model(model, calib, cfg=cfg, M=M, spec=spec, adapter=adapter, device=device,
                           blocks_dir=save_dir / "blocks", resume=cfg.run.resume,
-                          fingerprint=fingerprint)
+                          fingerprint=fingerprint, lattice_map=lattice_map)
     qc = quantization_config(spec=spec, M=M, quantized_modules=packed_module_names(model),
-                             not_converted=list(adapter.skip))
+                             not_converted=list(adapter.skip), module_lattices=lattice_map,
+                             bits_per_weight=None if mix is None else mix[0].bits_per_weight)
     return rows, bits_report(model), qc, None
 
 
@@ -126,13 +130,47 @@ def _select_quantizer(cfg: RunConfig, model, adapter):
     if lat.method != "liftquant":
         from liftquant.baselines import BaselineSpec
 
+        extra = ({} if lat.first_token_weight is None
+                 else {"first_token_weight": lat.first_token_weight})
         spec = BaselineSpec(method=lat.method, bits=lat.baseline_bits, group_size=lat.group_size,
-                            damp=lat.damp, act_order=cfg.train.act_order)
+                            damp=lat.damp, act_order=cfg.train.act_order, **extra)
         return spec, None, {"rule": f"--method {lat.method}"}
     spec, rate_info = select_lattice(
         expc=lat.expc, bits=lat.bits, target_size_gb=lat.target_size_gb,
-        model=model, adapter=adapter, lattice_dir=lat.lattice_dir, device=cfg.model.device)
+        model=model, adapter=adapter, lattice_dir=lat.lattice_dir, device=cfg.model.device,
+        save_dtype=_save_dtype(cfg), mix_lattices=lat.mix_lattices)
+    if spec is None:  # a per-layer mix: planned by _plan_mix once calibration data is loaded
+        return None, None, rate_info
     return spec, load_projection(spec, lat.lattice_dir), rate_info
+
+
+def _save_dtype(cfg: RunConfig) -> torch.dtype | None:
+    """dtype of the unquantized tensors in the checkpoint (None: as the model holds them)."""
+    return None if cfg.run.save_dtype == "auto" else _DTYPES[cfg.run.save_dtype]
+
+
+def _plan_mix(cfg: RunConfig, model, adapter, calib, device, rate_info: dict):
+    """Per-layer lattices for ``rate_info["mix"]`` (:func:`liftquant.rate.plan_mix`) from the
+    input energies of a short FP pass; returns (spec, M, mix) where ``mix`` is None when every
+    layer got the same lattice (a plain uniform checkpoint) and spec/M are the widest lattice."""
+    from liftquant.rate import layer_sensitivity, plan_mix
+
+    lat = cfg.lattice
+    t0 = time.time()
+    sens = layer_sensitivity(model, adapter, calib, device=device)
+    plan = plan_mix(model, adapter, rate_info["mix"], sensitivity=sens,
+                    lattice_dir=lat.lattice_dir, save_dtype=_save_dtype(cfg))
+    rate_info["plan"] = {**plan.summary(), "plan_seconds": round(time.time() - t0, 1)}
+    logger.info("per-layer lattices (%s): %s = %.4f bits/weight on average, expected "
+                "checkpoint %.4f GB%s", rate_info["rule"], plan.counts, plan.bits_per_weight,
+                plan.info["expected_bytes"] / 1e9,
+                "" if "budget_bytes" not in plan.info else
+                f" of {plan.info['budget_bytes'] / 1e9:.4f} GB budget")
+    Ms = {s.name: load_projection(s, lat.lattice_dir) for s in plan.lattices}
+    spec = plan.uniform or plan.widest
+    if plan.uniform is not None:
+        return spec, Ms[spec.name], None
+    return spec, Ms[spec.name], (plan, {n: (s, Ms[s.name]) for n, s in plan.specs.items()})
 
 
 def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
@@ -152,19 +190,35 @@ def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
     save_dir = Path(cfg.run.save_dir)
     model, tok = (model, tokenizer) if model is not None else load_model_for_run(cfg)
     adapter = get_adapter(model.config, override=cfg.model.adapter)
+    if cfg.lattice.method == "liftquant":  # size and plan the per-expert linears it quantizes
+        from liftquant.models.moe import unfuse_experts
+
+        unfuse_experts(model)  # MoE fused 3-D experts -> linears (quantize_model's first step)
     spec, M, rate_info = _select_quantizer(cfg, model, adapter)
-    logger.info("quantizer %s (%s bits/weight, rule %s) on %s", spec.name,
-                getattr(spec, "bits_per_weight", cfg.lattice.baseline_bits), rate_info["rule"],
-                device)
     calib = calib_ids
     if calib is None and cfg.lattice.method != "rtn":
         calib = load_calibration(tok, source=cfg.calib.calib_dataset,
                                  n_samples=cfg.calib.nsamples, seq_len=cfg.calib.seqlen,
                                  seed=cfg.calib.seed)
+    mix = None
+    if cfg.lattice.method == "liftquant" and spec is None:
+        spec, M, mix = _plan_mix(cfg, model, adapter, calib, device, rate_info)
+    if M is not None and "plan" not in rate_info:
+        from liftquant.size import estimate_file_bytes
+
+        rate_info["expected_size_gb"] = round(estimate_file_bytes(
+            model, adapter, spec, save_dtype=_save_dtype(cfg)) / 1e9, 6)
+    logger.info("quantizer %s (%s bits/weight, rule %s) on %s%s",
+                spec.name if mix is None else mix[0].name,
+                getattr(spec, "bits_per_weight", cfg.lattice.baseline_bits) if mix is None
+                else round(mix[0].bits_per_weight, 4), rate_info["rule"], device,
+                f", expected checkpoint {rate_info['expected_size_gb']:.4f} GB"
+                if "expected_size_gb" in rate_info else "")
     fingerprint = None if M is None else _resume_fingerprint(cfg, model, calib, M, device,
                                                              save_dir / "blocks")
     summary: dict[str, Any] = {"model": cfg.model.model, "method": cfg.lattice.method,
-                               "lattice": spec.name, "rate_selection": rate_info,
+                               "lattice": spec.name if mix is None else mix[0].name,
+                               "rate_selection": rate_info,
                                "device": str(device)}
     if cfg.run.eval_ppl:
         summary["ppl_fp"] = eval_perplexity(model, tok, cfg, device)
@@ -176,7 +230,8 @@ def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
     else:
         rows, bits, qc, tensors = _quantize_liftquant(model, calib, cfg=cfg, spec=spec, M=M,
                                                       adapter=adapter, device=device,
-                                                      save_dir=save_dir, fingerprint=fingerprint)
+                                                      save_dir=save_dir, fingerprint=fingerprint,
+                                                      mix=mix)
     summary["quantize_seconds"] = round(time.time() - t_q, 1)
     summary["peak_gib"] = round(peak_memory_gib(device), 3)
     if cfg.run.eval_ppl:

@@ -40,12 +40,13 @@ from liftquant.blocktrain import (
     train_block,
 )
 from liftquant.cache import ActivationCache, choose_mode
-from liftquant.capture import capture_block_inputs
+from liftquant.capture import capture_block_inputs, kwargs_for_block
 from liftquant.config import RunConfig
 from liftquant.lattice import LatticeSpec, encode_candidates
 from liftquant.linear import LiftLinear, cast_unquantized
 from liftquant.log import get_logger, peak_memory_gib, seed_everything
 from liftquant.models.adapters import ModelAdapter
+from liftquant.models.moe import experts_without_tokens, unfuse_experts
 from liftquant.plan import GIB, MemoryPlan, cuda_index, gpu_budget_bytes, plan_block, shrink
 from liftquant.stream import BlockStream, forward_block, index_batches
 
@@ -127,14 +128,18 @@ def init_s1(mean_abs: Tensor, alpha: float) -> Tensor:
     return s.clamp(*S1_CLAMP)
 
 
-def _to_lift(block, adapter, stats, spec, cfg, plan: MemoryPlan) -> dict[str, LiftLinear]:
+def _to_lift(block, adapter, stats, spec, cfg, plan: MemoryPlan,
+             lattices: dict[str, tuple[LatticeSpec, Tensor]] | None = None
+             ) -> dict[str, LiftLinear]:
+    """Group linears -> LiftLinear at ``spec``, or at ``lattices[name][0]`` when given."""
     layers = {}
     init = cfg.whiten.Rres_init.lower()
     for group in adapter.block_groups(block):
         s1 = init_s1(stats[group[0]], cfg.whiten.s1_alpha) if group[0] in stats else None
         for name in group:
             lin = adapter.get_linear(block, name)
-            layer = LiftLinear.from_linear(lin, spec=spec, init=init,
+            own = spec if lattices is None else lattices[name][0]
+            layer = LiftLinear.from_linear(lin, spec=own, init=init,
                                            proxy_bits=cfg.lattice.wbits).to(lin.weight.device)
             layer.checkpoint_proxy = plan.checkpoint_proxy
             if s1 is not None:
@@ -163,11 +168,29 @@ def _groups_stage2(layers, cfg) -> list[dict]:
 
 @torch.no_grad()
 def round_block_to_lattice(layers: dict[str, LiftLinear], M: Tensor, *, method: str,
-                           margin: float) -> dict[str, float]:
+                           margin: float, lattices: dict[str, Tensor] | None = None
+                           ) -> dict[str, float]:
     """One batched nearest-code search over every linear of the block, then per-layer scales.
 
-    Latent weights with ``|pre| <= margin`` become the stage-2 flip candidates.
+    Latent weights with ``|pre| <= margin`` become the stage-2 flip candidates. ``lattices``
+    ({layer name: M}) gives layers of a per-layer mix their own matrix: one batched search per
+    distinct lattice, statistics averaged over layers (candidates over latent bits).
     """
+    if lattices is not None:
+        groups: dict[str, dict[str, LiftLinear]] = {}
+        for name, layer in layers.items():
+            groups.setdefault(layer.spec.name, {})[name] = layer
+        if len(groups) > 1:
+            rel, cand, n_lat = 0.0, 0.0, 0
+            for sub in groups.values():
+                Mg = lattices[next(iter(sub))].to(M.device)
+                st = round_block_to_lattice(sub, Mg, method=method, margin=margin)
+                lat = sum(layer.signs.numel() for layer in sub.values())
+                rel += st["weight_rel_err"] * len(sub)
+                cand += st["candidate_fraction"] * lat
+                n_lat += lat
+            return {"weight_rel_err": rel / len(layers), "candidate_fraction": cand / max(1, n_lat)}
+        M = lattices[next(iter(layers))].to(M.device)
     chunks = [layer.lattice_chunks()[0] for layer in layers.values()]  # (rows_l, d) each
     rows = [z.shape[0] for z in chunks]
     Z = torch.cat(chunks)  # (sum rows_l, d)
@@ -227,13 +250,18 @@ def quantize_block(
     seed: int,
     plan: MemoryPlan,
     clock: _Clock,
+    lattices: dict[str, tuple[LatticeSpec, Tensor]] | None = None,
 ) -> tuple[dict[str, Any], MemoryPlan]:
-    """Stage 1, lattice rounding, stage 2 and packing of one block (on ``data.device``)."""
+    """Stage 1, lattice rounding, stage 2 and packing of one block (on ``data.device``).
+
+    ``lattices`` ({linear name in the block: (spec, M)}) overrides ``spec``/``M`` per layer."""
     bs = cfg.calib.batch_size
     for p in block.parameters():
         p.requires_grad_(False)
-    layers = _to_lift(block, adapter, stats, spec, cfg, plan)
+    layers = _to_lift(block, adapter, stats, spec, cfg, plan, lattices)
     row: dict[str, Any] = {}
+    if uncalibrated := experts_without_tokens(adapter.block_groups(block), stats):
+        row["experts_without_tokens"] = uncalibrated  # moe.py: s1 = 1, no gradient
     row["stage1"], plan = _train_stage(block, data, layers, stage=1, cfg=cfg, seed=seed,
                                        plan=plan)
     clock.lap("stage1")
@@ -242,8 +270,9 @@ def quantize_block(
     lr = cfg.train.lw_lr if cfg.train.finetuning_weights else 0.0
     margin = latent_flip_margin(lr, n_train=len(data.train_idx[:cfg.stage_nsamples(2)]),
                                 epochs=cfg.stage_epochs(2), batch_size=bs)
+    own = None if lattices is None else {n: m for n, (_, m) in lattices.items()}
     row.update(round_block_to_lattice(layers, M.to(data.device), method=cfg.lattice.search,
-                                      margin=margin))
+                                      margin=margin, lattices=own))
     row["flip_margin"] = margin
     clock.lap("search")
     row["holdout_rounded"] = holdout_error(block, data, batch_size=bs)
@@ -323,11 +352,22 @@ def quantize_model(
     blocks_dir: Path | None = None,
     resume: bool = False,
     fingerprint: dict | None = None,
+    lattice_map: dict[str, tuple[LatticeSpec, Tensor]] | None = None,
 ) -> list[dict]:
-    """Quantize every decoder block of ``model`` in place; return one report row per block."""
+    """Quantize every decoder block of ``model`` in place; return one report row per block.
+
+    ``lattice_map`` ({full module name: (spec, M)}, e.g. ``model.layers.3.mlp.up_proj``) gives
+    every quantized linear its own lattice (a per-layer mix, :func:`liftquant.rate.plan_mix`);
+    ``spec``/``M`` then size the memory plan (pass the widest lattice of the mix).
+    """
     from tqdm.auto import tqdm
 
+    if lattice_map is not None and resume:
+        raise ValueError("--resume is not supported for a per-layer lattice mix yet (finished "
+                         "blocks do not record their lattices); re-run without --resume")
+
     n, seq_len = calib_ids.shape
+    unfuse_experts(model)  # MoE: fused 3-D experts -> per-expert linears (no-op if dense)
     model_dtype = next(model.parameters()).dtype
     compute_dtype = resolve_compute_dtype(cfg.train.compute_dtype, device)
     cache_dtype = torch.float32 if model_dtype == torch.float32 else torch.bfloat16
@@ -336,7 +376,8 @@ def quantize_model(
     margin = latent_flip_margin(lr, n_train=min(n - n_hold, cfg.stage_nsamples(2)),
                                 epochs=cfg.stage_epochs(2), batch_size=cfg.calib.batch_size)
     plan = _initial_plan(model, adapter, spec, cfg, device, compute_dtype, margin)
-    X, Y, cache_info = _open_caches(n, seq_len, model.config.hidden_size, cache_dtype, cfg)
+    hidden = model.config.get_text_config().hidden_size  # VLM configs nest the LM's config
+    X, Y, cache_info = _open_caches(n, seq_len, hidden, cache_dtype, cfg)
     _cap_allocator(device, cfg.calib.max_gpu_memory)
     stream = None
     try:
@@ -355,6 +396,7 @@ def quantize_model(
                 torch.cuda.reset_peak_memory_stats(device)
             seed_everything(cfg.calib.seed + i)
             block = blocks[i].to(device=device)
+            stream.use_kwargs(kwargs_for_block(kwargs, i))  # hybrid layer types differ
             if compute_dtype == torch.float32:
                 block = block.float()
             data = BlockData(inputs=X, targets=Y, stream=stream, device=device,
@@ -372,9 +414,12 @@ def quantize_model(
                                           fingerprint=fingerprint)
                 logger.info("block %d/%d resumed from %s", i + 1, len(blocks), path)
             else:
+                own = None if lattice_map is None else {
+                    name: lattice_map[f"{adapter.blocks}.{i}.{name}"]
+                    for name in adapter.linear_names(block)}
                 row, plan = quantize_block(block, adapter=adapter, data=data, stats=stats, M=M,
                                            spec=spec, cfg=cfg, seed=cfg.calib.seed + i,
-                                           plan=plan, clock=clock)
+                                           plan=plan, clock=clock, lattices=own)
                 row = {"block": i, **row}
             if cfg.train.propagate == "fp":
                 X, Y = Y, X  # FP outputs of block i are the inputs of block i + 1

@@ -9,6 +9,13 @@ aborts the forward with a private :class:`StopForward`. Only ``adapter.pre_block
 ``run_block`` calls one block on ``(B, L, H)`` activations with those keyword arguments, with
 the batch dimension of per-sample tensors broadcast to ``B`` and floating tensors cast to the
 activation dtype. It does not change the grad mode, so training code can backpropagate.
+
+Hybrid models (``config.layer_types`` with more than one type, e.g. Qwen3.5's
+"linear_attention" / "full_attention") hand different kwargs to different blocks (a causal mask
+to attention blocks, a padding mask or None to linear-attention blocks). For them the capture
+also records every block's kwargs once, by running the model's forward on the first batch with
+the blocks swapped for recording stubs (no block computes), and returns a :class:`BlockKwargs`:
+the dict is block 0's kwargs, :func:`kwargs_for_block` gives block i's.
 """
 
 from __future__ import annotations
@@ -78,6 +85,86 @@ def _clean_block_kwargs(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
     return clean
 
 
+class BlockKwargs(dict):
+    """Block 0's replay kwargs (the dict itself) plus those of blocks that get other kwargs.
+
+    ``per_block`` maps a block index to its kwargs where they differ from block 0's (hybrid
+    layer types); every other block replays the dict itself. Use :func:`kwargs_for_block`.
+    """
+
+    def __init__(self, base: dict[str, Any], per_block: dict[int, dict[str, Any]] | None = None):
+        super().__init__(base)
+        self.per_block = dict(per_block or {})
+
+    def for_block(self, index: int) -> dict[str, Any]:
+        return self.per_block.get(index, self)
+
+
+def kwargs_for_block(block_kwargs: dict[str, Any], index: int) -> dict[str, Any]:
+    """The replay kwargs of block ``index`` (``block_kwargs`` itself unless it is a
+    :class:`BlockKwargs` with an entry for that block)."""
+    if isinstance(block_kwargs, BlockKwargs):
+        return block_kwargs.for_block(index)
+    return block_kwargs
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b)))
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def _same_kwargs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+
+
+def _is_hybrid(config: Any) -> bool:
+    return len(set(getattr(_text_config(config), "layer_types", None) or ())) > 1
+
+
+class _KwargsRecorder(nn.Module):
+    """Stands in for a block during :func:`_record_block_kwargs`: keeps the kwargs, returns x."""
+
+    def __init__(self, index: int, store: dict[int, dict[str, Any]], last: int) -> None:
+        super().__init__()
+        self.index, self.store, self.last = index, store, last
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise TypeError("blocks are expected to take everything but hidden_states by keyword")
+        self.store[self.index] = _clean_block_kwargs(kwargs, hidden_states.shape[0])
+        if self.index == self.last:
+            raise StopForward
+        return hidden_states
+
+
+def _record_block_kwargs(model: nn.Module, adapter: ModelAdapter,
+                         batch: torch.Tensor) -> dict[int, dict[str, Any]]:
+    """Every block's cleaned kwargs for one batch; the blocks are swapped for stubs meanwhile."""
+    blocks = adapter.get_blocks(model)
+    store: dict[int, dict[str, Any]] = {}
+    originals = list(blocks)
+    try:
+        for i in range(len(blocks)):
+            blocks[i] = _KwargsRecorder(i, store, len(blocks) - 1)
+        try:
+            model(input_ids=batch, use_cache=False)
+        except StopForward:
+            pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    if len(store) != len(blocks):
+        raise RuntimeError(f"the forward pass reached {len(store)} of {len(blocks)} blocks "
+                           "while recording their kwargs; check the adapter")
+    return store
+
+
 # ------------------------------------------------------------------------------ capture
 def _module_device(module: nn.Module) -> torch.device:
     for tensor in (*module.parameters(recurse=True), *module.buffers(recurse=True)):
@@ -85,8 +172,15 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _text_config(config: Any) -> Any:
+    """The language model's config (composite vision-language configs nest it)."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
 def _check_uniform_masks(config: Any, seq_len: int) -> None:
     """Block-0 kwargs replay for every block only if all blocks see the same attention mask."""
+    config = _text_config(config)
     layer_types = set(getattr(config, "layer_types", None) or ())
     window = getattr(config, "sliding_window", None)
     if len(layer_types) > 1 and SLIDING_LAYER_TYPE in layer_types and window and seq_len > window:
@@ -109,8 +203,8 @@ def capture_block_inputs(
     """Fill ``cache`` with the block-0 inputs for ``input_ids`` (N, L); return the block kwargs.
 
     The returned kwargs (attention mask, position embeddings (cos, sin), position ids, ...; CPU
-    tensors, batch rows collapsed to 1 when identical) replay any block through
-    :func:`run_block`. ``adapter.pre_block`` modules are moved to ``device`` for the capture and
+    tensors, batch rows collapsed to 1 when identical) replay block 0 through :func:`run_block`,
+    and block i with ``kwargs_for_block(kwargs, i)`` (the same dict unless layer types differ). ``adapter.pre_block`` modules are moved to ``device`` for the capture and
     back afterwards.
     """
     n, seq_len = input_ids.shape
@@ -141,12 +235,19 @@ def capture_block_inputs(
                 except StopForward:
                     continue
                 raise RuntimeError("the forward pass never reached block 0; check the adapter")
+        per_block = {}
+        if _is_hybrid(getattr(model, "config", None)):
+            with torch.no_grad():
+                recorded = _record_block_kwargs(model, adapter, input_ids[:batch_size].to(device))
+            per_block = {i: kw for i, kw in recorded.items()
+                         if not _same_kwargs(kw, state["kwargs"])}
     finally:
         handle.remove()
         for module, original in moved:
             module.to(original)
-    logger.debug("captured %d x %d block inputs; kwargs %s", n, seq_len, sorted(state["kwargs"]))
-    return state["kwargs"]
+    logger.debug("captured %d x %d block inputs; kwargs %s; blocks with their own kwargs %s",
+                 n, seq_len, sorted(state["kwargs"]), sorted(per_block))
+    return BlockKwargs(state["kwargs"], per_block)
 
 
 def _move_pre_block(

@@ -4,7 +4,10 @@ Layout of a checkpoint folder::
 
     config.json          HF config + "quantization_config" (quant_method "liftquant", format
                          version, pack layout, lattice, D, d, bits, block-shape rule, M's sha256,
-                         quantized_modules, modules_to_not_convert, liftquant_version)
+                         quantized_modules, modules_to_not_convert, liftquant_version); a
+                         per-layer mix (format_version 2) has lattice "mixed", a
+                         "module_lattices" {module: lattice} and "lattices" {lattice: {D, d,
+                         M_sha256}}; one lattice for every layer stays format_version 1
     model.safetensors    packed signs (uint8), scales, s1, s2_act, fused L/R, biases, and every
                          unquantized tensor (embeddings, norms, head)
     tokenizer files, generation_config.json, report.json, liftquant_run.json
@@ -48,7 +51,9 @@ from liftquant.whiten import BLOCK_SHAPE_RULES, DEFAULT_BLOCK_SHAPE_RULE
 logger = get_logger("checkpoint")
 
 QUANT_METHOD = "liftquant"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 1  # one lattice for every quantized module
+MIXED_FORMAT_VERSION = 2  # a lattice per module ("module_lattices"); version-1 readers refuse it
+MIXED_LATTICE = "mixed"
 BLOCK_SHAPE_PREFIX = "whiten.block_shape/"
 BLOCK_SHAPE_RULE = BLOCK_SHAPE_PREFIX + DEFAULT_BLOCK_SHAPE_RULE
 LIFTQUANT_VERSION = "0.1.0"
@@ -62,7 +67,33 @@ def tensor_sha256(t: Tensor) -> str:
 def quantization_config(
     *, spec: LatticeSpec, M: Tensor, quantized_modules: list[str], not_converted: list[str],
     block_rule: str = DEFAULT_BLOCK_SHAPE_RULE,
+    module_lattices: dict[str, tuple[LatticeSpec, Tensor]] | None = None,
+    bits_per_weight: float | None = None,
 ) -> dict[str, Any]:
+    """``config.json["quantization_config"]``. ``module_lattices`` ({module: (spec, M)}) with
+    more than one lattice writes a mixed checkpoint (format_version 2); ``bits_per_weight`` is
+    then the weight-averaged rate of the quantized modules."""
+    lattices = {s.name: (s, m) for s, m in (module_lattices or {}).values()}
+    if len(lattices) > 1:
+        if set(module_lattices) != set(quantized_modules):
+            raise ValueError("module_lattices must name exactly the quantized modules")
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": MIXED_FORMAT_VERSION,
+            "pack_layout": PACK_LAYOUT,
+            "lattice": MIXED_LATTICE,
+            "lifted_dim": None,
+            "target_dim": None,
+            "bits_per_weight": bits_per_weight,
+            "lattices": {n: {"lifted_dim": s.lifted_dim, "target_dim": s.target_dim,
+                             "bits_per_weight": s.bits_per_weight, "M_sha256": tensor_sha256(m)}
+                         for n, (s, m) in sorted(lattices.items())},
+            "module_lattices": {k: module_lattices[k][0].name for k in sorted(module_lattices)},
+            "block_shape_rule": BLOCK_SHAPE_PREFIX + block_rule,
+            "quantized_modules": sorted(quantized_modules),
+            "modules_to_not_convert": sorted(not_converted),
+            "liftquant_version": LIFTQUANT_VERSION,
+        }
     return {
         "quant_method": QUANT_METHOD,
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -142,6 +173,7 @@ def save_quantized(
         save_file(state, str(tmp / WEIGHTS_NAME), metadata=checksum_metadata(state))
         config = model.config
         config.quantization_config = qconfig
+        config.architectures = [type(model).__name__]  # as save_pretrained; build_skeleton reads it
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -164,10 +196,11 @@ def check_quantization_config(qc: Any, *, where: str | Path) -> dict[str, Any]:
         method = qc.get("quant_method") if isinstance(qc, dict) else None
         raise CheckpointError(f"{where}: not a LiftQuant checkpoint (quant_method {method!r})")
     reinstall = "install the liftquant version that wrote it, or re-quantize"
-    if qc.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+    if qc.get("format_version") not in (CHECKPOINT_FORMAT_VERSION, MIXED_FORMAT_VERSION):
         raise CheckpointError(
             f"{where} has LiftQuant format_version {qc.get('format_version')}, this liftquant "
-            f"{LIFTQUANT_VERSION} reads version {CHECKPOINT_FORMAT_VERSION}: {reinstall}")
+            f"{LIFTQUANT_VERSION} reads versions {CHECKPOINT_FORMAT_VERSION} (one lattice) and "
+            f"{MIXED_FORMAT_VERSION} (a lattice per module): {reinstall}")
     if qc.get("pack_layout") != PACK_LAYOUT:
         raise CheckpointError(f"{where}: unknown pack_layout {qc.get('pack_layout')!r} (this "
                               f"liftquant reads {PACK_LAYOUT!r}): {reinstall}")
@@ -175,11 +208,23 @@ def check_quantization_config(qc: Any, *, where: str | Path) -> dict[str, Any]:
         block_rule_of(qc)
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
+    mixed = qc.get("format_version") == MIXED_FORMAT_VERSION
     try:
-        spec = LatticeSpec.parse(qc["lattice"])
-        lattice_ok = (spec.lifted_dim, spec.target_dim) == (qc["lifted_dim"], qc["target_dim"])
-    except (KeyError, TypeError, ValueError):
+        if mixed:
+            lattice_ok = qc["lattice"] == MIXED_LATTICE and all(
+                (LatticeSpec.parse(n).lifted_dim, LatticeSpec.parse(n).target_dim)
+                == (e["lifted_dim"], e["target_dim"]) for n, e in qc["lattices"].items())
+        else:
+            spec = LatticeSpec.parse(qc["lattice"])
+            lattice_ok = (spec.lifted_dim, spec.target_dim) == (qc["lifted_dim"],
+                                                                qc["target_dim"])
+    except (KeyError, TypeError, ValueError, AttributeError):
         lattice_ok = False
+    if not lattice_ok and mixed:
+        raise CheckpointError(f"{where}: a mixed checkpoint (format_version "
+                              f"{MIXED_FORMAT_VERSION}) needs lattice {MIXED_LATTICE!r} and a "
+                              "'lattices' table whose names agree with their lifted_dim and "
+                              "target_dim; restore the checkpoint's own config.json")
     if not lattice_ok:
         raise CheckpointError(f"{where}: lattice {qc.get('lattice')!r}, lifted_dim "
                               f"{qc.get('lifted_dim')!r} and target_dim {qc.get('target_dim')!r} "
@@ -189,7 +234,27 @@ def check_quantization_config(qc: Any, *, where: str | Path) -> dict[str, Any]:
             or len(set(mods)) != len(mods):
         raise CheckpointError(f"{where}: quantized_modules must be a list of distinct module "
                               "names; restore the checkpoint's own config.json")
+    if mixed:
+        ml = qc.get("module_lattices")
+        if not isinstance(ml, dict) or set(ml) != set(mods):
+            raise CheckpointError(f"{where}: module_lattices must name exactly the "
+                                  "quantized_modules; restore the checkpoint's own config.json")
+        unknown = sorted({v for v in ml.values() if v not in qc["lattices"]})
+        if unknown:
+            raise CheckpointError(f"{where}: module_lattices uses lattice {unknown[0]!r} that "
+                                  "the 'lattices' table lacks; restore the checkpoint's own "
+                                  "config.json")
     return qc
+
+
+def module_specs(qc: dict[str, Any]) -> dict[str, LatticeSpec]:
+    """``{module: LatticeSpec}`` of a checked ``quantization_config`` (uniform or mixed)."""
+    if qc.get("format_version") == MIXED_FORMAT_VERSION:
+        specs = {n: LatticeSpec(e["lifted_dim"], e["target_dim"])
+                 for n, e in qc["lattices"].items()}
+        return {m: specs[qc["module_lattices"][m]] for m in qc["quantized_modules"]}
+    spec = LatticeSpec(qc["lifted_dim"], qc["target_dim"])
+    return {m: spec for m in qc["quantized_modules"]}
 
 
 def read_quantization_config(path: str | Path) -> dict[str, Any]:
@@ -223,6 +288,11 @@ def checkpoint_lattice(qc: dict[str, Any], *, where: str | Path,
     verified against ``M_sha256``; None when no lattice of that name is there."""
     from liftquant.lattice import lattice_path, load_projection
 
+    if qc.get("format_version") == MIXED_FORMAT_VERSION:  # verify each; no single M to return
+        for name, entry in qc["lattices"].items():
+            checkpoint_lattice({**entry, "lattice": name}, where=where, lattice_dir=lattice_dir,
+                               fix=fix)
+        return None
     file = lattice_path(qc["lattice"], lattice_dir)
     if not file.is_file():
         logger.info("no %s to verify %s's lattice against", file, where)
@@ -243,23 +313,42 @@ def block_rule_of(qc: dict[str, Any]) -> str:
     return rule
 
 
+def _saved_architecture(config: Any) -> type | None:
+    """The transformers class recorded in ``config.architectures`` when it is not the one
+    ``AutoModelForCausalLM`` would build (e.g. Qwen3_5ForConditionalGeneration, whose config
+    AutoModelForCausalLM maps to the text-only Qwen3_5ForCausalLM); None otherwise."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if len(names) == 1 else None
+    if cls is None or not hasattr(cls, "_from_config"):
+        return None
+    if not isinstance(config, getattr(cls, "config_class", None) or type(None)):
+        return None
+    return cls
+
+
 def build_skeleton(config: Any, qc: dict[str, Any], *, dtype: torch.dtype) -> nn.Module:
     """Model with meta parameters (real buffers) and ``PackedLiftLinear`` at the listed names."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     from liftquant.models.adapters import set_module
+    from liftquant.models.moe import unfuse_experts
 
-    spec, block_rule = LatticeSpec(qc["lifted_dim"], qc["target_dim"]), block_rule_of(qc)
+    specs, block_rule = module_specs(qc), block_rule_of(qc)
+    cls = _saved_architecture(config)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = (cls._from_config(config, dtype=dtype) if cls is not None
+                 else AutoModelForCausalLM.from_config(config, dtype=dtype))
+    unfuse_experts(model)  # MoE checkpoints store per-expert packed linears
     modules = dict(model.named_modules())
     for name in qc["quantized_modules"]:
         lin = modules.get(name)
         if lin is None or not hasattr(lin, "in_features"):
             raise CheckpointError(f"quantized module {name!r} does not exist in this architecture")
         set_module(model, name, PackedLiftLinear(
-            lin.in_features, lin.out_features, spec=spec, bias=lin.bias is not None,
+            lin.in_features, lin.out_features, spec=specs[name], bias=lin.bias is not None,
             device="meta", block_rule=block_rule))
     return model
 

@@ -66,9 +66,13 @@ class CalibArgs:
 @dataclass
 class LatticeArgs:
     expc: str | None = _f(None, "lattice '<D>to<d>' (e.g. 24to10 = 2.4 bits)")
-    bits: float | None = _f(None, "pick the shipped lattice nearest to this many bits/weight")
-    target_size_gb: float | None = _f(None, "pick the best shipped lattice whose whole "
-                                      "checkpoint fits this many GB")
+    bits: float | None = _f(None, "bits/weight: a shipped rate is that lattice; a value "
+                            "between shipped rates is met as an average by a per-layer mix")
+    target_size_gb: float | None = _f(None, "a lattice per layer so the whole checkpoint "
+                                      "(model.safetensors, in --save_dtype) fits this many GB")
+    mix_lattices: str | None = _f(None, "comma-separated lattices a per-layer mix may use "
+                                  "(e.g. 12to6,9to3; default: one per shipped rate, on CPU "
+                                  "only those whose search is cheap there)")
     lattice_dir: str | None = _f(None, "folder with <D>to<d>.pt lattices (default: shipped)")
     search: str = _f("auto", "nearest-code search", choices=("auto", "exhaustive", "pinv"))
     wbits: int | None = _f(None, "bits of the stage-1 uniform proxy (default floor(D/d))")
@@ -79,6 +83,10 @@ class LatticeArgs:
     baseline_bits: int = _f(4, "rtn/gptq: bits per weight of the integer codes (2..8)")
     group_size: int = _f(128, "rtn/gptq: input columns per scale/zero group (0: per-channel)")
     damp: float = _f(0.01, "gptq: Hessian damping as a fraction of its mean diagonal")
+    first_token_weight: float | None = _f(None, "gptq: Hessian weight of each calibration "
+                                          "window's first token, the attention sink (default "
+                                          "liftquant.baselines.FIRST_TOKEN_WEIGHT; 1 = textbook "
+                                          "GPTQ)")
 
 
 @dataclass
@@ -272,6 +280,8 @@ class RunConfig:
                                  f"--method {lat.method} give --baseline_bits")
             if not 2 <= lat.baseline_bits <= 8 or lat.group_size < 0 or lat.damp <= 0:
                 raise ValueError("need 2 <= --baseline_bits <= 8, --group_size >= 0, --damp > 0")
+            if lat.first_token_weight is not None and lat.first_token_weight <= 0:
+                raise ValueError("--first_token_weight must be > 0 (1: textbook GPTQ)")
 
     # stage-resolved values -------------------------------------------------------------
     def stage_epochs(self, stage: int) -> int:

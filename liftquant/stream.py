@@ -51,17 +51,25 @@ class BlockStream:
         self.device = torch.device(device)
         self.dtype = dtype
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
-        self._kwargs: dict[int, dict[str, Any]] = {}
+        self._kwargs: dict[tuple[int, int], tuple[dict, dict[str, Any]]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1) if self.overlap else None
         self._stat = {"wait_seconds": 0.0}
 
     # ---------------------------------------------------------------------------- kwargs
     def kwargs(self, batch: int) -> dict[str, Any]:
         """The block kwargs for a batch of ``batch`` samples (converted once, then cached)."""
-        if batch not in self._kwargs:
-            self._kwargs[batch] = prepare_block_kwargs(self.block_kwargs, batch=batch,
-                                                       device=self.device, dtype=self.dtype)
-        return self._kwargs[batch]
+        key = (id(self.block_kwargs), batch)
+        source, converted = self._kwargs.get(key, (None, None))
+        if source is not self.block_kwargs:
+            converted = prepare_block_kwargs(self.block_kwargs, batch=batch,
+                                             device=self.device, dtype=self.dtype)
+            self._kwargs[key] = (self.block_kwargs, converted)
+        return converted
+
+    def use_kwargs(self, block_kwargs: dict[str, Any]) -> None:
+        """Serve ``block_kwargs`` from now on (hybrid models: the next block's own kwargs);
+        the converted kwargs of every source dict stay cached per batch size."""
+        self.block_kwargs = block_kwargs
 
     # ---------------------------------------------------------------------------- reads
     def _gather(self, caches: Sequence[ActivationCache], idx: list[int]) -> list[Tensor]:

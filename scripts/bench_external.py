@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,7 +109,7 @@ def run_one(ns, bits: int) -> dict:
     ppl = perplexity(model, ids, seq_len=ns.eval_seqlen, device=device,
                      max_windows=ns.eval_max_windows)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"cpu ({torch.get_num_threads()} threads)")
+             else f"cpu ({os.cpu_count()} cores)")
     group = f"g{ns.group_size}" if ns.group_size else "pc"
     return {**record_fields(device=device), "model": ns.model_name, "method": ns.quantizer,
             "config": f"{ns.quantizer}-w{bits}{group}",

@@ -63,7 +63,7 @@ PARSE_LEVEL = [
     (["--bits", "0.5"], "shipped rates 1.6 (16to10, 32to20), 2 ("),
     (["--bits", "9"], "no shipped lattice has exactly 9 bits/weight"),
     (["--bits", "100"], "3 (9to3, 24to8)"),
-    (["--bits", "2.14"], "2.142857 (30to14)"),
+    (["--bits", "1.5"], "2.142857 (30to14)"),  # 2.14 is now a per-layer mix (issue 19)
     (["--bits", "-1"], "--bits -1.0: must be > 0"),
     (["--bits", "0"], "--bits 0.0: must be > 0"),
     (["--bits", "nan"], "--bits nan: give a finite number"),

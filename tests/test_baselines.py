@@ -177,3 +177,49 @@ def test_gptq_model_closer_to_fp_than_rtn():
         with torch.no_grad():
             errs[method] = float((model(ids).logits - ref).square().mean())
     assert errs["gptq"] < errs["rtn"]
+
+
+def test_pipeline_hessian_is_the_weighted_gram_of_the_linear_inputs():
+    """The Hessian the block loop hands to GPTQ is sum_t c_t x_t x_t^T / n of the inputs the
+    group's first linear really sees (c = first_token_weight at position 0, 1 elsewhere)."""
+    from liftquant.cache import ActivationCache
+    from liftquant.capture import capture_block_inputs
+
+    model = tiny_llama(seed=0)
+    adapter = get_adapter(model.config)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(7))
+    X = ActivationCache(4, 16, model.config.hidden_size, mode="cpu", dtype=torch.float32)
+    kwargs = capture_block_inputs(model, adapter, ids, cache=X, batch_size=2, device="cpu")
+    block = adapter.get_blocks(model)[0]
+    seen = []
+    lin = adapter.get_linear(block, "mlp.gate_proj")
+    handle = lin.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    x = seen[0]  # (4, 16, hidden): the true inputs of gate_proj in block 0
+    for w in (1.0, 64.0):
+        c = torch.ones(16)
+        c[0] = w
+        ref = torch.einsum("bti,t,btj->ij", x, c, x) / x[..., 0].numel()
+        H = B._group_hessian(block, lin, X, kwargs, batch_size=3, device=torch.device("cpu"),
+                             first_token_weight=w)
+        assert torch.allclose(H, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_first_token_weight_is_used_and_recorded():
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(8))
+    out = {}
+    for w in (1.0, B.FIRST_TOKEN_WEIGHT):
+        model = tiny_llama(seed=0)
+        spec = B.BaselineSpec("gptq", bits=3, group_size=32, first_token_weight=w)
+        weights, _ = B.quantize_baseline(model, ids, spec=spec, adapter=get_adapter(model.config),
+                                         device=torch.device("cpu"), batch_size=2)
+        out[w] = weights["model.layers.1.self_attn.k_proj"].dequantize()
+        qc = B.quantization_config(spec, quantized_modules=list(weights), not_converted=[])
+        assert qc["first_token_weight"] == w
+    assert not torch.equal(out[1.0], out[B.FIRST_TOKEN_WEIGHT])
+    assert B.BaselineSpec("gptq", first_token_weight=1).name == "gptq-w4g128-ftw1"
+    assert B.BaselineSpec("gptq").name == "gptq-w4g128"
+    with pytest.raises(ValueError, match="first_token_weight"):
+        B.BaselineSpec("gptq", first_token_weight=0)

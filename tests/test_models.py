@@ -59,7 +59,8 @@ def test_unknown_type_lists_supported_and_override() -> None:
         get_adapter(SimpleNamespace(model_type="gpt2"))
     message = str(err.value)
     assert "--adapter" in message
-    assert all(t in message for t in ("llama", "mistral", "qwen2", "qwen3"))
+    assert all(t in message for t in ("llama", "mistral", "qwen2", "qwen3", "qwen3_5",
+                                      "qwen3_5_text"))
     assert get_adapter(SimpleNamespace(model_type="gpt2"), override="llama").model_types == (
         "llama",
     )
@@ -174,6 +175,34 @@ def test_capture_and_replay_reproduce_logits(factory, overrides, batch_size, inp
             logits = _replay_logits(model, adapter, cache[:], block_kwargs, replay_batch)
             torch.testing.assert_close(logits, reference, atol=ATOL, rtol=0)
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+#: rope_scaling exactly as a Llama-3.1/3.2/3.3 config.json writes it (original context shrunk
+#: to 64 so that the tiny model's positions straddle the scaled band).
+LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 64, "rope_type": "llama3"}
+
+
+def test_llama3_rope_scaling_uses_llama_adapter(input_ids) -> None:
+    """Llama-3.x (model_type "llama", rope_scaling "llama3") needs nothing but the llama
+    adapter: the scaled rotary tables reach every block through position_embeddings."""
+    from transformers import LlamaConfig
+
+    legacy = LlamaConfig.from_dict({"rope_scaling": LLAMA3_ROPE_SCALING, "rope_theta": 500000.0,
+                                    "max_position_embeddings": 512})
+    model = tiny_llama(rope_parameters=legacy.rope_parameters, max_position_embeddings=512)
+    plain = tiny_llama(rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                       max_position_embeddings=512)
+    assert model.model.rotary_emb.rope_type == "llama3"
+    assert not torch.equal(model.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq)
+    adapter = get_adapter(model.config)
+    assert adapter is get_adapter("llama")
+    ids = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(3))
+    cache = ActivationCache(2, 96, model.config.hidden_size, dtype=torch.float32)
+    kwargs = capture_block_inputs(model, adapter, ids, cache=cache, batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(_replay_logits(model, adapter, cache[:], kwargs, 2),
+                                   model(ids).logits, atol=ATOL, rtol=0)
 
 
 def test_capture_bf16_cache_and_grad_through_run_block(input_ids) -> None:

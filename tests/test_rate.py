@@ -4,7 +4,14 @@ import torch
 from liftquant.lattice import LatticeSpec
 from liftquant.linear import LiftLinear
 from liftquant.models import get_adapter, tiny_llama
-from liftquant.rate import estimate_checkpoint_bytes, quantized_linear_bytes, select_lattice
+from liftquant.rate import (
+    layer_sensitivity,
+    mix_candidates,
+    plan_mix,
+    quantized_linear_bytes,
+    select_lattice,
+)
+from liftquant.size import estimate_file_bytes, quantized_linears
 
 
 def test_bits_picks_the_shipped_lattice_of_that_rate():
@@ -13,7 +20,7 @@ def test_bits_picks_the_shipped_lattice_of_that_rate():
     spec, _ = select_lattice(expc=None, bits=3, target_size_gb=None, device="cpu")
     assert spec.name == "9to3"  # 9to3 and 24to8 are both 3 bits: smallest D on CPU
     with pytest.raises(ValueError, match="no shipped lattice has exactly 3.1"):
-        select_lattice(expc=None, bits=3.1, target_size_gb=None)  # no longer rounded
+        select_lattice(expc=None, bits=3.1, target_size_gb=None)  # above the range: refused
     spec, _ = select_lattice(expc="22to8", bits=None, target_size_gb=None)
     assert spec.name == "22to8"
 
@@ -28,15 +35,70 @@ def test_linear_bytes_match_a_real_packed_layer():
     assert quantized_linear_bytes(100, 24, spec, bias=True) == real
 
 
-def test_target_size_picks_largest_fitting_lattice():
+def _plan(model, adapter, request, **kw):
+    return plan_mix(model, adapter, request, **kw)
+
+
+def test_target_size_plans_a_mix_that_fills_the_budget():
     model = tiny_llama()
     adapter = get_adapter(model.config)
-    sizes = {n: estimate_checkpoint_bytes(model, adapter, LatticeSpec.parse(n))
-             for n in ("20to8", "24to8", "16to8")}
+    cands = ["16to8", "20to8", "24to8"]  # the GPU ladder around the budgets below
+    sizes = {n: estimate_file_bytes(model, adapter, LatticeSpec.parse(n)) for n in cands}
     assert sizes["16to8"] < sizes["20to8"] < sizes["24to8"]
-    budget = (sizes["20to8"] + 1) / 1e9
-    spec, info = select_lattice(expc=None, bits=None, target_size_gb=budget, model=model,
-                                adapter=adapter)
-    assert spec.bits_per_weight <= 2.5 and info["estimated_size_gb"] <= budget
+    for budget in ((sizes["20to8"] + sizes["24to8"]) / 2, sizes["20to8"] + 1):
+        spec, info = select_lattice(expc=None, bits=None, target_size_gb=budget / 1e9,
+                                    model=model, adapter=adapter, device="cpu",
+                                    mix_lattices=",".join(cands))
+        assert spec is None and info["rule"] == "target_size_gb" and info["mix"]["kind"] == "bytes"
+        assert info["mix"]["candidates"] == cands
+        plan = _plan(model, adapter, info["mix"])
+        est = estimate_file_bytes(model, adapter, plan.specs)
+        assert est == plan.info["expected_bytes"] <= int(budget)
+        # filled to within one layer's step: no remaining upgrade fits
+        assert plan.info["unspent_bytes"] < plan.info["smallest_next_step"]
+        assert 0.0 < plan.bits_per_weight <= 3.0
     with pytest.raises(ValueError, match="raise --target_size_gb"):
         select_lattice(expc=None, bits=None, target_size_gb=1e-9, model=model, adapter=adapter)
+
+
+def test_bits_average_between_rates_is_a_mix_and_outside_is_refused():
+    model = tiny_llama()
+    adapter = get_adapter(model.config)
+    spec, info = select_lattice(expc=None, bits=2.37, target_size_gb=None, device="cpu")
+    assert spec is None and info["rule"] == "bits_average"
+    plan = _plan(model, adapter, info["mix"])
+    step = max(w for w in plan.weights.values()) * 1.0 / sum(plan.weights.values())
+    assert 2.37 - step <= plan.bits_per_weight <= 2.37 + 1e-9
+    assert len(plan.lattices) >= 2
+    for bits in (1.5, 3.01, 9):
+        with pytest.raises(ValueError, match="shipped rates"):
+            select_lattice(expc=None, bits=bits, target_size_gb=None, device="cpu")
+
+
+def test_mix_spends_bits_on_sensitive_layers():
+    model = tiny_llama()
+    adapter = get_adapter(model.config)
+    names = list(quantized_linears(model, adapter))
+    sens = {n: (100.0 if "down_proj" in n else 1.0) for n in names}
+    plan = _plan(model, adapter, {"kind": "bits", "bits": 2.3, "candidates": ["12to6", "9to3"]},
+                 sensitivity=sens)
+    down = [plan.specs[n].bits_per_weight for n in names if "down_proj" in n]
+    rest = [plan.specs[n].bits_per_weight for n in names if "down_proj" not in n]
+    assert min(down) >= max(rest) and min(down) == 3.0
+
+
+def test_sensitivity_pass_measures_input_energy():
+    model = tiny_llama()
+    adapter = get_adapter(model.config)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    sens = layer_sensitivity(model, adapter, ids)
+    assert set(sens) == set(quantized_linears(model, adapter))
+    assert all(v > 0 for v in sens.values())
+
+
+def test_cpu_mix_candidates_have_cheap_search():
+    cands = mix_candidates(device="cpu")
+    assert "9to3" in [c.name for c in cands] and "24to8" not in [c.name for c in cands]
+    rates = [c.bits_per_weight for c in cands]
+    assert rates == sorted(set(rates))
+    assert [c.name for c in mix_candidates(device="cpu", names="12to6,9to3")] == ["12to6", "9to3"]

@@ -116,20 +116,23 @@ def _define_classes() -> tuple[type, type]:
         def _swap_packed(self, model: Any, qd: dict[str, Any]) -> None:
             import torch
 
-            from liftquant.lattice import LatticeSpec
+            from liftquant.checkpoint import module_specs
             from liftquant.linear import PackedLiftLinear
             from liftquant.models.adapters import set_module
 
             qc = self.quantization_config
-            spec = LatticeSpec(qd["lifted_dim"], qd["target_dim"])
+            specs = module_specs(qd)  # one lattice, or a lattice per module (format 2)
             block_rule = block_rule_of(qd)
+            from liftquant.models.moe import unfuse_experts
+
+            unfuse_experts(model)  # MoE checkpoints store per-expert packed linears
             modules = dict(model.named_modules())
             for name in qd["quantized_modules"]:
                 lin = modules.get(name)
                 if lin is None or not hasattr(lin, "in_features"):
                     raise CheckpointError(f"quantized module {name!r} does not exist in "
                                           f"{type(model).__name__}")
-                layer = PackedLiftLinear(lin.in_features, lin.out_features, spec=spec,
+                layer = PackedLiftLinear(lin.in_features, lin.out_features, spec=specs[name],
                                          bias=lin.bias is not None, device=torch.device("meta"),
                                          block_rule=block_rule)
                 layer.backend = getattr(qc, "backend", "auto")

@@ -10,6 +10,9 @@ a substring of a checkpoint path):
   therefore share one input-channel scale ``s1`` (paper Eq. 2) and one set of input statistics;
 - ``alt_groups``: alternative group sets for architectures whose blocks differ (e.g. hybrid
   linear-attention blocks); the first set whose names all exist in a block is used;
+- a ``*`` in a linear name (``mlp.experts.*.gate_proj``) expands to one group per entry of the
+  ``nn.ModuleList`` before it: one group per expert of an MoE block, after
+  :func:`liftquant.models.moe.unfuse_experts` turned the fused 3-D experts into linears;
 - ``norm_fusion``: which RMSNorm feeds which group (by index into the chosen group set), for
   folding the norm weight into the input columns of that group's linears;
 - ``fuse_norms``: whether that folding is allowed for the family at all;
@@ -99,7 +102,7 @@ class ModelAdapter:
 
         Every name of the chosen set must resolve to an ``nn.Linear`` inside ``block``.
         """
-        candidates = (self.groups, *self.alt_groups)
+        candidates = tuple(_expand_experts(block, s) for s in (self.groups, *self.alt_groups))
         for group_set in candidates:
             if all(_has_module(block, name) for group in group_set for name in group):
                 for group in group_set:
@@ -162,6 +165,26 @@ def _resolve(root: nn.Module, name: str, *, what: str) -> nn.Module:
         ) from None
 
 
+def _expand_experts(block: nn.Module, group_set: tuple[tuple[str, ...], ...]
+                    ) -> tuple[tuple[str, ...], ...]:
+    """Groups whose names hold ``*`` (``mlp.experts.*.gate_proj``) become one group per index
+    of the ``nn.ModuleList`` before the ``*`` (one group per expert); a missing list leaves the
+    pattern as is (so the set does not fit this block)."""
+    out: list[tuple[str, ...]] = []
+    for group in group_set:
+        if not any("*" in name for name in group):
+            out.append(group)
+            continue
+        prefix = group[0].split("*", 1)[0].rstrip(".")
+        container = block.get_submodule(prefix) if _has_module(block, prefix) else None
+        if not isinstance(container, nn.ModuleList):
+            out.append(group)
+            continue
+        out.extend(tuple(name.replace("*", str(i)) for name in group)
+                   for i in range(len(container)))
+    return tuple(out)
+
+
 def _has_module(root: nn.Module, name: str) -> bool:
     try:
         root.get_submodule(name)
@@ -217,6 +240,11 @@ def get_adapter(config: Any, *, override: str | None = None) -> ModelAdapter:
     if key in _REGISTRY:
         return _REGISTRY[key]
     supported = ", ".join(supported_model_types())
+    if key in UNSUPPORTED_MODEL_TYPES:
+        raise UnsupportedFamilyError(
+            f"MoE quantization is not supported yet: model_type {key!r}: "
+            f"{UNSUPPORTED_MODEL_TYPES[key]}. Supported model types: {supported}."
+        )
     if override:
         raise ValueError(
             f"{ADAPTER_OVERRIDE_FLAG} {override!r} is not a registered adapter. "
@@ -254,11 +282,77 @@ QWEN3 = register_adapter(
         ("qwen3",), fuse_norms=False, notes="q_norm/k_norm inside attention; no norm fusion"
     )
 )
-# Slot for further families: one register_adapter(ModelAdapter(...)) per family, e.g. a hybrid
-# model with per-block alternatives
-#   alt_groups=((("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"),
-#                ("linear_attn.out_proj",), LLAMA_MLP_IN, LLAMA_MLP_OUT),)
-# or an MoE layout (expert linears; not supported by the block loop yet).
+
+# Qwen3.5 (dense hybrid). Decoder layers are chosen by ``config.layer_types``: "linear_attention"
+# layers carry a Gated DeltaNet (``linear_attn``), "full_attention" layers a gated attention
+# (q_proj is 2x wide: query and output gate; q_norm/k_norm after q/k). Every layer ends in a
+# SwiGLU ``mlp``. Quantized in a linear-attention block: in_proj_qkv + in_proj_z (one input, one
+# s1), out_proj and the MLP; in_proj_b / in_proj_a (num_v_heads outputs each), the depthwise
+# conv1d, A_log, dt_bias and the gated norm stay in full precision. Qwen3.5's RMSNorm computes
+# x/rms(x) * (1 + w) (zero-centred weight), so folding w into the next linear would be wrong:
+# fuse_norms is off. ``qwen3_5_text`` is Qwen3_5ForCausalLM (also what AutoModelForCausalLM builds
+# from a Qwen3.5 checkpoint); ``qwen3_5`` is Qwen3_5ForConditionalGeneration, whose language
+# model sits at ``model.language_model`` next to the vision tower ``model.visual`` (kept FP).
+QWEN3_5_LINEAR_ATTN_IN = ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z")
+QWEN3_5_LINEAR_ATTN_OUT = ("linear_attn.out_proj",)
+QWEN3_5_LINEAR_GROUPS = (QWEN3_5_LINEAR_ATTN_IN, QWEN3_5_LINEAR_ATTN_OUT, LLAMA_MLP_IN,
+                         LLAMA_MLP_OUT)
+QWEN3_5_NOTES = ("hybrid Gated DeltaNet / gated attention; in_proj_b/a, conv1d, norms FP; "
+                 "no norm fusion (1 + w RMSNorm)")
+QWEN3_5_TEXT = register_adapter(ModelAdapter(
+    model_types=("qwen3_5_text",), groups=LLAMA_GROUPS, alt_groups=(QWEN3_5_LINEAR_GROUPS,),
+    fuse_norms=False, notes=QWEN3_5_NOTES + " (Qwen3_5ForCausalLM)"))
+_LM = "model.language_model"
+QWEN3_5 = register_adapter(ModelAdapter(
+    model_types=("qwen3_5",), groups=LLAMA_GROUPS, alt_groups=(QWEN3_5_LINEAR_GROUPS,),
+    fuse_norms=False, blocks=f"{_LM}.layers",
+    pre_block=(f"{_LM}.embed_tokens", f"{_LM}.rotary_emb"),
+    skip=("lm_head", "model.visual"), final_norm=f"{_LM}.norm", embed=f"{_LM}.embed_tokens",
+    notes=QWEN3_5_NOTES + " (Qwen3_5ForConditionalGeneration; vision tower FP)"))
+
+
+class UnsupportedFamilyError(NotImplementedError, ValueError):
+    """A known model family the quantizer cannot handle yet (a ValueError, so the entry
+    scripts report it in one line before any weights are read)."""
+
+
+# Mixture-of-Experts. The fused 3-D experts are unfused into per-expert nn.Linear modules by
+# liftquant.models.moe.unfuse_experts (called by the block loop and the loaders); then every
+# expert is two groups (gate/up share the routed tokens, down). The router ``mlp.gate`` and
+# Qwen3.5-MoE's ``shared_expert_gate`` stay FP; no norm fusion (it would have to scale the FP
+# router too).
+MOE_EXPERT_IN = ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj")
+MOE_EXPERT_OUT = ("mlp.experts.*.down_proj",)
+MOE_GROUPS = (LLAMA_ATTN_QKV, LLAMA_ATTN_OUT, MOE_EXPERT_IN, MOE_EXPERT_OUT)
+SHARED_EXPERT_IN = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")
+SHARED_EXPERT_OUT = ("mlp.shared_expert.down_proj",)
+MOE_NOTES = "experts unfused per expert; router FP; no norm fusion"
+MIXTRAL = register_adapter(ModelAdapter(
+    model_types=("mixtral",), groups=MOE_GROUPS, fuse_norms=False, notes=MOE_NOTES))
+QWEN3_MOE = register_adapter(ModelAdapter(
+    model_types=("qwen3_moe",), groups=MOE_GROUPS, fuse_norms=False,
+    notes=MOE_NOTES + "; q_norm/k_norm"))
+_QWEN3_5_MOE_MLP = (MOE_EXPERT_IN, MOE_EXPERT_OUT, SHARED_EXPERT_IN, SHARED_EXPERT_OUT)
+QWEN3_5_MOE_TEXT = register_adapter(ModelAdapter(
+    model_types=("qwen3_5_moe_text",), groups=(LLAMA_ATTN_QKV, LLAMA_ATTN_OUT, *_QWEN3_5_MOE_MLP),
+    alt_groups=((QWEN3_5_LINEAR_ATTN_IN, QWEN3_5_LINEAR_ATTN_OUT, *_QWEN3_5_MOE_MLP),),
+    fuse_norms=False, notes=QWEN3_5_NOTES + "; " + MOE_NOTES + "; shared expert quantized"))
+QWEN3_5_MOE = register_adapter(ModelAdapter(
+    model_types=("qwen3_5_moe",), groups=QWEN3_5_MOE_TEXT.groups,
+    alt_groups=QWEN3_5_MOE_TEXT.alt_groups, fuse_norms=False, blocks=f"{_LM}.layers",
+    pre_block=(f"{_LM}.embed_tokens", f"{_LM}.rotary_emb"),
+    skip=("lm_head", "model.visual"), final_norm=f"{_LM}.norm", embed=f"{_LM}.embed_tokens",
+    notes=QWEN3_5_MOE_TEXT.notes + " (vision tower FP)"))
+
+#: Families that load in transformers but whose blocks the quantizer cannot handle yet, with
+#: the reason; :func:`get_adapter` refuses them with that reason instead of "no adapter".
+UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "qwen2_moe": (
+        "its sparse MoE block (fused 3-D experts, router, shared expert with its own gate) has "
+        "no tested adapter; the supported MoE layouts are mixtral, qwen3_moe and qwen3_5_moe. "
+        "If it matches qwen3_5_moe_text's MLP, try --adapter at your own risk"
+    ),
+}
 
 
 def as_mapping(adapter: ModelAdapter) -> Mapping[str, Any]:

@@ -156,6 +156,9 @@ def load_fp_model(
         _drop_quantizer(model)
     model.config.use_cache = False
     model.eval()
+    from liftquant.models.moe import unfuse_experts
+
+    unfuse_experts(model)  # MoE: per-expert linears, so every expert matrix is quantized
     tokenizer = _load_tokenizer(
         source, gguf_file=gguf_file, is_local=is_local, trust_remote_code=trust_remote_code
     )
