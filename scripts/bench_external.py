@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import math
 import os
 import sys
@@ -51,6 +52,7 @@ def _autoround(model, tok, calib, *, bits: int, group_size: int, sym: bool, iter
 
 
 QUANTIZERS = {"autoround": _autoround}
+REQUIRES = {"autoround": ("auto_round", "auto-round")}  # quantizer -> (module, pip package)
 
 
 def check_grid(model, adapter, *, bits: int, group_size: int) -> dict[str, dict]:
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval_max_windows", type=int, default=None, help="None: all windows")
     p.add_argument("--csv", default=None, help="merge the rows into this CSV")
     ns = p.parse_args(argv)
+    module, package = REQUIRES[ns.quantizer]
+    if importlib.util.find_spec(module) is None:  # fail before loading any model
+        p.error(f"--quantizer {ns.quantizer} needs the {package} package (pip install {package})")
     from liftquant.log import setup_logging
     from liftquant.pareto import COLUMNS, KEY
     from liftquant.records import merge_csv_rows

@@ -223,3 +223,22 @@ def test_first_token_weight_is_used_and_recorded():
     assert B.BaselineSpec("gptq").name == "gptq-w4g128"
     with pytest.raises(ValueError, match="first_token_weight"):
         B.BaselineSpec("gptq", first_token_weight=0)
+
+
+def test_bench_external_grid_check_and_bits_match_our_accounting():
+    """scripts/bench_external.py (external peers): the <= 2^b values-per-group check accepts an
+    RTN-quantized model, rejects the FP one, and counts bits exactly as our baselines do."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_external.py"
+    spec_ = importlib.util.spec_from_file_location("bench_external", path)
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    model = tiny_llama(seed=0)
+    adapter = get_adapter(model.config)
+    with pytest.raises(RuntimeError, match="not quantized"):
+        bench.check_grid(model, adapter, bits=3, group_size=48)
+    weights, _ = B.quantize_baseline(model, None, spec=B.BaselineSpec("rtn", bits=3, group_size=48),
+                                     adapter=adapter, device=torch.device("cpu"))
+    assert bench.check_grid(model, adapter, bits=3, group_size=48) == B.storage_bits(model, weights)
