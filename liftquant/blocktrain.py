@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +48,6 @@ class BlockData:
     device: torch.device
     compute_dtype: torch.dtype = torch.float32
     micro_batch: int | None = None  # samples per forward; None: the whole batch
-    stats: dict[str, Any] = field(default_factory=dict)
 
     def autocast(self):
         """Autocast context of the compute dtype (a no-op for float32)."""

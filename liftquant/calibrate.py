@@ -427,20 +427,17 @@ def quantize_model(
                 _propagate_quantized(block, data, cfg.calib.batch_size)
             cast_unquantized(block, model_dtype)
             blocks[i] = block.to("cpu")
-            if path is not None and not done:
-                row["seconds"] = round(time.perf_counter() - t_block, 2)
-                row["peak_gib"] = round(peak_memory_gib(device), 3)
-                row["time_split"] = clock.split
-                save_block(path, blocks[i], row, fingerprint=fingerprint)
             clock.lap("offload")
-            row.setdefault("seconds", round(time.perf_counter() - t_block, 2))
-            row.setdefault("peak_gib", round(peak_memory_gib(device), 3))
             row["time_split"] = clock.split
             row["memory_plan"] = plan.to_dict()
             if i == 0:
                 row["capture_seconds"] = capture_s
                 row.update(cache_info)
-            if not done:
+            if not done:  # a resumed block keeps the seconds and peak of the run that made it
+                row["seconds"] = round(time.perf_counter() - t_block, 2)
+                row["peak_gib"] = round(peak_memory_gib(device), 3)
+                if path is not None:
+                    save_block(path, blocks[i], row, fingerprint=fingerprint)
                 _log_row(row, len(blocks))
                 times.append(row["seconds"])
                 _log_eta(times, i, len(blocks))

@@ -57,11 +57,6 @@ def lifted_width(in_features: int, spec: LatticeSpec,
     return n1 * (n2 // spec.target_dim) * spec.lifted_dim
 
 
-def ste_sign(v: Tensor) -> Tensor:
-    """``sign(v)`` (0 -> +1) in the forward pass, identity gradient in the backward pass."""
-    return v + (torch.where(v >= 0, 1.0, -1.0).to(v.dtype) - v).detach()
-
-
 def adam_step_bound(t: int, betas: tuple[float, float] = (0.9, 0.999)) -> float:
     """Upper bound of ``|m_hat_t| / sqrt(v_hat_t)`` for Adam at step ``t`` (1-based), any grads.
 

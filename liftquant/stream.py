@@ -53,7 +53,6 @@ class BlockStream:
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._kwargs: dict[tuple[int, int], tuple[dict, dict[str, Any]]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1) if self.overlap else None
-        self._stat = {"wait_seconds": 0.0}
 
     # ---------------------------------------------------------------------------- kwargs
     def kwargs(self, batch: int) -> dict[str, Any]:

@@ -21,13 +21,18 @@ from liftquant.cache import ActivationCache
 from liftquant.calibrate import quantize_model
 from liftquant.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
 from liftquant.lattice import LatticeSpec, load_projection
-from liftquant.linear import LiftLinear, adam_step_bound, flip_margin, ste_sign
+from liftquant.linear import LiftLinear, adam_step_bound, flip_margin
 from liftquant.models import get_adapter, tiny_llama
 from liftquant.plan import MemoryPlanError, plan_block
 from liftquant.stream import BlockStream
 
 SPEC = LatticeSpec.parse("8to4")
 N, L, H, OUT = 12, 8, 64, 32
+
+
+def ste_sign(v):
+    """sign(v) (0 -> +1) forward, identity gradient backward: the dense reference's STE."""
+    return v + (torch.where(v >= 0, 1.0, -1.0).to(v.dtype) - v).detach()
 
 
 class _OneLayer(nn.Module):
