@@ -15,8 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from liftquant.blocktrain import (ADAM_BETAS, GRAD_CLIP, BlockData, cosine_lrs,
-                                  latent_flip_margin, train_block)
+from liftquant.blocktrain import (
+    ADAM_BETAS,
+    GRAD_CLIP,
+    BlockData,
+    cosine_lrs,
+    latent_flip_margin,
+    train_block,
+)
 from liftquant.cache import ActivationCache
 from liftquant.calibrate import quantize_model
 from liftquant.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
@@ -266,7 +272,7 @@ def test_bf16_pipeline_runs_and_corrects(M):
     2-layer runs of a discrete optimisation: single blocks differ by up to ~40 % either way)."""
     _, ref = _run(_cfg(compute_dtype="float32"), M)
     _, fast = _run(_cfg(compute_dtype="bfloat16"), M)
-    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
     assert mean(fast, "holdout_corrected") < mean(fast, "holdout_rounded")
     assert mean(fast, "holdout_corrected") <= 1.25 * mean(ref, "holdout_corrected")
 
@@ -284,7 +290,7 @@ def test_memory_plan_honours_or_refuses_the_cap():
     model = tiny_llama(seed=0)
     adapter = get_adapter(model.config)
     block = adapter.get_blocks(model)[0]
-    kw = dict(seq_len=512, batch_size=8, compute_dtype=torch.bfloat16, cand_fraction=0.01)
+    kw = {"seq_len": 512, "batch_size": 8, "compute_dtype": torch.bfloat16, "cand_fraction": 0.01}
     free = plan_block(block, adapter, SPEC, budget_bytes=None, **kw)
     assert free.micro_batch == 8 and not free.checkpoint_proxy
     need = max(free.estimate_gib.values())
