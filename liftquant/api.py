@@ -96,14 +96,27 @@ def _resume_fingerprint(cfg: RunConfig, model, calib, M, device, blocks_dir: Pat
 
 
 def _quantize_liftquant(model, calib, *, cfg: RunConfig, spec, M, adapter, device, save_dir,
-                        fingerprint, mix=None):
+                        fingerprint, mix=None, dist_ctx=None, summary=None):
     """LiftQuant block loop; returns (report rows, bits report, quantization_config, None).
 
-    ``mix``: (LatticePlan, {module: (spec, M)}) of a per-layer mix, else None."""
+    ``mix``: (LatticePlan, {module: (spec, M)}) of a per-layer mix, else None. ``dist_ctx``:
+    this rank of a torchrun job (:mod:`liftquant.distributed`; its summary goes to
+    ``summary["distributed"]``)."""
     lattice_map = None if mix is None else mix[1]
-    rows = quantize_model(model, calib, cfg=cfg, M=M, spec=spec, adapter=adapter, device=device,
-                          blocks_dir=save_dir / "blocks", resume=cfg.run.resume,
-                          fingerprint=fingerprint, lattice_map=lattice_map)
+    if dist_ctx is not None:
+        from liftquant.distributed import quantize_model_distributed
+
+        if mix is not None:
+            raise ValueError("a per-layer lattice mix runs in one process: launch it without "
+                             "torchrun, or pick one lattice with --expc")
+        rows, summary["distributed"] = quantize_model_distributed(
+            model, calib, ctx=dist_ctx, cfg=cfg, M=M, spec=spec, adapter=adapter,
+            device=device, blocks_dir=save_dir / "blocks", fingerprint=fingerprint)
+    else:
+        rows = quantize_model(model, calib, cfg=cfg, M=M, spec=spec, adapter=adapter,
+                              device=device, blocks_dir=save_dir / "blocks",
+                              resume=cfg.run.resume, fingerprint=fingerprint,
+                              lattice_map=lattice_map)
     qc = quantization_config(spec=spec, M=M, quantized_modules=packed_module_names(model),
                              not_converted=list(adapter.skip), module_lattices=lattice_map,
                              bits_per_weight=None if mix is None else mix[0].bits_per_weight)
@@ -174,18 +187,23 @@ def _plan_mix(cfg: RunConfig, model, adapter, calib, device, rate_info: dict):
 
 
 def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
-                     calib_ids: torch.Tensor | None = None) -> dict[str, Any]:
+                     calib_ids: torch.Tensor | None = None, dist_ctx=None) -> dict[str, Any]:
     """Load, calibrate, quantize, save (and evaluate); returns the summary written to report.
 
     ``--method rtn|gptq`` runs a baseline instead of LiftQuant with the same calibration data,
     bits accounting, report and summary keys. ``model`` (with ``tokenizer``, may be None) and
     ``calib_ids`` (N, L) replace loading them, for callers that build models in memory (the
-    scale benchmark's random-weight models of real shapes).
+    scale benchmark's random-weight models of real shapes). ``dist_ctx`` (a started
+    :class:`liftquant.distributed.DistContext`): this process is one rank of a torchrun job;
+    rank 0 evaluates and saves, the others return ``{"rank": r, ...}`` after their blocks.
     """
     from liftquant.data import load_calibration
 
     t_start = time.time()
     device = resolve_device(cfg.model.device)
+    if dist_ctx is not None and device.type == "cuda":
+        device = torch.device("cuda", dist_ctx.local_rank)
+    main_rank = dist_ctx is None or dist_ctx.is_main
     prov = provenance(device=device)  # the code as it was when the run started
     save_dir = Path(cfg.run.save_dir)
     model, tok = (model, tokenizer) if model is not None else load_model_for_run(cfg)
@@ -220,7 +238,7 @@ def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
                                "lattice": spec.name if mix is None else mix[0].name,
                                "rate_selection": rate_info,
                                "device": str(device)}
-    if cfg.run.eval_ppl:
+    if cfg.run.eval_ppl and main_rank:
         summary["ppl_fp"] = eval_perplexity(model, tok, cfg, device)
         logger.info("FP perplexity (%s): %.3f", cfg.run.eval_dataset, summary["ppl_fp"])
     t_q = time.time()
@@ -231,8 +249,10 @@ def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
         rows, bits, qc, tensors = _quantize_liftquant(model, calib, cfg=cfg, spec=spec, M=M,
                                                       adapter=adapter, device=device,
                                                       save_dir=save_dir, fingerprint=fingerprint,
-                                                      mix=mix)
+                                                      mix=mix, dist_ctx=dist_ctx, summary=summary)
     summary["quantize_seconds"] = round(time.time() - t_q, 1)
+    if not main_rank:  # rank 0 evaluates and saves the gathered model
+        return {**summary, "rank": dist_ctx.rank}
     summary["peak_gib"] = round(peak_memory_gib(device), 3)
     if cfg.run.eval_ppl:
         summary["ppl_quantized"] = eval_perplexity(model, tok, cfg, device)

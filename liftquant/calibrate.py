@@ -25,6 +25,7 @@ every block is seeded with ``seed + index``, so a resumed run produces the same 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -353,18 +354,31 @@ def quantize_model(
     resume: bool = False,
     fingerprint: dict | None = None,
     lattice_map: dict[str, tuple[LatticeSpec, Tensor]] | None = None,
+    only_blocks: Collection[int] | None = None,
+    on_block_saved: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Quantize every decoder block of ``model`` in place; return one report row per block.
 
     ``lattice_map`` ({full module name: (spec, M)}, e.g. ``model.layers.3.mlp.up_proj``) gives
     every quantized linear its own lattice (a per-layer mix, :func:`liftquant.rate.plan_mix`);
     ``spec``/``M`` then size the memory plan (pass the widest lattice of the mix).
+
+    ``only_blocks`` (one rank of a torchrun job, :mod:`liftquant.distributed`; needs
+    ``propagate="fp"``): quantize just these blocks, run the others before the last of them
+    only forward in FP (their outputs are the next inputs) and leave them and the later blocks
+    untouched; rows are returned for these blocks only. ``on_block_saved(i)`` is called after
+    block ``i`` was computed and its file written.
     """
     from tqdm.auto import tqdm
 
     if lattice_map is not None and resume:
         raise ValueError("--resume is not supported for a per-layer lattice mix yet (finished "
                          "blocks do not record their lattices); re-run without --resume")
+    own = None if only_blocks is None else set(only_blocks)
+    if own is not None and cfg.train.propagate != "fp":
+        raise ValueError("quantizing a subset of the blocks (one torchrun rank) needs "
+                         "--propagate fp: with --propagate quantized a block's inputs come "
+                         "from the quantized blocks before it")
 
     n, seq_len = calib_ids.shape
     unfuse_experts(model)  # MoE: fused 3-D experts -> per-expert linears (no-op if dense)
@@ -389,7 +403,8 @@ def quantize_model(
         split = {"train_idx": list(range(n - n_hold)), "holdout_idx": list(range(n - n_hold, n))}
         blocks = adapter.get_blocks(model)
         rows, times = [], []
-        for i in tqdm(range(len(blocks)), desc="blocks"):
+        last = len(blocks) if own is None else max(own, default=-1) + 1
+        for i in tqdm(range(last), desc="blocks"):
             t_block = time.perf_counter()
             clock = _Clock(device, i)
             if device.type == "cuda":
@@ -402,13 +417,16 @@ def quantize_model(
             data = BlockData(inputs=X, targets=Y, stream=stream, device=device,
                              compute_dtype=compute_dtype, micro_batch=plan.micro_batch, **split)
             path = block_file(blocks_dir, i)
-            done = resume and is_finished(path)
+            fp_only = own is not None and i not in own  # another rank quantizes it
+            done = resume and not fp_only and is_finished(path)
             fill = cfg.train.propagate == "fp" or not done
             clock.lap("to_device")
             stats = fp_targets_and_stats(block, adapter, data, batch_size=cfg.calib.batch_size,
                                          fill=fill)
             clock.lap("targets")
-            if done:
+            if fp_only:
+                row = {}
+            elif done:
                 row = load_finished_block(block, path, adapter=adapter, spec=spec,
                                           backend=cfg.run.backend, device=device,
                                           fingerprint=fingerprint)
@@ -428,6 +446,8 @@ def quantize_model(
             cast_unquantized(block, model_dtype)
             blocks[i] = block.to("cpu")
             clock.lap("offload")
+            if fp_only:
+                continue
             row["time_split"] = clock.split
             row["memory_plan"] = plan.to_dict()
             if i == 0:
@@ -441,6 +461,8 @@ def quantize_model(
                 _log_row(row, len(blocks))
                 times.append(row["seconds"])
                 _log_eta(times, i, len(blocks))
+                if on_block_saved is not None:
+                    on_block_saved(i)
             rows.append(row)
     finally:  # disk-backed caches delete their files here, also on errors
         if stream is not None:
