@@ -47,7 +47,7 @@ logger = get_logger("lattice_generator")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--expc", help="lattice name '<D>to<d>', e.g. 24to10")
+    p.add_argument("--lattice", "--expc", dest="expc", help="lattice name '<D>to<d>', e.g. 24to10")
     p.add_argument("--D", type=int, help="lifted dim (sign bits per sub-vector)")
     p.add_argument("--d", type=int, help="target dim (weights per sub-vector)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)

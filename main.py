@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         apply_demo_defaults(ns)
         cfg = _run_config(ns)
+        cfg.check_lattice_file()  # a bad --lattice fails here, before torch is imported
         from liftquant import distributed
 
         if (ctx := distributed.from_env()) is not None:

@@ -1,9 +1,17 @@
 """One config system: flat, validated, versioned dataclasses shared by every entry script.
 
-Each field becomes a ``--flag`` (``metadata["aliases"]`` adds the seed's spellings such as
-``--true-sequential``); fields whose help starts with "compat:" are accepted for compatibility
-with the authors' command line and documented as such. The resolved config is echoed to
-``<save_dir>/liftquant_run.json``; ``--config run.json`` reads one back.
+Each field becomes a ``--flag``: ``metadata["flag"]`` gives a descriptive primary spelling where
+the field keeps the authors' name (``--lattice`` for ``expc``, ``--lr_signs`` for ``lw_lr``), and
+``metadata["aliases"]`` adds further spellings (``--true-sequential``); the field name itself is
+always accepted, so the seed's commands run unchanged and ``liftquant_run.json`` keys stay the
+field names. Fields whose help starts with "compat:" are accepted for compatibility with the
+authors' command line and documented as such. Booleans follow the HF-Trainer convention as well
+as the flag one: ``--do_train``, ``--do_train True``, ``--bf16 False`` and ``--no-bf16`` all parse.
+
+The groups every entry script shares -- :class:`DeviceArgs`, :class:`KernelArgs`,
+:class:`EvalArgs` -- are defined once here and inherited by ``main.py``'s groups,
+``e2efinetune.py`` (:class:`liftquant.finetune.E2EArgs`) and ``scripts/eval.py``. The resolved
+config is echoed to ``<save_dir>/liftquant_run.json``; ``--config run.json`` reads one back.
 """
 
 from __future__ import annotations
@@ -24,21 +32,106 @@ DEMO_MODEL = "demo"  # --model demo (the default): SmolLM2-135M-Instruct fetched
 MIN_SEQLEN = 8
 MIN_EVAL_SEQLEN = 2
 LEARNING_RATES = ("lexw_lr", "la_lr", "lscale_lr", "lw_lr", "lt_lr")  # TrainArgs, all >= 0
+BACKENDS = ("auto", "torch", "triton", "bitblas")  # liftquant.kernels.registry names them too
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
 
 
-def _f(default, help: str, *, aliases: tuple[str, ...] = (), choices=None):
-    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices})
+def _f(default, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (),
+       choices=None):
+    """A config field; ``flag`` is its primary ``--spelling`` when it differs from the name."""
+    return field(default=default, metadata={"help": help, "flag": flag, "aliases": aliases,
+                                            "choices": choices})
+
+
+def parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ValueError(f"expected True or False, got {text!r}")
+
+
+class BoolFlag(argparse.Action):
+    """``--x`` (True), ``--x True|False`` (HF-Trainer style, also 1/0, yes/no) and ``--no-x``."""
+
+    def __init__(self, option_strings, dest, default=None, help=None, **kwargs):
+        negated = [f"--no-{o[2:]}" for o in option_strings if o.startswith("--")]
+        super().__init__([*option_strings, *negated], dest, nargs="?", default=default,
+                         metavar="BOOL", help=help, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                raise argparse.ArgumentError(self, f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+            return
+        try:
+            setattr(namespace, self.dest, True if values is None else parse_bool(values))
+        except ValueError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+
+
+def flag_names(f: dataclasses.Field) -> list[str]:
+    """Every ``--spelling`` of field ``f``, primary first."""
+    names = [f.metadata.get("flag") or f"--{f.name}", f"--{f.name}",
+             *f.metadata.get("aliases", ())]
+    return list(dict.fromkeys(names))
+
+
+def flag_label(cls, name: str) -> str:
+    """``--lattice/--expc``: how a message names field ``name`` of ``cls``, primary first."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return "/".join(flag_names(f)[:2])
+
+
+def check_device(device: str) -> None:
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise ValueError(f"--device {device!r}: give auto, cpu, cuda or cuda:<i>")
+
+
+# --------------------------------------------------- groups shared by every entry script
+@dataclass
+class DeviceArgs:
+    device: str = _f("auto", "device to run on: auto|cpu|cuda[:i]")
 
 
 @dataclass
-class ModelArgs:
+class KernelArgs:
+    backend: str = _f("auto", "kernel backend of packed layers: auto (Triton on CUDA, torch on "
+                      "CPU) | torch | triton | bitblas (falls back with a warning)",
+                      choices=BACKENDS)
+
+
+@dataclass
+class EvalArgs:
+    """Evaluation settings; the e2e seed spellings (``--do_ppl_eval``, ``--eval_dataset_size``,
+    ``--per_device_eval_batch_size``) are aliases, so every script reads one vocabulary."""
+
+    eval_ppl: bool = _f(False, "perplexity on --eval_dataset (main.py, e2efinetune.py: "
+                        "before and after)", aliases=("--do_ppl_eval",))
+    eval_dataset: str = _f("wiki-offline", "perplexity text: wiki-offline|wikitext2|c4|path",
+                           aliases=("--ppl_dataset",))
+    eval_seqlen: int = _f(2048, "perplexity window (GPTQ convention: 2048)",
+                          aliases=("--ppl_seqlen",))
+    eval_max_windows: int | None = _f(None, "cap on perplexity windows (None: all)",
+                                      aliases=("--eval_dataset_size",))
+    tasks: str | None = _f(None, "lm-eval tasks, comma-separated; the offline pack (boolq, "
+                           "piqa, openbookqa, commonsense_qa, siqa, mmlu, or 'pack' for all) "
+                           "runs without the hub (liftquant.tasks)", aliases=("--eval_tasks",))
+    tasks_limit: int | None = _f(None, "lm-eval: at most this many examples per task",
+                                 aliases=("--eval_tasks_limit",))
+    eval_batch_size: int = _f(16, "lm-eval requests per forward pass",
+                              aliases=("--per_device_eval_batch_size",))
+
+
+@dataclass
+class ModelArgs(DeviceArgs):
     model: str = _f(DEMO_MODEL, "HF hub id, local folder, local .gguf file, or 'demo' "
                     "(SmolLM2-135M-Instruct from PyPI, cached)")
     gguf_file: str | None = _f(None, "GGUF file name inside --model (a folder)")
     dtype: str = _f("bfloat16", "dtype the FP model is loaded in",
                     choices=("bfloat16", "float16", "float32"))
     adapter: str | None = _f(None, "force a model-family adapter instead of config.model_type")
-    device: str = _f("auto", "device blocks are calibrated on: auto|cpu|cuda[:i]")
 
 
 @dataclass
@@ -65,7 +158,8 @@ class CalibArgs:
 
 @dataclass
 class LatticeArgs:
-    expc: str | None = _f(None, "lattice '<D>to<d>' (e.g. 24to10 = 2.4 bits)")
+    expc: str | None = _f(None, "lattice '<D>to<d>' (e.g. 24to10 = 2.4 bits)",
+                          flag="--lattice")
     bits: float | None = _f(None, "bits/weight: a shipped rate is that lattice; a value "
                             "between shipped rates is met as an average by a per-layer mix")
     target_size_gb: float | None = _f(None, "a lattice per layer so the whole checkpoint "
@@ -92,7 +186,7 @@ class LatticeArgs:
 @dataclass
 class WhitenArgs:
     Rres_init: str = _f("Hadamard", "init of P1/P2: Hadamard|dct|identity|random",
-                        choices=("Hadamard", "hadamard", "dct", "identity", "random"))
+                        flag="--rotation_init", choices=("Hadamard", "hadamard", "dct", "identity", "random"))
     training_trans: bool = _f(False, "compat: stage 1 always trains the whitening T unless "
                               "--stage1_epochs 0")
     s1_alpha: float = _f(0.5, "s1 init = mean|x|^alpha per input channel (AWQ-like)")
@@ -103,11 +197,13 @@ class TrainArgs:
     epochs: int = _f(2, "epochs of both stages unless overridden")
     stage1_epochs: int | None = _f(None, "epochs of stage 1", aliases=("--epochs1",))
     stage2_epochs: int | None = _f(None, "epochs of stage 2", aliases=("--epochs2",))
-    lexw_lr: float = _f(2e-2, "stage-1 lr of the orthogonal factors P1/P2 (Cayley generators)")
-    la_lr: float = _f(2e-3, "lr of s1/s2 (both stages)")
-    lscale_lr: float = _f(5e-3, "lr of the per-row scales (stage 2) and proxy clips (stage 1)")
-    lw_lr: float = _f(2e-5, "stage-2 lr of the latent sign weights")
-    lt_lr: float = _f(2e-4, "stage-2 lr of the fused T* factors L, R")
+    lexw_lr: float = _f(2e-2, "stage-1 lr of the orthogonal factors P1/P2 (Cayley generators)",
+                        flag="--lr_rotation")
+    la_lr: float = _f(2e-3, "lr of s1/s2 (both stages)", flag="--lr_channel_scales")
+    lscale_lr: float = _f(5e-3, "lr of the per-row scales (stage 2) and proxy clips (stage 1)",
+                          flag="--lr_row_scales")
+    lw_lr: float = _f(2e-5, "stage-2 lr of the latent sign weights", flag="--lr_signs")
+    lt_lr: float = _f(2e-4, "stage-2 lr of the fused T* factors L, R", flag="--lr_transform")
     finetuning_weights: bool = _f(True, "train latent sign weights in stage 2")
     compute_dtype: str = _f("auto", "block-training compute dtype (parameters stay float32 "
                             "master copies): auto = bfloat16 on CUDA, float32 on CPU",
@@ -130,26 +226,14 @@ class TrainArgs:
 
 
 @dataclass
-class RunArgs:
+class RunArgs(EvalArgs, KernelArgs):
     save_dir: str = _f("out/demo", "output checkpoint folder")
-    eval_ppl: bool = _f(False, "perplexity before and after quantization")
-    eval_dataset: str = _f("wiki-offline", "perplexity text: wiki-offline|wikitext2|c4|path")
-    eval_seqlen: int = _f(2048, "perplexity window")
-    eval_max_windows: int | None = _f(None, "cap on perplexity windows (None: all)")
     save_dtype: str = _f("auto", "dtype of the unquantized tensors in the checkpoint (auto: as "
                          "computed; liftquant only)",
                          choices=("auto", "bfloat16", "float16", "float32"))
-    tasks: str | None = _f(None, "lm-eval tasks after quantization, comma-separated; the "
-                           "offline pack (boolq, piqa, openbookqa, commonsense_qa, siqa, mmlu, "
-                           "or 'pack' for all) runs without the hub (liftquant.tasks)",
-                           aliases=("--eval_tasks",))
-    tasks_limit: int | None = _f(None, "lm-eval: at most this many examples per task")
-    eval_batch_size: int = _f(16, "lm-eval requests per forward pass")
     resume: bool = _f(False, "continue an interrupted run from <save_dir>/blocks")
     overwrite: bool = _f(False, "replace an existing checkpoint in --save_dir (otherwise a "
                          "folder holding another run is refused)")
-    backend: str = _f("auto", "kernel backend of packed layers (evaluation, propagation)",
-                      choices=("auto", "torch", "triton", "bitblas"))
     config: str | None = _f(None, "read arguments from this JSON (CLI flags override)")
     debug: bool = _f(False, "on an error show the full traceback instead of one line")
 
@@ -167,12 +251,13 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, group: str) -> N
     g = parser.add_argument_group(group)
     for f in dataclasses.fields(cls):
         kind = _type_of(f)
-        names = [f"--{f.name}", *f.metadata.get("aliases", ())]
+        names = flag_names(f)
         if kind is bool:
-            g.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=None, help=f.metadata["help"])
+            g.add_argument(*names, dest=f.name, action=BoolFlag, default=None,
+                           help=f"{f.metadata['help']} (default: {f.default})")
         else:
             g.add_argument(*names, dest=f.name, type=kind, default=None,
+                           metavar=names[0][2:].upper() if not f.metadata.get("choices") else None,
                            choices=f.metadata.get("choices"),
                            help=f"{f.metadata['help']} (default: {f.default})")
 
@@ -203,8 +288,7 @@ class RunConfig:
                                  "(LiftQuant quantizes weights only)")
         if t.use_fpinps:
             t.propagate = "fp"
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.model.device):
-            raise ValueError(f"--device {self.model.device!r}: give auto, cpu, cuda or cuda:<i>")
+        check_device(self.model.device)
         self._check_finite()
         self._check_counts()
         self._check_learning_rates()
@@ -216,7 +300,7 @@ class RunConfig:
             for f in dataclasses.fields(group):
                 v = getattr(getattr(self, name), f.name)
                 if isinstance(v, float) and not math.isfinite(v):
-                    raise ValueError(f"--{f.name} {v}: give a finite number")
+                    raise ValueError(f"{flag_label(group, f.name)} {v}: give a finite number")
 
     def _check_counts(self) -> None:
         c, t, r = self.calib, self.train, self.run
@@ -251,22 +335,23 @@ class RunConfig:
         for flag in LEARNING_RATES:
             value = getattr(self.train, flag)
             if value < 0:
-                raise ValueError(f"--{flag} {value}: a learning rate must be >= 0 "
-                                 "(0 freezes those parameters)")
+                raise ValueError(f"{flag_label(TrainArgs, flag)} {value}: a learning rate must "
+                                 "be >= 0 (0 freezes those parameters)")
 
     def _check_rate_request(self) -> None:
-        """Flag-level checks of --expc/--bits/--target_size_gb; whether a shipped lattice
-        honours them is checked by :func:`liftquant.rate.select_lattice` at run time."""
+        """Flag-level checks of --lattice/--bits/--target_size_gb (no torch, no files); the
+        lattice file is checked by :meth:`check_lattice_file`, and whether a shipped lattice
+        honours --bits by :func:`liftquant.rate.select_lattice`."""
         lat = self.lattice
         if sum(x is not None for x in (lat.expc, lat.bits, lat.target_size_gb)) > 1:
-            raise ValueError("give at most one of --expc, --bits, --target_size_gb")
+            raise ValueError("give at most one of --lattice/--expc, --bits, --target_size_gb")
         if lat.expc is not None:
-            from liftquant.lattice import LatticeSpec
+            from liftquant.latticespec import LatticeSpec
 
             try:
                 LatticeSpec.parse(lat.expc)
             except ValueError as exc:
-                raise ValueError(f"--expc: {exc}") from None
+                raise ValueError(f"--lattice/--expc: {exc}") from None
         if lat.bits is not None and lat.bits <= 0:
             raise ValueError(f"--bits {lat.bits}: must be > 0 bits per weight (e.g. --bits 2.5)")
         if lat.target_size_gb is not None and lat.target_size_gb <= 0:
@@ -282,6 +367,19 @@ class RunConfig:
                 raise ValueError("need 2 <= --baseline_bits <= 8, --group_size >= 0, --damp > 0")
             if lat.first_token_weight is not None and lat.first_token_weight <= 0:
                 raise ValueError("--first_token_weight must be > 0 (1: textbook GPTQ)")
+
+    def check_lattice_file(self) -> None:
+        """Refuse a ``--lattice`` whose file is not in ``--lattice_dir`` (default: shipped);
+        cheap (no torch), so entry scripts call it before they load anything."""
+        lat = self.lattice
+        if lat.expc is None or lat.method != "liftquant":
+            return
+        from liftquant.latticespec import check_lattice_file
+
+        try:
+            check_lattice_file(lat.expc, lat.lattice_dir)
+        except FileNotFoundError as exc:
+            raise ValueError(f"--lattice/--expc {lat.expc}: {exc}") from None
 
     # stage-resolved values -------------------------------------------------------------
     def stage_epochs(self, stage: int) -> int:

@@ -27,7 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from liftquant.config import _f, add_dataclass_args
+from liftquant.config import (
+    DeviceArgs,
+    EvalArgs,
+    KernelArgs,
+    _f,
+    add_dataclass_args,
+    check_device,
+)
+from liftquant.latticespec import LatticeSpec
 from liftquant.linear import PackedLiftLinear
 from liftquant.log import get_logger, peak_memory_gib
 
@@ -41,19 +49,24 @@ RUN_NAME = "e2e_run.json"
 
 
 @dataclass
-class E2EArgs:
+class E2EArgs(DeviceArgs, KernelArgs, EvalArgs):
+    """The e2e flags; device, kernel and evaluation settings are the shared groups of
+    :mod:`liftquant.config` (the seed's ``--do_ppl_eval``, ``--eval_dataset_size``,
+    ``--per_device_eval_batch_size`` ... are their aliases)."""
+
     quant_model_path: str | None = _f(None, "packed LiftQuant checkpoint folder (required)")
     fp_model_path: str | None = _f(None, "FP model: its perplexity is reported as a reference, "
                                    "and its tokenizer used if the checkpoint has none")
     output_dir: str = _f("out/e2e", "where the fine-tuned packed checkpoint is saved")
     model_family: str | None = _f(None, "compat: the architecture is read from the checkpoint")
     wbits: int | None = _f(None, "compat: bits come from the checkpoint's lattice")
-    expc: str | None = _f(None, "expected lattice '<D>to<d>'; must match the checkpoint")
-    device: str = _f("auto", "auto|cpu|cuda[:i]")
+    expc: str | None = _f(None, "expected lattice '<D>to<d>'; must match the checkpoint",
+                          flag="--lattice")
     do_train: bool = _f(False, "train (without it: only the 'before' evaluation)")
     learning_rate: float = _f(2e-5, "lr of the per-row scales")
-    factor_t: float = _f(10.0, "lr factor of the fused transform factors L, R")
-    factor_a: float = _f(100.0, "lr factor of s1 and s2")
+    factor_t: float = _f(10.0, "lr factor of the fused transform factors L, R",
+                         flag="--lr_factor_transform")
+    factor_a: float = _f(100.0, "lr factor of s1 and s2", flag="--lr_factor_channel_scales")
     lr_scheduler_type: str = _f("cosine", "lr schedule", choices=("cosine", "constant"))
     max_grad_norm: float = _f(0.3, "gradient-norm clip (0: off)")
     dataset: str = _f("wiki-offline", "training text: wiki-offline | redpajama | c4 | "
@@ -64,33 +77,33 @@ class E2EArgs:
     num_train_epochs: float = _f(1.0, "epochs over the training windows")
     per_device_train_batch_size: int = _f(1, "windows per forward pass")
     gradient_accumulation_steps: int = _f(1, "forward passes per optimizer step")
-    per_device_eval_batch_size: int = _f(1, "batch size of perplexity and task evaluation")
     gradient_checkpointing: bool = _f(True, "recompute activations (when the model supports it)")
     bf16: bool = _f(False, "bf16 autocast on CUDA; on CPU training runs in float32")
     data_seed: int = _f(0, "seed of window sampling and shuffling")
     logging_steps: int = _f(10, "log the loss every this many optimizer steps")
     eval_strategy: str = _f("no", "'steps': perplexity every --eval_steps (needs "
-                            "--do_ppl_eval); 'no'/'epoch' evaluate before and after only",
+                            "--eval_ppl); 'no'/'epoch' evaluate before and after only",
                             aliases=("--evaluation_strategy",), choices=("no", "steps", "epoch"))
     eval_steps: int = _f(0, "optimizer steps between perplexity evaluations (--eval_strategy "
                          "steps)")
     save_strategy: str = _f("no", "compat: only the final checkpoint is saved")
+    training_strategy: str = _f("epochs", "compat: training runs --num_train_epochs epochs")
     preprocessing_num_workers: int | None = _f(None, "compat: tokenization is cached, "
                                                "single process")
-    do_ppl_eval: bool = _f(False, "perplexity before and after")
-    ppl_dataset: str = _f("wiki-offline", "perplexity text: wiki-offline|wikitext2|c4|path")
-    ppl_seqlen: int = _f(2048, "perplexity window (GPTQ convention: 2048)")
-    eval_dataset_size: int | None = _f(None, "cap on perplexity windows (None: all)")
-    eval_tasks: str | None = _f(None, "lm-eval tasks before and after, comma-separated")
-    eval_tasks_limit: int | None = _f(None, "lm-eval: at most this many examples per task")
-    backend: str = _f("auto", "kernel backend for evaluation (training uses 'torch')",
-                      choices=("auto", "torch", "triton", "bitblas"))
+    eval_batch_size: int = _f(1, "batch size of perplexity and task evaluation",
+                              aliases=("--per_device_eval_batch_size",))
 
     def __post_init__(self) -> None:
         if not self.quant_model_path:
             raise ValueError("--quant_model_path is required")
+        check_device(self.device)
+        if self.expc is not None:
+            try:
+                LatticeSpec.parse(self.expc)  # before anything is loaded
+            except ValueError as exc:
+                raise ValueError(f"--lattice/--expc: {exc}") from None
         if min(self.pt_context_len, self.max_train_samples, self.per_device_train_batch_size,
-               self.gradient_accumulation_steps, self.per_device_eval_batch_size) < 1:
+               self.gradient_accumulation_steps, self.eval_batch_size) < 1:
             raise ValueError("context length, sample count and batch sizes must be >= 1")
         if self.pt_context_len < 2 or self.num_train_epochs <= 0 or self.learning_rate <= 0:
             raise ValueError("need --pt_context_len >= 2, --num_train_epochs > 0, --learning_rate > 0")
@@ -246,16 +259,16 @@ def evaluate(model, tok, cfg: E2EArgs, *, device: torch.device, ppl_ids) -> dict
 
     out: dict[str, Any] = {}
     if ppl_ids is not None:
-        out["ppl"] = perplexity(model, ppl_ids, seq_len=cfg.ppl_seqlen, device=device,
-                                batch_size=cfg.per_device_eval_batch_size,
-                                max_windows=cfg.eval_dataset_size, progress=False)
-    if cfg.eval_tasks:
+        out["ppl"] = perplexity(model, ppl_ids, seq_len=cfg.eval_seqlen, device=device,
+                                batch_size=cfg.eval_batch_size,
+                                max_windows=cfg.eval_max_windows, progress=False)
+    if cfg.tasks:
         from liftquant.lmeval import evaluate_tasks
 
         try:
-            out["tasks"] = evaluate_tasks(model, tok, cfg.eval_tasks, device=device,
-                                          batch_size=cfg.per_device_eval_batch_size,
-                                          limit=cfg.eval_tasks_limit)
+            out["tasks"] = evaluate_tasks(model, tok, cfg.tasks, device=device,
+                                          batch_size=cfg.eval_batch_size,
+                                          limit=cfg.tasks_limit)
         except ImportError as exc:
             logger.warning("skipping --eval_tasks: %s", exc)
             out["tasks_skipped"] = str(exc)
@@ -279,8 +292,8 @@ def _fp_perplexity(cfg: E2EArgs, ppl_ids, device) -> float:
     fp, _ = load_fp_model(cfg.fp_model_path, dtype=torch.float32 if device.type == "cpu"
                           else torch.bfloat16)
     try:
-        return perplexity(fp.to(device), ppl_ids, seq_len=cfg.ppl_seqlen, device=device,
-                          max_windows=cfg.eval_dataset_size, progress=False)
+        return perplexity(fp.to(device), ppl_ids, seq_len=cfg.eval_seqlen, device=device,
+                          max_windows=cfg.eval_max_windows, progress=False)
     finally:
         del fp
 
@@ -307,7 +320,7 @@ def run_e2e(cfg: E2EArgs) -> dict[str, Any]:
     stored = model.get_input_embeddings().weight.dtype
     if device.type == "cpu" and stored != torch.float32:
         cast_unquantized(model, torch.float32)  # CPUs run bf16/fp16 matmuls slowly
-    ppl_ids = load_eval_tokens(tok, source=cfg.ppl_dataset) if cfg.do_ppl_eval else None
+    ppl_ids = load_eval_tokens(tok, source=cfg.eval_dataset) if cfg.eval_ppl else None
     prov = provenance(device=device)
     report: dict[str, Any] = {"lattice": qc["lattice"], "device": str(device),
                               "config": dataclasses.asdict(cfg), "git_sha": prov["commit_short"],

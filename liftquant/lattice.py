@@ -25,35 +25,31 @@ memory stays bounded (``MAX_CHUNK_ELEMENTS``).
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import json
 import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from liftquant.hadamard import positive_qr, random_orthogonal
+from liftquant.latticespec import (  # noqa: F401 - re-exported: the lattice API in one place
+    AUTO_EXHAUSTIVE_DIM,
+    BASIS_SEED,
+    CPU_EXHAUSTIVE_DIM,
+    LATTICE_DIR,
+    MAX_EXHAUSTIVE_DIM,
+    MAX_NULL_DIM,
+    SEARCH_BASES,
+    LatticeSpec,
+    check_lattice_file,
+    lattice_path,
+    search_bases,
+    shipped_lattices,
+)
 from liftquant.log import get_logger
 
 logger = get_logger("lattice")
 
-# Heuristic search enumerates 2^(D-d) paddings: beyond 2^20 it is impractical even on a GPU
-# (SPEC §2: "practical range D - d <= 20").
-MAX_NULL_DIM = 20
-# Exhaustive search enumerates 2^D codes; 2^24 = 16.7M codes is still one fast GPU pass.
-MAX_EXHAUSTIVE_DIM = 24
-# "auto" uses exhaustive search up to this D (cheaper than or equal to pinv there and exact).
-AUTO_EXHAUSTIVE_DIM = 16
-# The quantizer's pinv search takes the union of the candidate sets of this many null-space
-# bases (null_bases); bases after the first are rotations seeded from BASIS_SEED.
-SEARCH_BASES = 4
-BASIS_SEED = 20260
-# On CPU 2^16 codes per sub-vector is too slow for whole models: exhaustive only up to here.
-CPU_EXHAUSTIVE_DIM = 12
 # Bound on elements of any (batch x candidates x D) intermediate: 2^26 floats = 256 MiB fp32.
 MAX_CHUNK_ELEMENTS = 1 << 26
 # A latent weight never starts closer to zero than this (bits flipped by refinement, exact
@@ -61,117 +57,10 @@ MAX_CHUNK_ELEMENTS = 1 << 26
 PRE_SIGN_FLOOR = 1e-3
 
 
-def _shipped_lattice_dir() -> Path:
-    """The folder of the shipped lattices: the data package ``liftquant.lattice_data`` that a
-    wheel installs (pyproject.toml maps the repository's ``lattice/`` onto it), else the
-    checkout's ``lattice/`` beside the package (a source tree, or an editable install made
-    before that mapping existed)."""
-    try:
-        spec = importlib.util.find_spec("liftquant.lattice_data")
-    except (ImportError, ValueError):
-        spec = None
-    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-        if (Path(loc) / "index.json").is_file():
-            return Path(loc).resolve()
-    return Path(__file__).resolve().parent.parent / "lattice"
-
-
-# Where shipped lattices live; every ``root=None`` below means this folder.
-LATTICE_DIR = _shipped_lattice_dir()
-
-_SPEC_RE = re.compile(r"^\s*(?:lq-?)?(\d+)\s*(?:to|/)\s*(\d+)\s*$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class LatticeSpec:
-    """A lattice ``{D}to{d}``: ``D`` sign bits decode ``d`` weights, ``D/d`` bits per weight."""
-
-    lifted_dim: int
-    target_dim: int
-
-    def __post_init__(self) -> None:
-        D, d = self.lifted_dim, self.target_dim
-        if not (isinstance(D, int) and isinstance(d, int)):
-            raise ValueError(f"lattice dims must be integers, got D={D!r}, d={d!r}")
-        if d < 1 or D <= d:
-            raise ValueError(
-                f"impossible lattice {D}to{d}: need lifted_dim D > target_dim d >= 1 "
-                "(D/d is the bit rate; e.g. 24to10 = 2.4 bits)"
-            )
-        if D - d > MAX_NULL_DIM and D > MAX_EXHAUSTIVE_DIM:
-            raise ValueError(
-                f"lattice {D}to{d} is not searchable: the heuristic enumerates 2^(D-d) = "
-                f"2^{D - d} candidates (max 2^{MAX_NULL_DIM}) and exhaustive search 2^{D} codes "
-                f"(max 2^{MAX_EXHAUSTIVE_DIM}); pick D - d <= {MAX_NULL_DIM}"
-            )
-
-    @classmethod
-    def parse(cls, text: "str | LatticeSpec") -> "LatticeSpec":
-        """Parse ``"24to10"``, ``"24/10"`` or ``"LQ-24/10"``."""
-        if isinstance(text, LatticeSpec):
-            return text
-        m = _SPEC_RE.match(str(text))
-        if not m:
-            raise ValueError(f"cannot parse lattice {text!r}: expected '<D>to<d>', e.g. '24to10'")
-        return cls(int(m.group(1)), int(m.group(2)))
-
-    @property
-    def name(self) -> str:
-        return f"{self.lifted_dim}to{self.target_dim}"
-
-    @property
-    def bits_per_weight(self) -> float:
-        return self.lifted_dim / self.target_dim
-
-    @property
-    def null_dim(self) -> int:
-        return self.lifted_dim - self.target_dim
-
-    def default_method(self, device_type: str = "cuda") -> str:
-        """Exhaustive search where it is cheap and exact (small D; on CPU only tiny D)."""
-        limit = AUTO_EXHAUSTIVE_DIM if device_type == "cuda" else CPU_EXHAUSTIVE_DIM
-        return "exhaustive" if self.lifted_dim <= limit else "pinv"
-
-    def __str__(self) -> str:
-        return self.name
-
-
-# --------------------------------------------------------------------------------------------
-# Loading shipped lattices
-# --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
-def _cached_index_bases(path: Path, mtime_ns: int, size: int) -> dict[str, int]:
-    rows = json.loads(path.read_text())
-    return {r["name"]: int(r["bases"]) for r in rows if isinstance(r.get("bases"), int)}
-
-
-def search_bases(D: int, d: int, root: str | Path | None = None) -> int:
-    """Null-space bases the pinv search uses for ``DtoD``: the ``bases`` recorded for it in the
-    lattice index (a lattice may need a wider search to reach its measured MSE), else
-    :data:`SEARCH_BASES`."""
-    path = Path(root or LATTICE_DIR) / "index.json"
-    try:
-        st = path.stat()
-        table = _cached_index_bases(path, st.st_mtime_ns, st.st_size)
-    except (OSError, ValueError, KeyError, TypeError):
-        return SEARCH_BASES
-    return table.get(f"{D}to{d}", SEARCH_BASES)
-
-
-def lattice_path(spec: "LatticeSpec | str", root: str | Path | None = None) -> Path:
-    spec = LatticeSpec.parse(spec)
-    return Path(root or LATTICE_DIR) / f"{spec.name}.pt"
-
-
-def load_projection(spec: "LatticeSpec | str", root: str | Path | None = None) -> Tensor:
+def load_projection(spec: LatticeSpec | str, root: str | Path | None = None) -> Tensor:
     """Load ``M`` (d, D) for ``spec`` from ``root`` (default: the shipped ``lattice/`` folder)."""
     spec = LatticeSpec.parse(spec)
-    path = lattice_path(spec, root)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no lattice file {path}; shipped: {', '.join(shipped_lattices(root)) or 'none'}. "
-            f"Generate it with: python lattice_generator.py --expc {spec.name}"
-        )
+    path = check_lattice_file(spec, root)
     M = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(M, Tensor) or tuple(M.shape) != (spec.target_dim, spec.lifted_dim):
         raise ValueError(
@@ -179,18 +68,6 @@ def load_projection(spec: "LatticeSpec | str", root: str | Path | None = None) -
             f"(got {getattr(M, 'shape', type(M))}); regenerate it with lattice_generator.py"
         )
     return M.float()
-
-
-def shipped_lattices(root: str | Path | None = None) -> list[str]:
-    """Names of the lattices available under ``root`` sorted by bits per weight."""
-    folder = Path(root or LATTICE_DIR)
-    names = []
-    for p in folder.glob("*to*.pt"):
-        try:
-            names.append(LatticeSpec.parse(p.stem))
-        except ValueError:
-            continue
-    return [s.name for s in sorted(names, key=lambda s: (s.bits_per_weight, s.lifted_dim))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +254,7 @@ def _with_triton_fallback(kernel: str, z: Tensor, triton_fn, torch_fn, *, what: 
     if _use_triton(kernel, z) and not (kernel == "auto" and _TRITON_FAILED):
         try:
             return triton_fn()
-        except Exception as exc:  # noqa: BLE001 - any build/launch failure -> torch path
+        except Exception as exc:
             if kernel == "triton":
                 raise
             _TRITON_FAILED.append(repr(exc))

@@ -10,10 +10,12 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `import liftquant.log` stays cheap
+    import torch
 
 LOGGER_NAME = "liftquant"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -49,11 +51,15 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % (2**32))
     except ImportError:  # pragma: no cover - numpy is a core dependency
         pass
+    import torch
+
     torch.manual_seed(seed)
 
 
 def peak_memory_gib(device: torch.device | str | None = None) -> float:
     """Peak allocated memory in GiB: CUDA allocator peak, or the process' max RSS on CPU."""
+    import torch
+
     dev = torch.device(device) if device is not None else None
     if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated(dev) / 2**30

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from liftquant.config import (
     CalibArgs,
+    EvalArgs,
+    KernelArgs,
     ModelArgs,
     RunArgs,
     RunConfig,
@@ -29,19 +31,13 @@ from liftquant.config import (
 
 
 @dataclass
-class EvalArgs:
+class EvalScriptArgs(EvalArgs, KernelArgs):
+    """The shared evaluation and kernel groups of liftquant.config, plus what to evaluate."""
+
     quant_model_path: str | None = _f(None, "LiftQuant or baseline checkpoint folder (then "
                                       "--model is not used)")
-    eval_ppl: bool = _f(False, "perplexity on --eval_dataset")
-    eval_dataset: str = _f("wiki-offline", "perplexity text: wiki-offline|wikitext2|c4|path")
-    eval_seqlen: int = _f(2048, "perplexity window")
-    eval_max_windows: int | None = _f(None, "cap on perplexity windows (None: all)")
-    tasks: str | None = _f(None, "lm-eval tasks, comma-separated ('pack' = offline pack)",
-                           aliases=("--eval_tasks",))
-    tasks_limit: int | None = _f(None, "lm-eval: at most this many examples per task")
-    batch_size: int = _f(8, "lm-eval batch size")
-    backend: str = _f("auto", "kernel backend of LiftQuant layers",
-                      choices=("auto", "torch", "triton", "bitblas"))
+    eval_batch_size: int = _f(8, "lm-eval requests per forward pass",
+                              aliases=("--per_device_eval_batch_size", "--batch_size"))
     output: str | None = _f(None, "write the JSON result here")
 
 
@@ -51,15 +47,15 @@ def _given(ns, cls) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__.split("\n")[0], groups={"model": ModelArgs, "eval": EvalArgs})
+    parser = build_parser(__doc__.split("\n")[0],
+                          groups={"model": ModelArgs, "eval": EvalScriptArgs})
     ns = parser.parse_args(argv)
-    ev = EvalArgs(**_given(ns, EvalArgs))
+    ev = EvalScriptArgs(**_given(ns, EvalScriptArgs))
     if not ev.eval_ppl and not ev.tasks:
         parser.error("nothing to evaluate: give --eval_ppl and/or --tasks")
-    cfg = RunConfig(model=ModelArgs(**_given(ns, ModelArgs)), calib=CalibArgs(), run=RunArgs(
-        eval_ppl=ev.eval_ppl, eval_dataset=ev.eval_dataset, eval_seqlen=ev.eval_seqlen,
-        eval_max_windows=ev.eval_max_windows, tasks=ev.tasks, tasks_limit=ev.tasks_limit,
-        eval_batch_size=ev.batch_size))
+    shared = {f.name: getattr(ev, f.name) for f in dataclasses.fields(EvalArgs)}
+    cfg = RunConfig(model=ModelArgs(**_given(ns, ModelArgs)), calib=CalibArgs(),
+                    run=RunArgs(**shared, backend=ev.backend))
     from liftquant import api
     from liftquant.baselines import load_checkpoint
     from liftquant.log import setup_logging

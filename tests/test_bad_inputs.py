@@ -56,7 +56,7 @@ def _refused(capsys, argv: list[str], save_dir: Path, *, code: int) -> str:
 
 # ----------------------------------------------------------------------------- flag values
 PARSE_LEVEL = [
-    (["--expc", "24x8"], "--expc: cannot parse lattice '24x8'"),
+    (["--expc", "24x8"], "--lattice/--expc: cannot parse lattice '24x8'"),
     (["--expc", "8to8"], "impossible lattice 8to8: need lifted_dim D > target_dim d"),
     (["--expc", "64to8"], "not searchable"),
     (["--expc", "26to10"], "python lattice_generator.py --expc 26to10"),
@@ -78,8 +78,8 @@ PARSE_LEVEL = [
     (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
     (["--seqlen", "4"], "--seqlen 4: must be >= 8"),
     (["--stage1_nsamples", "0"], "--stage1_nsamples 0: must be >= 1"),
-    (["--lw_lr=-1e-5"], "--lw_lr -1e-05: a learning rate must be >= 0"),
-    (["--lt_lr", "-0.5"], "--lt_lr -0.5: a learning rate must be >= 0"),
+    (["--lw_lr=-1e-5"], "--lr_signs/--lw_lr -1e-05: a learning rate must be >= 0"),
+    (["--lt_lr", "-0.5"], "--lr_transform/--lt_lr -0.5: a learning rate must be >= 0"),
     (["--device", "gpu"], "--device 'gpu': give auto, cpu, cuda or cuda:<i>"),
     (["--max_host_memory", "0"], "--max_host_memory 0.0: must be > 0 GiB"),
 ]

@@ -13,14 +13,12 @@ import torch
 
 import main as main_script
 from liftquant.config import RunConfig, apply_demo_defaults, build_parser
+from tests import seed_readme
 
 ROOT = Path(__file__).resolve().parent.parent
-SEED_COMMAND = (
-    "--model PATH --save_dir DIR --eval_ppl --wbits 2 --expc 20to8 --w_sym --abits 16 "
-    "--kbits 16 --vbits 16 --true-sequential --act-order --use_fpinps --Rres_init Hadamard "
-    "--nsamples 4096 --epochs 2 --batch_size 2 --calib_dataset redpajama --usefullfp "
-    "--training_trans --finetuning_weights --align 1 --lscale_lr 5e-3 --lexw_lr 2e-2 "
-    "--lw_lr 2e-5 --la_lr 2e-3 --lt_lr 2e-4")
+# the authors' README command, verbatim (tests/seed_readme.py); only the paths are substituted
+SEED_ARGV = seed_readme.argv_of(seed_readme.MAIN, "main.py",
+                                {"/path/to/your/Llama-2-7B": "PATH", "./qmodels": "DIR"})
 
 
 def _parse(argv):
@@ -30,7 +28,7 @@ def _parse(argv):
 
 
 def test_seed_command_parses_to_the_intended_config():
-    cfg = _parse(shlex.split(SEED_COMMAND))
+    cfg = _parse(SEED_ARGV)
     assert cfg.lattice.expc == "20to8" and cfg.lattice.wbits == 2
     assert cfg.calib.nsamples == 4096 and cfg.calib.calib_dataset == "redpajama"
     assert cfg.stage_epochs(1) == cfg.stage_epochs(2) == 2
@@ -55,7 +53,7 @@ def test_stage_overrides_and_bad_flags():
 
 
 def test_config_round_trip(tmp_path):
-    cfg = _parse(shlex.split(SEED_COMMAND))
+    cfg = _parse(SEED_ARGV)
     f = tmp_path / "run.json"
     f.write_text(json.dumps(cfg.to_dict()))
     again = _parse(["--config", str(f), "--nsamples", "8"])

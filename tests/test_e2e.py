@@ -20,18 +20,15 @@ from liftquant.finetune import E2EArgs, freeze_packed, make_trainable, train
 from liftquant.lattice import LatticeSpec, load_projection
 from liftquant.linear import PackedLiftLinear
 from liftquant.models import get_adapter, tiny_llama
+from tests import seed_readme
 from tests.conftest import make_corpus, make_tokenizer
 
 SPEC = LatticeSpec.parse("8to4")
-SEED_COMMAND = (
-    "--fp_model_path FP --quant_model_path Q --model_family llama-2 --wbits 2 --expc 8to4 "
-    "--factor_a 100 --factor_t 10 --learning_rate 2e-5 --dataset redpajama --dataset_format pt "
-    "--output_dir OUT --do_train --pt_context_len 4096 --per_device_train_batch_size 1 "
-    "--per_device_eval_batch_size 1 --gradient_accumulation_steps 16 --logging_steps 1 "
-    "--save_strategy epoch --evaluation_strategy steps --eval_steps 64 "
-    "--max_train_samples 4096 --num_train_epochs 1 --eval_dataset_size 64 --bf16 "
-    "--data_seed 42 --max_grad_norm 0.3 --preprocessing_num_workers 32 "
-    "--eval_tasks piqa,arc_easy,arc_challenge,hellaswag,winogrande --do_ppl_eval")
+# the authors' README command, verbatim (tests/seed_readme.py): paths and the lattice
+# placeholder ``n`` substituted, nothing else (``--do_train True``, ``--training_strategy`` kept)
+SEED_SUBS = {"/path/to/your/Llama-2-7B": "FP", "./Llama-2-7B+n.pth": "Q", "n": "8to4",
+             "./output/e2e-qp-output/Llama-2-7B-redpajama-4096": "OUT"}
+SEED_ARGV = seed_readme.argv_of(seed_readme.E2E, "e2efinetune.py", SEED_SUBS)
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +138,15 @@ def test_cli_end_to_end(packed_ckpt, capsys):
 
 
 def test_seed_command_parses():
-    cfg = e2efinetune.parse(shlex.split(SEED_COMMAND))
+    cfg = e2efinetune.parse(SEED_ARGV)
     assert cfg.expc == "8to4" and cfg.wbits == 2 and cfg.factor_a == 100 and cfg.factor_t == 10
-    assert cfg.learning_rate == 2e-5 and cfg.dataset == "redpajama" and cfg.do_train
-    assert cfg.eval_strategy == "steps" and cfg.eval_steps == 64  # renamed flag is mapped
-    assert cfg.pt_context_len == 4096 and cfg.gradient_accumulation_steps == 16
-    assert cfg.bf16 and cfg.do_ppl_eval and cfg.max_grad_norm == 0.3 and cfg.data_seed == 42
+    assert cfg.learning_rate == 2e-5 and cfg.dataset == "redpajama" and cfg.do_train is True
+    assert cfg.eval_strategy == "steps" and cfg.eval_steps == 200  # renamed flag is mapped
+    assert cfg.pt_context_len == 4096 and cfg.gradient_accumulation_steps == 8
+    assert cfg.per_device_train_batch_size == 4 and cfg.eval_batch_size == 4
+    assert cfg.eval_max_windows == 64 and cfg.tasks.split(",")[0] == "piqa"
+    assert cfg.bf16 and cfg.eval_ppl and cfg.max_grad_norm == 0.3 and cfg.data_seed == 42
+    assert (cfg.quant_model_path, cfg.fp_model_path, cfg.output_dir) == ("Q", "FP", "OUT")
     help_text = e2efinetune.build_e2e_parser("x").format_help()
     assert "compat:" in help_text
 
