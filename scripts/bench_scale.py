@@ -22,15 +22,23 @@ Example (one H200)::
     python scripts/bench_scale.py --shape llama3-8b --expc 20to8 --nsamples 128 --seqlen 2048
     python scripts/bench_scale.py --shape llama3-70b --blocks 2 --max_gpu_memory 24 \
         --max_host_memory 4
+    python scripts/bench_scale.py --shape llama3-8b --nproc 2   # torchrun on itself, 2 GPUs
+
+``--nproc N`` relaunches this script under ``torchrun --standalone --nproc_per_node N`` (NVLink
+multicast off, :mod:`liftquant.distributed`); every rank builds the same random model, rank 0
+writes the row. ``wall_seconds`` (the measured quantization wall time of the blocks that ran)
+is the column to compare across ``gpus``; ``total_seconds`` is not projected when ``gpus`` > 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,18 +110,52 @@ def _peak_host_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_one(args, extra: list[str]) -> dict:
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """This script under torchrun with ``nproc`` ranks and ``argv`` minus ``--nproc`` (which
+    torchrun's own parser would take as an abbreviation of ``--nproc_per_node``)."""
+    own = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
+           and not (i and argv[i - 1] == "--nproc")]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(nproc), str(Path(__file__).resolve()), *own]
+
+
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this script with the same arguments as ``nproc`` torchrun ranks on this host."""
+    from liftquant.distributed import force_multicast_off
+
+    env = dict(os.environ)
+    force_multicast_off(env)
+    cmd = torchrun_command(nproc, argv)
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def run_one(args, extra: list[str]) -> tuple[dict, dict] | None:
+    from liftquant import distributed
     from liftquant.api import run_quantization
     from liftquant.config import RunConfig, build_parser
     from liftquant.provenance import provenance
 
+    ctx = distributed.from_env()
+    if ctx is not None:  # before the model is built: its generator runs on this rank's GPU
+        ctx = distributed.init(ctx, cuda=torch.cuda.is_available())
+        distributed.log_start(ctx)
     t0 = time.perf_counter()
     model, total_blocks = build_model(args.shape, args.blocks, seed=args.seed)
     build_s = time.perf_counter() - t0
-    save_dir = Path(args.save_dir or tempfile.mkdtemp(prefix=f"lq_scale_{args.shape}_"))
+    save_dir = args.save_dir or None
+    if save_dir is None and (ctx is None or ctx.is_main):
+        save_dir = tempfile.mkdtemp(prefix=f"lq_scale_{args.shape}_")
+    if ctx is not None:  # every rank writes its blocks into rank 0's folder
+        box = [save_dir]
+        torch.distributed.broadcast_object_list(box, src=0)
+        save_dir = box[0]
+    save_dir = Path(save_dir)
     argv = ["--model", f"random:{args.shape}", "--save_dir", str(save_dir), "--expc", args.expc,
             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), *RECIPE, *extra]
     cfg = RunConfig.from_args(build_parser("bench_scale").parse_args(argv))
+    if ctx is not None:
+        distributed.check_supported(cfg)
     ids = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen),
                         generator=torch.Generator().manual_seed(args.seed))
     if torch.cuda.is_available():
@@ -121,9 +163,13 @@ def run_one(args, extra: list[str]) -> dict:
     signal.signal(signal.SIGTERM, _stop)  # `timeout` ends the run: keep the finished blocks
     stopped = ""
     try:
-        summary = run_quantization(cfg, model=model, calib_ids=ids)
+        summary = run_quantization(cfg, model=model, calib_ids=ids, dist_ctx=ctx)
+        if ctx is not None and not ctx.is_main:
+            return None  # rank 0 writes the row
         blocks = json.loads((save_dir / "report.json").read_text())["blocks"]
     except Stopped as exc:
+        if ctx is not None and not ctx.is_main:
+            return None
         stopped, summary = str(exc), {"checkpoint_bytes": 0}
         from liftquant.blockstore import read_block_json
 
@@ -137,14 +183,20 @@ def run_one(args, extra: list[str]) -> dict:
     run = len(blocks)
     per_block = sum(later) / len(later)
     measured = run == total_blocks and not stopped
+    gpus = 1 if ctx is None else ctx.world_size
     total = summary["quantize_seconds"] if measured else capture + secs[0] + (
         total_blocks - 1) * per_block
+    if gpus > 1 and not measured:
+        total = ""  # the projection assumes one process
     prov = provenance(device=torch.device("cuda") if torch.cuda.is_available() else None)
     row = {"shape": args.shape, "lattice": args.expc, "nsamples": args.nsamples,
            "seqlen": args.seqlen, "max_gpu_memory": args.max_gpu_memory or "",
            "max_host_memory": args.max_host_memory or "", "blocks_run": run,
-           "blocks_total": total_blocks, "first_block_seconds": round(secs[0], 2),
-           "seconds_per_block": round(per_block, 2), "total_seconds": round(total, 1),
+           "blocks_total": total_blocks, "gpus": gpus,
+           "wall_seconds": summary.get("quantize_seconds", ""),
+           "first_block_seconds": round(secs[0], 2),
+           "seconds_per_block": round(per_block, 2),
+           "total_seconds": round(total, 1) if total != "" else "",
            "projected": 0 if measured else 1,
            "peak_gpu_gib": round(max(b["peak_gib"] for b in blocks), 2),
            "peak_host_gib": round(_peak_host_gib(), 2), "cache_mode": blocks[0]["cache_mode"],
@@ -153,8 +205,8 @@ def run_one(args, extra: list[str]) -> dict:
            "commit": prov["commit_short"], "dirty": prov["dirty"],
            "source_sha256": prov["source_sha256"][:16], "date": prov["date"][:10]}
     detail = {**row, "command": " ".join(sys.argv), "argv": argv, "provenance": prov,
-              "blocks": [{k: b.get(k) for k in ("block", "seconds", "time_split", "peak_gib",
-                                                  "memory_plan", "candidate_fraction",
+              "blocks": [{k: b.get(k) for k in ("block", "rank", "seconds", "time_split",
+                                                  "peak_gib", "memory_plan", "candidate_fraction",
                                                   "holdout_rounded", "holdout_corrected")}
                          for b in blocks]}
     if not args.save_dir:
@@ -163,7 +215,7 @@ def run_one(args, extra: list[str]) -> dict:
 
 
 KEY = ("shape", "lattice", "nsamples", "seqlen", "max_gpu_memory", "max_host_memory",
-       "projected", "gpu", "commit", "source_sha256")
+       "projected", "gpu", "gpus", "commit", "source_sha256")
 
 
 def project(rows: list[dict], shape: str, expc: str, n_target: int) -> dict | None:
@@ -198,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save_dir", default=None, help="keep the checkpoint here (default: temp)")
     p.add_argument("--project_nsamples", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / "bench" / "scale.csv"))
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks (GPUs) of one torchrun job on this host (liftquant.distributed)")
     args, extra = p.parse_known_args(argv)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args.nproc, sys.argv[1:] if argv is None else argv)
     from liftquant.log import setup_logging
     from liftquant.records import merge_csv_rows, merge_json_rows
 
@@ -210,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"passing to the pipeline: {' '.join(extra)}")
     extra += [f"--max_gpu_memory={args.max_gpu_memory}"] if args.max_gpu_memory else []
     extra += [f"--max_host_memory={args.max_host_memory}"] if args.max_host_memory else []
-    row, detail = run_one(args, extra)
+    result = run_one(args, extra)
+    if result is None:  # a torchrun rank other than 0
+        return 0
+    row, detail = result
     out = Path(args.out)
     merge_csv_rows(out, [row], KEY)
     merge_json_rows(out.with_suffix(".json"), [detail], KEY)

@@ -147,11 +147,16 @@ def test_two_ranks_are_bit_identical_to_one_process_and_resume_after_a_dead_rank
     argv = ["--model", str(four_layer_dir), "--calib_dataset", str(four_layer_dir / "corpus.txt"),
             "--expc", "8to4", "--lattice_dir", str(tiny_lattice_dir), "--nsamples", "8",
             "--seqlen", "32", "--epochs", "2", "--dtype", "float32", "--device", "cpu"]
-    two = _torchrun(argv, tmp_path / "two", NCCL_NVLS_ENABLE="1")  # runs while we compute below
+    # a clean two-rank run, and one where rank 1 dies right after writing its first block (2)
+    # (torchrun then stops rank 0 too), both while the one-process reference runs here
+    two = _torchrun(argv, tmp_path / "two", NCCL_NVLS_ENABLE="1")
+    killed = tmp_path / "killed"
+    dying = _torchrun(argv, killed, **{distributed.FAULT_ENV: "1:1"})
     try:
         assert main_script.main([*argv, "--save_dir", str(tmp_path / "one")]) == 0
     finally:
         code, out = _finish(two)
+        code_killed, out_killed = _finish(dying)
     assert code == 0, out[-3000:]
     _assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
     report = json.loads((tmp_path / "two" / "report.json").read_text())
@@ -161,10 +166,8 @@ def test_two_ranks_are_bit_identical_to_one_process_and_resume_after_a_dead_rank
     assert "NCCL_NVLS_ENABLE=1 -> 0" in rank1_log  # a user's 1 is overridden, and said so
     assert "NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1" in rank1_log
 
-    # rank 1 dies right after writing its first block (2); torchrun stops rank 0 too
-    killed = tmp_path / "killed"
-    code, out = _finish(_torchrun(argv, killed, **{distributed.FAULT_ENV: "1:1"}))
-    assert code != 0 and f"exitcode  : {distributed.FAULT_EXIT}" in out, out[-3000:]
+    assert code_killed != 0, out_killed[-3000:]
+    assert f"exitcode  : {distributed.FAULT_EXIT}" in out_killed, out_killed[-3000:]
     blocks = killed / "blocks"
     assert (blocks / "block_002.safetensors").is_file()
     assert not (blocks / "block_003.safetensors").exists()
@@ -173,3 +176,33 @@ def test_two_ranks_are_bit_identical_to_one_process_and_resume_after_a_dead_rank
     assert code == 0, out[-3000:]
     assert "block 3/4 resumed from" in out and "block 4/4 stage1" in out
     _assert_same_checkpoint(tmp_path / "one", killed)
+
+
+def test_readme_torchrun_commands_parse():
+    from liftquant.config import RunConfig, apply_demo_defaults, build_parser
+
+    text = (ROOT / "README.md").read_text()
+    found = 0
+    for line in text.splitlines():
+        if "torchrun" in line and " main.py " in line and not line.startswith(("`", "*")):
+            env, args = line.split(" main.py ", 1)
+            assert "NCCL_NVLS_ENABLE=0" in env and "TORCH_SYMM_MEM_DISABLE_MULTICAST=1" in env
+            ns = build_parser("x").parse_args(args.split())
+            apply_demo_defaults(ns)
+            distributed.check_supported(RunConfig.from_args(ns))
+            found += 1
+    assert found >= 1
+
+
+def test_bench_scale_relaunches_itself_under_torchrun_without_its_nproc_flag():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_scale
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    for argv in (["--shape", "llama3-8b", "--nproc", "4", "--blocks", "8"],
+                 ["--nproc=4", "--shape", "llama3-8b", "--blocks", "8"]):
+        cmd = bench_scale.torchrun_command(4, argv)
+        assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+        assert cmd[6].endswith("bench_scale.py")
+        assert cmd[7:] == ["--shape", "llama3-8b", "--blocks", "8"]
