@@ -460,7 +460,7 @@ def quantize_model(
                     save_block(path, blocks[i], row, fingerprint=fingerprint)
                 _log_row(row, len(blocks))
                 times.append(row["seconds"])
-                _log_eta(times, i, len(blocks))
+                _log_eta(times, len(blocks) - i - 1 if own is None else sum(j > i for j in own))
                 if on_block_saved is not None:
                     on_block_saved(i)
             rows.append(row)
@@ -474,8 +474,8 @@ def quantize_model(
     return rows
 
 
-def _log_eta(times: list[float], i: int, n_blocks: int) -> None:
-    left = n_blocks - i - 1
+def _log_eta(times: list[float], left: int) -> None:
+    """``left``: blocks this process still quantizes."""
     if not left:
         return
     recent = times[1:] or times  # block 1 pays one-time costs (autotuning, allocator growth)
