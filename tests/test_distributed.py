@@ -206,3 +206,21 @@ def test_bench_scale_relaunches_itself_under_torchrun_without_its_nproc_flag():
         assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
         assert cmd[6].endswith("bench_scale.py")
         assert cmd[7:] == ["--shape", "llama3-8b", "--blocks", "8"]
+
+
+def test_a_failed_rank_stops_the_others_with_one_line_naming_resume(monkeypatch, tmp_path):
+    """The status exchange after the blocks (all_gather_object stands in for two ranks)."""
+    def gather(status, mine):
+        status[:] = [mine if r == ctx.rank else other for r in range(2)]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", gather)
+    ctx = distributed.DistContext(rank=0, world_size=2, local_rank=0)
+    other = "FloatingPointError: block training produced non-finite losses"
+    with pytest.raises(distributed.RankFailed) as err:
+        distributed._exchange_status(ctx, None, tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"rank 1: {other}") and "--resume" in msg and str(tmp_path) in msg
+    assert isinstance(err.value, OSError)  # main.py reports it in one line
+    distributed._exchange_status(ctx, "ValueError: mine", tmp_path)  # it re-raises its own
+    other = None
+    distributed._exchange_status(ctx, None, tmp_path)  # everyone fine: no error
