@@ -14,7 +14,7 @@ model's inputs and targets, so blocks are independent jobs once their FP inputs 
   finishing time of the slowest rank, which counts the repeated FP passes (a rank owning late
   blocks gets fewer of them). Cost of a block: the weight count of its quantized linears
   (FLOPs per token), times the passes above; blocks already finished (``--resume``) cost only
-  their FP pass. Deterministic: every rank computes the same assignment from the same inputs.
+  their FP pass. Deterministic; rank 0 computes it and broadcasts it.
 * **Results** travel through the per-block files of :mod:`liftquant.blockstore` (which
   ``--resume`` needs anyway): each rank writes its blocks, the ranks exchange a status (gloo,
   CPU), then rank 0 loads the other ranks' blocks exactly as a resumed run does and writes the
@@ -278,15 +278,20 @@ def _fault_hook(rank: int) -> Callable[[int], None] | None:
     return hook
 
 
-def _finished_on_main(ctx: DistContext, blocks_dir: Path | None, n_blocks: int,
-                      resume: bool) -> list[int]:
-    """Blocks whose files are intact, decided by rank 0 alone (``is_finished`` deletes broken
-    files, which must not race) and broadcast."""
-    box: list[list[int] | None] = [None]
+def _plan_on_main(ctx: DistContext, model: nn.Module, adapter: ModelAdapter, cfg: RunConfig,
+                  *, n_samples: int, blocks_dir: Path | None) -> dict:
+    """Rank 0 finds the finished blocks (``is_finished`` deletes broken files, which must not
+    race), estimates the costs and assigns the blocks; every rank receives the same plan."""
+    box: list[dict | None] = [None]
     if ctx.is_main:
-        box[0] = [i for i in range(n_blocks) if resume and is_finished(block_file(blocks_dir, i))]
+        n_blocks = len(adapter.get_blocks(model))
+        finished = [i for i in range(n_blocks)
+                    if cfg.run.resume and is_finished(block_file(blocks_dir, i))]
+        fp, quant = block_costs(model, adapter, cfg, n_samples=n_samples, finished=finished)
+        box[0] = {"finished": finished, "fp_cost": fp, "quant_cost": quant,
+                  "assignment": assign_blocks(fp, quant, ctx.world_size)}
     dist.broadcast_object_list(box, src=0)
-    return list(box[0] or [])
+    return box[0]
 
 
 def _exchange_status(ctx: DistContext, error: str | None, blocks_dir: Path) -> None:
@@ -319,10 +324,10 @@ def quantize_model_distributed(
     from liftquant.errors import one_line
 
     n_blocks = len(adapter.get_blocks(model))
-    finished = _finished_on_main(ctx, blocks_dir, n_blocks, cfg.run.resume)
-    fp_cost, quant_cost = block_costs(model, adapter, cfg, n_samples=calib_ids.shape[0],
-                                      finished=finished)
-    assignment = assign_blocks(fp_cost, quant_cost, ctx.world_size)
+    plan = _plan_on_main(ctx, model, adapter, cfg, n_samples=calib_ids.shape[0],
+                         blocks_dir=blocks_dir)
+    finished, assignment = plan["finished"], plan["assignment"]
+    fp_cost, quant_cost = plan["fp_cost"], plan["quant_cost"]
     own = assignment[ctx.rank]
     slowest = max(rank_time(fp_cost, quant_cost, blocks) for blocks in assignment)
     speedup = (sum(fp_cost) + sum(quant_cost)) / slowest if slowest > 0 else 1.0
