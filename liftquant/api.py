@@ -12,15 +12,18 @@ import torch
 
 from liftquant.calibrate import quantize_model
 from liftquant.checkpoint import (
+    QUANT_METHOD,
     bits_report,
+    load_quantized,
     packed_module_names,
     quantization_config,
     save_quantized,
 )
 from liftquant.config import DEMO_MODEL, RunConfig
-from liftquant.lattice import load_projection
+from liftquant.lattice import LatticeSpec, load_projection
 from liftquant.linear import cast_unquantized
 from liftquant.log import get_logger, peak_memory_gib
+from liftquant.methods import QuantMethod, get_method, register_method
 from liftquant.models.adapters import get_adapter
 from liftquant.models.loading import load_fp_model
 from liftquant.provenance import provenance
@@ -123,31 +126,10 @@ def _quantize_liftquant(model, calib, *, cfg: RunConfig, spec, M, adapter, devic
     return rows, bits_report(model), qc, None
 
 
-def _quantize_baseline(model, calib, *, cfg: RunConfig, spec, adapter, device):
-    """RTN/GPTQ (liftquant.baselines); returns rows, bits, quantization_config, packed tensors."""
-    from liftquant import baselines
-
-    weights, rows = baselines.quantize_baseline(
-        model, calib, spec=spec, adapter=adapter, device=device, batch_size=cfg.calib.batch_size,
-        cache_mode="cpu" if cfg.calib.cache_mode == "auto" else cfg.calib.cache_mode,
-        cache_dir=cfg.calib.cache_dir)
-    qc = baselines.quantization_config(spec, quantized_modules=list(weights),
-                                       not_converted=list(adapter.skip))
-    bits = bits_report(model, quantized=baselines.storage_bits(model, weights))
-    return rows, bits, qc, baselines.checkpoint_tensors(model, weights)
-
-
-def _select_quantizer(cfg: RunConfig, model, adapter):
-    """(spec, M, rate_info): a LiftQuant lattice, or a ``BaselineSpec`` with M = None."""
+def _lattice_config(cfg: RunConfig, model, adapter):
+    """(spec, M, rate_info) of a LiftQuant run: the lattice picked by --lattice/--bits/
+    --target_size_gb (spec and M None for a per-layer mix, planned by _plan_mix)."""
     lat = cfg.lattice
-    if lat.method != "liftquant":
-        from liftquant.baselines import BaselineSpec
-
-        extra = ({} if lat.first_token_weight is None
-                 else {"first_token_weight": lat.first_token_weight})
-        spec = BaselineSpec(method=lat.method, bits=lat.baseline_bits, group_size=lat.group_size,
-                            damp=lat.damp, act_order=cfg.train.act_order, **extra)
-        return spec, None, {"rule": f"--method {lat.method}"}
     spec, rate_info = select_lattice(
         expc=lat.expc, bits=lat.bits, target_size_gb=lat.target_size_gb,
         model=model, adapter=adapter, lattice_dir=lat.lattice_dir, device=cfg.model.device,
@@ -208,20 +190,22 @@ def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
     save_dir = Path(cfg.run.save_dir)
     model, tok = (model, tokenizer) if model is not None else load_model_for_run(cfg)
     adapter = get_adapter(model.config, override=cfg.model.adapter)
-    if cfg.lattice.method == "liftquant":  # size and plan the per-expert linears it quantizes
+    method = get_method(cfg.lattice.method)  # liftquant.methods: LiftQuant, RTN, GPTQ
+    lift = method.config_type is LatticeSpec
+    if lift:  # size and plan the per-expert linears it quantizes
         from liftquant.models.moe import unfuse_experts
 
         unfuse_experts(model)  # MoE fused 3-D experts -> linears (quantize_model's first step)
-    spec, M, rate_info = _select_quantizer(cfg, model, adapter)
+    spec, M, rate_info = method.make_config(cfg, model, adapter)
     calib = calib_ids
-    if calib is None and cfg.lattice.method != "rtn":
+    if calib is None and method.needs_calibration(cfg.lattice.method):
         calib = load_calibration(tok, source=cfg.calib.calib_dataset,
                                  n_samples=cfg.calib.nsamples, seq_len=cfg.calib.seqlen,
                                  seed=cfg.calib.seed)
     mix = None
-    if cfg.lattice.method == "liftquant" and spec is None:
+    if lift and spec is None:
         spec, M, mix = _plan_mix(cfg, model, adapter, calib, device, rate_info)
-    if M is not None and "plan" not in rate_info:
+    if lift and "plan" not in rate_info:
         from liftquant.size import estimate_file_bytes
 
         rate_info["expected_size_gb"] = round(estimate_file_bytes(
@@ -232,8 +216,8 @@ def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
                 else round(mix[0].bits_per_weight, 4), rate_info["rule"], device,
                 f", expected checkpoint {rate_info['expected_size_gb']:.4f} GB"
                 if "expected_size_gb" in rate_info else "")
-    fingerprint = None if M is None else _resume_fingerprint(cfg, model, calib, M, device,
-                                                             save_dir / "blocks")
+    fingerprint = None if not lift else _resume_fingerprint(cfg, model, calib, M, device,
+                                                            save_dir / "blocks")
     summary: dict[str, Any] = {"model": cfg.model.model, "method": cfg.lattice.method,
                                "lattice": spec.name if mix is None else mix[0].name,
                                "rate_selection": rate_info,
@@ -242,14 +226,10 @@ def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
         summary["ppl_fp"] = eval_perplexity(model, tok, cfg, device)
         logger.info("FP perplexity (%s): %.3f", cfg.run.eval_dataset, summary["ppl_fp"])
     t_q = time.time()
-    if M is None:
-        rows, bits, qc, tensors = _quantize_baseline(model, calib, cfg=cfg, spec=spec,
-                                                     adapter=adapter, device=device)
-    else:
-        rows, bits, qc, tensors = _quantize_liftquant(model, calib, cfg=cfg, spec=spec, M=M,
-                                                      adapter=adapter, device=device,
-                                                      save_dir=save_dir, fingerprint=fingerprint,
-                                                      mix=mix, dist_ctx=dist_ctx, summary=summary)
+    rows, bits, qc, tensors = method.quantize(model, calib, cfg=cfg, spec=spec, M=M,
+                                              adapter=adapter, device=device, save_dir=save_dir,
+                                              fingerprint=fingerprint, mix=mix,
+                                              dist_ctx=dist_ctx, summary=summary)
     summary["quantize_seconds"] = round(time.time() - t_q, 1)
     if not main_rank:  # rank 0 evaluates and saves the gathered model
         return {**summary, "rank": dist_ctx.rank}
@@ -259,7 +239,7 @@ def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
         logger.info("quantized perplexity: %.3f", summary["ppl_quantized"])
     if cfg.run.tasks:
         summary["tasks"] = eval_tasks(model, tok, cfg, device)
-    if cfg.run.save_dtype != "auto" and M is not None:
+    if cfg.run.save_dtype != "auto" and lift:
         # e.g. the CPU demo computes in float32 but stores embeddings/norms in bf16
         cast_unquantized(model, _DTYPES[cfg.run.save_dtype])
         bits = bits_report(model)
@@ -291,3 +271,9 @@ def write_run_config(cfg: RunConfig) -> None:
         return
     text = json.dumps(cfg.to_dict(), indent=1)
     atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+
+
+register_method(QuantMethod(
+    quant_method=QUANT_METHOD, names=("liftquant",), config_type=LatticeSpec,
+    make_config=_lattice_config, quantize=_quantize_liftquant,
+    quantization_config=quantization_config, load=load_quantized))

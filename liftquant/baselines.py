@@ -56,10 +56,16 @@ import torch
 from torch import Tensor, nn
 
 from liftquant.cache import ActivationCache
-from liftquant.capture import capture_block_inputs, kwargs_for_block, run_block
+from liftquant.capture import capture_block_inputs, kwargs_for_block
 from liftquant.log import get_logger, peak_memory_gib
+from liftquant.methods import (  # noqa: F401 - load_checkpoint: re-exported from its old home
+    QuantMethod,
+    load_checkpoint,
+    register_method,
+)
 from liftquant.models.adapters import ModelAdapter
 from liftquant.pack import pack_signs, unpack_signs
+from liftquant.stream import BlockStream, forward_block, index_batches
 
 logger = get_logger("baselines")
 
@@ -321,16 +327,17 @@ def _group_hessian(block: nn.Module, first: nn.Module, X: ActivationCache, block
         raise _StopBlock
 
     handle = first.register_forward_pre_hook(hook)
+    stream = BlockStream(block_kwargs, device=device, dtype=torch.float32)
     try:
-        for start in range(0, len(X), batch_size):
-            x = X.get_batch(slice(start, min(len(X), start + batch_size)), device).float()
+        for idx, (x,) in stream.batches(index_batches(range(len(X)), batch_size), X):
             try:
-                run_block(block, x, block_kwargs, device=device)
+                forward_block(block, x, stream.kwargs(len(idx)))
             except _StopBlock:
                 continue
             raise RuntimeError("the block never called the linear being calibrated")
     finally:
         handle.remove()
+        stream.close()
     return H / max(count["n"], 1)
 
 
@@ -338,9 +345,13 @@ def _group_hessian(block: nn.Module, first: nn.Module, X: ActivationCache, block
 def _propagate(block: nn.Module, X: ActivationCache, block_kwargs: dict, *, batch_size: int,
                device: torch.device) -> None:
     """Replace the block inputs in ``X`` by the (quantized) block's outputs, in place."""
-    for start in range(0, len(X), batch_size):
-        rows = slice(start, min(len(X), start + batch_size))
-        X[rows] = run_block(block, X.get_batch(rows, device).float(), block_kwargs, device=device)
+    stream = BlockStream(block_kwargs, device=device, dtype=torch.float32)
+    try:
+        with stream.writer(X) as w:
+            for idx, (x,) in stream.batches(index_batches(range(len(X)), batch_size), X):
+                w.put(idx, forward_block(block, x, stream.kwargs(len(idx))))
+    finally:
+        stream.close()
 
 
 def _set_weight(lin: nn.Module, qw: QuantizedWeight, dtype: torch.dtype) -> float:
@@ -468,7 +479,7 @@ def load_baseline(path: str | Path, *, device: torch.device | str = "cpu",
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from liftquant.checkpoint import WEIGHTS_NAME, CheckpointError
+    from liftquant.checkpoint import WEIGHTS_NAME, strict_load
 
     path = Path(path)
     qc = read_quantization_config(path)
@@ -484,38 +495,45 @@ def load_baseline(path: str | Path, *, device: torch.device | str = "cpu",
         qw = QuantizedWeight.from_state(state, name, in_features=lin.in_features,
                                         bits=qc["bits"], group_size=qc["group_size"])
         state[f"{name}.weight"] = qw.dequantize(dtype)
-    if getattr(config, "tie_word_embeddings", False):
-        for key in set(model.state_dict()) - set(state):
-            if key.endswith("lm_head.weight"):
-                state[key] = state[embed_key]
-    try:
-        model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
-                               for k, v in state.items()}, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match its config.json: {str(exc)[:500]}") from exc
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    strict_load(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                config=config, where=path)
     model.liftquant_quantization_config = qc
     model.to(device).eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model, tok
 
 
-def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None, backend: str = "auto"
-                    ) -> tuple[nn.Module, Any]:
-    """Load a LiftQuant or a baseline checkpoint, chosen by its ``quant_method``."""
-    from liftquant.checkpoint import QUANT_METHOD as LIFTQUANT
-    from liftquant.checkpoint import load_quantized
+# ------------------------------------------------------------------- the method registry
+def config_from_run(cfg, model=None, adapter=None) -> tuple[BaselineSpec, None, dict]:
+    """(BaselineSpec, M = None, rate_info) of a ``--method rtn|gptq`` run config."""
+    lat = cfg.lattice
+    extra = {} if lat.first_token_weight is None else {"first_token_weight": lat.first_token_weight}
+    spec = BaselineSpec(method=lat.method, bits=lat.baseline_bits, group_size=lat.group_size,
+                        damp=lat.damp, act_order=cfg.train.act_order, **extra)
+    return spec, None, {"rule": f"--method {lat.method}"}
 
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: is {path} a checkpoint folder?")
-    method = (json.loads(cfg_file.read_text()).get("quantization_config") or {}).get(
-        "quant_method")
-    if method == QUANT_METHOD:
-        return load_baseline(path, device=device, dtype=dtype)
-    if method == LIFTQUANT:
-        return load_quantized(path, device=device, dtype=dtype, backend=backend)
-    raise ValueError(f"{path}: quant_method {method!r} is neither {LIFTQUANT!r} nor "
-                     f"{QUANT_METHOD!r}; pass an FP model with --model instead")
+
+def quantize_run(model: nn.Module, calib: Tensor | None, *, cfg, spec: BaselineSpec, adapter,
+                 device: torch.device, **_run: Any) -> tuple[list, dict, dict, dict]:
+    """RTN/GPTQ of a run: (report rows, bits report, quantization_config, packed tensors)."""
+    from liftquant.checkpoint import bits_report
+
+    weights, rows = quantize_baseline(
+        model, calib, spec=spec, adapter=adapter, device=device, batch_size=cfg.calib.batch_size,
+        cache_mode="cpu" if cfg.calib.cache_mode == "auto" else cfg.calib.cache_mode,
+        cache_dir=cfg.calib.cache_dir)
+    qc = quantization_config(spec, quantized_modules=list(weights),
+                             not_converted=list(adapter.skip))
+    bits = bits_report(model, quantized=storage_bits(model, weights))
+    return rows, bits, qc, checkpoint_tensors(model, weights)
+
+
+def _load(path: str | Path, *, device: torch.device | str = "cpu",
+          dtype: torch.dtype | None = None, backend: str = "auto") -> tuple[nn.Module, Any]:
+    return load_baseline(path, device=device, dtype=dtype)  # dense weights: no kernel backend
+
+
+register_method(QuantMethod(
+    quant_method=QUANT_METHOD, names=METHODS, config_type=BaselineSpec,
+    make_config=config_from_run, quantize=quantize_run, quantization_config=quantization_config,
+    load=_load, needs_calibration=lambda name: name != "rtn"))

@@ -333,24 +333,57 @@ def build_skeleton(config: Any, qc: dict[str, Any], *, dtype: torch.dtype) -> nn
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from liftquant.models.adapters import set_module
-    from liftquant.models.moe import unfuse_experts
-
-    specs, block_rule = module_specs(qc), block_rule_of(qc)
     cls = _saved_architecture(config)
     with init_empty_weights(include_buffers=False):
         model = (cls._from_config(config, dtype=dtype) if cls is not None
                  else AutoModelForCausalLM.from_config(config, dtype=dtype))
+    swap_packed(model, qc)
+    return model
+
+
+def swap_packed(model: nn.Module, qc: dict[str, Any], *, backend: str | None = None) -> None:
+    """The one swap of every loader (``load_quantized``, ``from_pretrained``): each module
+    listed in ``qc["quantized_modules"]`` becomes a meta-device ``PackedLiftLinear`` of its
+    shapes and lattice (MoE fused experts are first unfused into per-expert linears)."""
+    from liftquant.models.adapters import set_module
+    from liftquant.models.moe import unfuse_experts
+
+    specs, block_rule = module_specs(qc), block_rule_of(qc)
     unfuse_experts(model)  # MoE checkpoints store per-expert packed linears
     modules = dict(model.named_modules())
     for name in qc["quantized_modules"]:
         lin = modules.get(name)
         if lin is None or not hasattr(lin, "in_features"):
-            raise CheckpointError(f"quantized module {name!r} does not exist in this architecture")
-        set_module(model, name, PackedLiftLinear(
-            lin.in_features, lin.out_features, spec=specs[name], bias=lin.bias is not None,
-            device="meta", block_rule=block_rule))
-    return model
+            raise CheckpointError(f"quantized module {name!r} does not exist in this "
+                                  f"architecture ({type(model).__name__})")
+        layer = PackedLiftLinear(lin.in_features, lin.out_features, spec=specs[name],
+                                 bias=lin.bias is not None, device="meta", block_rule=block_rule)
+        if backend is not None:
+            layer.backend = backend
+        set_module(model, name, layer)
+
+
+def strict_load(model: nn.Module, state: dict[str, Tensor], *, config: Any, where: str | Path,
+                cast: Any = None) -> None:
+    """The one strict load of every checkpoint loader: a tied LM head omitted from the file is
+    filled from the embedding, ``load_state_dict(strict=True, assign=True)``, then ``cast``
+    (a callable on the model, e.g. the dtype of dense tensors) and ``tie_weights``; a missing,
+    unexpected or mis-shaped tensor, or one left on meta, is a :class:`CheckpointError`."""
+    tied = tied_keys(config, model.state_dict())
+    for key in tied - set(state):
+        state[key] = state[next(k for k in state if k.endswith("embed_tokens.weight"))]
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{where} does not match its config.json (corrupted or mixed "
+                              f"checkpoint): {str(exc)[:500]}") from exc
+    if cast is not None:
+        cast(model)
+    if tied:
+        model.tie_weights()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise CheckpointError(f"{where}: tensor {name} was not restored from the checkpoint")
 
 
 def tied_keys(config: Any, keys: Any) -> set[str]:
@@ -409,19 +442,9 @@ def load_quantized(
     tied = tied_keys(config, expected)
     check_tensors(weights, header, expected, quantized_modules=qc["quantized_modules"], tied=tied)
     check_finite(state.items(), where=str(weights), fix=NONFINITE_FIX)
-    for key in tied - set(state):
-        state[key] = state[next(k for k in state if k.endswith("embed_tokens.weight"))]
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not match its config.json (corrupted or mixed "
-                              f"checkpoint): {str(exc)[:500]}") from exc
-    cast_unquantized(model, dtype)  # assign=True kept the stored dtypes of dense tensors
-    if tied:
-        model.tie_weights()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.device.type == "meta":
-            raise CheckpointError(f"tensor {name} was not restored from the checkpoint")
+    # assign=True keeps the stored dtypes of dense tensors: cast them to ``dtype``
+    strict_load(model, state, config=config, where=path,
+                cast=lambda m: cast_unquantized(m, dtype))
     model.config.quantization_config = qc
     for m in model.modules():
         if isinstance(m, PackedLiftLinear):

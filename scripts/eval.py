@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RunConfig(model=ModelArgs(**_given(ns, ModelArgs)), calib=CalibArgs(),
                     run=RunArgs(**shared, backend=ev.backend))
     from liftquant import api
-    from liftquant.baselines import load_checkpoint
     from liftquant.log import setup_logging
+    from liftquant.methods import load_checkpoint
 
     setup_logging()
     device = api.resolve_device(cfg.model.device)

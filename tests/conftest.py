@@ -11,6 +11,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
 
+# The slow tier (``-m slow``) of test files that other work in progress is rewriting: marked here
+# by (file, test function) so this list does not edit them; everywhere else tests carry
+# ``@pytest.mark.slow`` themselves. Seconds: measured on the 2-core CI host (--durations).
+# tests/test_tiers.py checks that every entry still names a test function.
+SLOW_ELSEWHERE = {
+    ("test_gemv_splitk.py", "test_splitk_gemv_matches_reference_in_interpreter"): 75,
+    ("test_gemv_splitk.py", "test_inline_ptx_kernels_build_for_sm90"): 19,
+    ("test_groups.py", "test_grouped_kernels_match_reference_in_interpreter"): 61,
+    ("test_prologue.py", "test_fused_decode_step_in_interpreter"): 57,
+    ("test_prologue.py", "test_prologues_match_unfused_in_interpreter"): 6,
+    ("test_fused_small.py", "test_fused_small_matches_reference_in_interpreter"): 23,
+    ("test_kernels.py", "test_triton_kernels_in_interpreter"): 15,
+    ("test_chat.py", "test_script_answers_two_prompts_on_cpu"): 8,
+    ("test_distributed.py",
+     "test_two_ranks_are_bit_identical_to_one_process_and_resume_after_a_dead_rank"): 38,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = getattr(item, "originalname", None) or item.name.split("[")[0]
+        if (item.path.name, name) in SLOW_ELSEWHERE:
+            item.add_marker(pytest.mark.slow)
+
+
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls watch silent rivers "
          "flow under old stone bridges near green hills and bright towns").split()
 

@@ -130,6 +130,7 @@ def test_lattice_within_paper_bound(name):
     assert mse <= MSE_CEILING[name], (name, mse, MSE_CEILING[name])
 
 
+@pytest.mark.slow
 def test_generator_cli_trains_and_registers(tmp_path):
     out = tmp_path / "6to3.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -169,6 +170,7 @@ def test_lloyd_least_squares_step_and_improvement():
         lloyd_refine(M, iters=1, n=4)
 
 
+@pytest.mark.slow
 def test_generator_cli_lloyd_polish(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     M = _rand_M(3, 6, seed=2)
@@ -208,6 +210,7 @@ print("kernels ok")
 """
 
 
+@pytest.mark.slow
 def test_triton_search_kernels_match_torch():
     """Both fused search kernels, run by Triton's CPU interpreter (a fresh process: the
     interpreter must be on before triton is imported), pick codes exactly as good as the torch

@@ -171,6 +171,7 @@ def _kill_when_file_appears(proc: subprocess.Popen, path: Path, result: dict) ->
     proc.wait()
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_bit_identical_checkpoint(tiny_model_dir, tiny_lattice_dir,
                                                           tmp_path):
     import main as main_script

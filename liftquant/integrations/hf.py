@@ -6,8 +6,9 @@ differs only logs a warning), which registers
 * :class:`LiftQuantConfig` for ``quantization_config.quant_method == "liftquant"`` and
 * :class:`LiftQuantHfQuantizer`, whose ``_process_model_before_weight_loading`` swaps every module
   listed in ``quantized_modules`` for a meta-device :class:`~liftquant.linear.PackedLiftLinear`
-  (the same swap as :func:`liftquant.checkpoint.build_skeleton`), so transformers then loads the
-  packed signs, scales and fused transform buffers straight from ``model.safetensors``.
+  (:func:`liftquant.checkpoint.swap_packed`, the swap ``load_quantized`` uses too), so
+  transformers then loads the packed signs, scales and fused transform buffers straight from
+  ``model.safetensors``.
 
 Before any weight is read, the quantizer applies the checks of ``load_quantized``
 (:mod:`liftquant.integrity`): ``config.json`` fields (format version, pack layout, lattice,
@@ -38,9 +39,9 @@ from liftquant.checkpoint import (
     NONFINITE_FIX,
     QUANT_METHOD,
     CheckpointError,
-    block_rule_of,
     check_quantization_config,
     expected_shapes,
+    swap_packed,
     tied_keys,
 )
 from liftquant.integrity import (
@@ -114,29 +115,7 @@ def _define_classes() -> tuple[type, type]:
             return model
 
         def _swap_packed(self, model: Any, qd: dict[str, Any]) -> None:
-            import torch
-
-            from liftquant.checkpoint import module_specs
-            from liftquant.linear import PackedLiftLinear
-            from liftquant.models.adapters import set_module
-
-            qc = self.quantization_config
-            specs = module_specs(qd)  # one lattice, or a lattice per module (format 2)
-            block_rule = block_rule_of(qd)
-            from liftquant.models.moe import unfuse_experts
-
-            unfuse_experts(model)  # MoE checkpoints store per-expert packed linears
-            modules = dict(model.named_modules())
-            for name in qd["quantized_modules"]:
-                lin = modules.get(name)
-                if lin is None or not hasattr(lin, "in_features"):
-                    raise CheckpointError(f"quantized module {name!r} does not exist in "
-                                          f"{type(model).__name__}")
-                layer = PackedLiftLinear(lin.in_features, lin.out_features, spec=specs[name],
-                                         bias=lin.bias is not None, device=torch.device("meta"),
-                                         block_rule=block_rule)
-                layer.backend = getattr(qc, "backend", "auto")
-                set_module(model, name, layer)
+            swap_packed(model, qd, backend=getattr(self.quantization_config, "backend", "auto"))
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             from liftquant.kernels.registry import set_backend
