@@ -32,6 +32,8 @@ NVLink multicast is forced off before the process group starts (:data:`MULTICAST
 from __future__ import annotations
 
 import atexit
+import copy
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
@@ -79,6 +81,7 @@ class DistContext:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int = 1  # ranks on this host (they share its RAM)
     backend: str = ""
     env_overrides: tuple[str, ...] = ()
 
@@ -97,6 +100,7 @@ def from_env(environ: Mapping[str, str] = os.environ) -> DistContext | None:
         world = int(raw)
         rank = int(environ["RANK"])
         local = int(environ.get("LOCAL_RANK", rank))
+        local_world = int(environ.get("LOCAL_WORLD_SIZE", world))
     except (KeyError, ValueError):
         raise ValueError(f"WORLD_SIZE={raw} but RANK={environ.get('RANK')!r}: launch with "
                          "torchrun --nproc_per_node N main.py ..., or unset WORLD_SIZE for "
@@ -104,7 +108,8 @@ def from_env(environ: Mapping[str, str] = os.environ) -> DistContext | None:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} with WORLD_SIZE={world}: launch with torchrun "
                          "--nproc_per_node N main.py ...")
-    return DistContext(rank=rank, world_size=world, local_rank=local)
+    return DistContext(rank=rank, world_size=world, local_rank=local,
+                       local_world_size=max(1, local_world))
 
 
 def check_supported(cfg: RunConfig) -> None:
@@ -149,8 +154,7 @@ def init(ctx: DistContext, *, cuda: bool) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=WAIT_TIMEOUT)
         atexit.register(shutdown)
-    return DistContext(rank=ctx.rank, world_size=ctx.world_size, local_rank=ctx.local_rank,
-                       backend=backend, env_overrides=overrides)
+    return dataclasses.replace(ctx, backend=backend, env_overrides=overrides)
 
 
 def log_start(ctx: DistContext) -> None:
@@ -259,6 +263,27 @@ def rank_time(fp_cost: Sequence[float], quant_cost: Sequence[float],
 
 
 # ------------------------------------------------------------------------------- block loop
+def per_rank_host_budget(cfg: RunConfig, ctx: DistContext) -> RunConfig:
+    """``cfg`` with the activation-cache RAM budget split between the ranks of this host.
+
+    Without ``--max_host_memory`` each process would allow itself the default share of the
+    free RAM (:data:`liftquant.cache.DEFAULT_BUDGET_FRACTION`), so N ranks would plan N times
+    that; the share is divided by the ranks per host instead. The cache mode does not change
+    results and is not part of the resume fingerprint."""
+    from liftquant.cache import DEFAULT_BUDGET_FRACTION, available_host_bytes
+    from liftquant.plan import GIB
+
+    if cfg.calib.max_host_memory is not None or ctx.local_world_size <= 1:
+        return cfg
+    out = copy.deepcopy(cfg)
+    share = DEFAULT_BUDGET_FRACTION * available_host_bytes() / ctx.local_world_size
+    out.calib.max_host_memory = share / GIB
+    logger.info("rank %d: activation caches may use %.1f GiB of host RAM (the default share "
+                "split between %d ranks on this host; --max_host_memory sets it)", ctx.rank,
+                out.calib.max_host_memory, ctx.local_world_size)
+    return out
+
+
 def _fault_hook(rank: int) -> Callable[[int], None] | None:
     """The :data:`FAULT_ENV` test hook for this rank, or None."""
     raw = os.environ.get(FAULT_ENV)
@@ -339,8 +364,9 @@ def quantize_model_distributed(
     rows, error = [], None
     try:
         if own:
-            rows = quantize_model(model, calib_ids, cfg=cfg, M=M, spec=spec, adapter=adapter,
-                                  device=device, blocks_dir=blocks_dir, resume=cfg.run.resume,
+            rows = quantize_model(model, calib_ids, cfg=per_rank_host_budget(cfg, ctx), M=M,
+                                  spec=spec, adapter=adapter, device=device,
+                                  blocks_dir=blocks_dir, resume=cfg.run.resume,
                                   fingerprint=fingerprint, only_blocks=own,
                                   on_block_saved=_fault_hook(ctx.rank))
     except Exception as exc:

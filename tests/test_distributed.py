@@ -224,3 +224,18 @@ def test_a_failed_rank_stops_the_others_with_one_line_naming_resume(monkeypatch,
     distributed._exchange_status(ctx, "ValueError: mine", tmp_path)  # it re-raises its own
     other = None
     distributed._exchange_status(ctx, None, tmp_path)  # everyone fine: no error
+
+
+def test_host_ram_share_is_split_between_the_ranks_of_a_host():
+    from liftquant.cache import DEFAULT_BUDGET_FRACTION, available_host_bytes
+    from liftquant.config import RunConfig
+
+    cfg = RunConfig()
+    ctx = from_env({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
+    assert ctx.local_world_size == 4
+    split = distributed.per_rank_host_budget(cfg, ctx)
+    expected = DEFAULT_BUDGET_FRACTION * available_host_bytes() / 4 / 2**30
+    assert split.calib.max_host_memory == pytest.approx(expected, rel=0.05)
+    assert cfg.calib.max_host_memory is None  # the caller's config is left alone
+    cfg.calib.max_host_memory = 3.0  # the user's cap is per process and kept
+    assert distributed.per_rank_host_budget(cfg, ctx).calib.max_host_memory == 3.0
