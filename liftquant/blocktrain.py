@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class BlockData:
     device: torch.device
     compute_dtype: torch.dtype = torch.float32
     micro_batch: int | None = None  # samples per forward; None: the whole batch
+    deterministic: bool = True  # deterministic kernels on CUDA (same seed -> same checkpoint)
 
     def autocast(self):
         """Autocast context of the compute dtype (a no-op for float32)."""
@@ -63,6 +65,53 @@ class OutOfMemoryBeforeStep(RuntimeError):
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# cuBLAS needs a fixed workspace layout for reproducible matmuls under deterministic mode.
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+class _Deterministic:
+    """``torch.use_deterministic_algorithms(True)`` for the duration of one training stage.
+
+    On CUDA the backward passes of attention (flash / memory-efficient SDPA) and some reductions
+    otherwise accumulate with atomics, so two runs with the same seed give different checkpoints.
+    Strict mode makes them pick their deterministic kernels. An op with no deterministic kernel
+    raises at its first use, i.e. in the first step of the stage, before any parameter moved:
+    the stage then continues without it and says so once (:meth:`give_up`).
+    """
+
+    warned = False
+
+    def __init__(self, enabled: bool):
+        self.active = enabled
+        self._prev = (torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled())
+
+    def __enter__(self):
+        if self.active:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+            torch.use_deterministic_algorithms(True)
+        return self
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self._prev[0], warn_only=self._prev[1])
+        return False
+
+    def give_up(self, exc: BaseException) -> None:
+        self.active = False
+        torch.use_deterministic_algorithms(self._prev[0], warn_only=self._prev[1])
+        if not _Deterministic.warned:
+            _Deterministic.warned = True
+            logger.warning("deterministic kernels unavailable (%s); training continues without "
+                           "them, so two runs may differ in the last bits (--deterministic False "
+                           "silences this)", str(exc).split("\n")[0][:200])
+
+
+def _is_determinism_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return "deterministic" in text and ("use_deterministic_algorithms" in text
+                                        or "CUBLAS_WORKSPACE_CONFIG" in text)
 
 
 def _micro_splits(n: int, micro: int | None) -> list[slice]:
@@ -186,6 +235,15 @@ def train_block(
     sched = None if opt is None else torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     gen = torch.Generator().manual_seed(seed)
+    with _Deterministic(data.deterministic and data.device.type == "cuda") as det:
+        return _train_loop(block, data, opt, sched, gen, det, train_idx=train_idx,
+                           epochs=epochs, batch_size=batch_size,
+                           steps_per_epoch=steps_per_epoch, dense=dense, cands=cands,
+                           layers=layers)
+
+
+def _train_loop(block, data, opt, sched, gen, det, *, train_idx, epochs, batch_size,
+                steps_per_epoch, dense, cands, layers) -> dict[str, float]:
     epoch_losses, bad, steps_done = [], 0, 0
     for _ in range(epochs):
         order = torch.randperm(len(train_idx), generator=gen).tolist()
@@ -199,7 +257,11 @@ def train_block(
                 if steps_done == 0 and _is_oom(exc):
                     _reset_grads(dense + cands, layers)
                     raise OutOfMemoryBeforeStep(str(exc).split("\n")[0]) from None
-                raise
+                if not (steps_done == 0 and det.active and _is_determinism_error(exc)):
+                    raise
+                _reset_grads(dense + cands, layers)  # nothing has moved yet: redo the step
+                det.give_up(exc)
+                loss, finite = _step_loss(block, data, x, y, layers)
             if not finite:
                 bad += 1
                 logger.warning("non-finite block loss (%d in a row); step skipped", bad)

@@ -415,7 +415,8 @@ def quantize_model(
             if compute_dtype == torch.float32:
                 block = block.float()
             data = BlockData(inputs=X, targets=Y, stream=stream, device=device,
-                             compute_dtype=compute_dtype, micro_batch=plan.micro_batch, **split)
+                             compute_dtype=compute_dtype, micro_batch=plan.micro_batch,
+                             deterministic=cfg.train.deterministic, **split)
             path = block_file(blocks_dir, i)
             fp_only = own is not None and i not in own  # another rank quantizes it
             done = resume and not fp_only and is_finished(path)

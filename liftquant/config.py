@@ -208,6 +208,9 @@ class TrainArgs:
     compute_dtype: str = _f("auto", "block-training compute dtype (parameters stay float32 "
                             "master copies): auto = bfloat16 on CUDA, float32 on CPU",
                             choices=("auto", "bfloat16", "float32"))
+    deterministic: bool = _f(True, "deterministic CUDA kernels in block training, so the same "
+                             "seed gives the same checkpoint (False: atomics allowed, a little "
+                             "faster)")
     holdout: int = _f(0, "calibration sequences held out for the reported error (0: 1/32 of "
                       "nsamples, at least 1)")
     propagate: str = _f("fp", "inputs of block i: 'fp' = FP model outputs (authors' default), "

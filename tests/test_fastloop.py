@@ -306,3 +306,23 @@ def test_refused_cap_leaves_nothing_behind(M, tmp_path):
     with pytest.raises(MemoryPlanError, match="--max_gpu_memory"):
         _run(_cfg(max_gpu_memory=1e-6), M, tmp_path / "blocks")
     assert not (tmp_path / "blocks").exists()
+
+
+def test_deterministic_mode_scoped_and_gives_up_once(caplog):
+    from liftquant import blocktrain
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    with blocktrain._Deterministic(True) as det:
+        assert torch.are_deterministic_algorithms_enabled()
+        err = RuntimeError("index_add_cuda_ does not have a deterministic implementation, but "
+                           "you set 'torch.use_deterministic_algorithms(True)'")
+        assert blocktrain._is_determinism_error(err)
+        assert not blocktrain._is_determinism_error(RuntimeError("shape mismatch"))
+        blocktrain._Deterministic.warned = False
+        with caplog.at_level("WARNING", logger="liftquant.blocktrain"):
+            det.give_up(err)
+        assert not det.active and not torch.are_deterministic_algorithms_enabled()
+        assert "deterministic kernels unavailable" in caplog.text
+    assert not torch.are_deterministic_algorithms_enabled()
+    with blocktrain._Deterministic(False):
+        assert not torch.are_deterministic_algorithms_enabled()
