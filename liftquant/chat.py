@@ -53,11 +53,15 @@ class ChatArgs:
     seed: int = _f(0, "sampling seed")
     compile: bool | None = _f(None, "torch.compile the decode step with CUDA graphs "
                               "(default: on for CUDA, off on CPU)")
-    engine: str = _f("auto", "generation loop: 'step' = liftquant.kernels.decode (own KV cache, "
-                     "token-by-token prefill, one CUDA graph per token on CUDA; Llama/Qwen2/"
-                     "Mistral), 'hf' = the model's forward with a StaticCache and "
-                     "torch.compile (any architecture); auto: step where it applies",
+    engine: str = _f("auto", "generation loop (liftquant.engine): 'step' = own decode step "
+                     "(static KV cache, batched prefill, one CUDA graph per token on CUDA; "
+                     "Llama-layout families), 'hf' = the model's forward with a StaticCache and "
+                     "torch.compile (any architecture); auto: step on CUDA where it applies",
                      choices=("auto", "step", "hf"))
+    dense_cache: str = _f("env", "CPU: keep the decoded dense weights in RAM (one matmul per "
+                          "layer): 1 always, 0 never, auto when they fit the memory budget; env: "
+                          "as LIFTQUANT_DENSE_CACHE says (default auto)",
+                          choices=("env", "auto", "0", "1"))
     system: str | None = _f(None, "system prompt")
     warmup: bool = _f(True, "one throw-away prefill + decode steps before the first question, so "
                       "compilation, CUDA-graph capture and kernel tuning are not counted in the "
@@ -112,18 +116,19 @@ def load_chat_model(args: ChatArgs) -> tuple[Any, Any, torch.device]:
 
 
 class ChatSession:
-    """Conversation history + static-cache generation loop for one model.
-
-    Two engines (``--engine``): ``hf`` runs the model's own forward over a transformers
-    ``StaticCache`` (batched prefill; the decode step under ``torch.compile`` with CUDA graphs);
-    ``step`` runs :class:`liftquant.kernels.decode.DecodeStep` (the loop of
-    ``scripts/bench_decode.py``: own KV cache, compiled non-linear regions, the whole step
-    captured as one CUDA graph on CUDA) and feeds the prompt token by token through it.
+    """Conversation history + generation loop for one model, over a ``liftquant.engine``
+    engine (``--engine``): ``hf`` runs the model's own forward over a transformers
+    ``StaticCache`` (the decode step under ``torch.compile`` with CUDA graphs); ``step`` runs
+    :class:`liftquant.engine.DecodeStep` (the loop of ``scripts/bench_decode.py``: own KV cache,
+    compiled non-linear regions, the whole step captured as one CUDA graph on CUDA). Both
+    prefill the prompt in one batched pass. On the CPU the dense weight cache is used when it
+    fits (``--dense_cache``, logged).
     """
 
     def __init__(self, model: Any, tokenizer: Any, args: ChatArgs, device: torch.device,
                  out: TextIO = sys.stdout) -> None:
-        from liftquant.kernels.decode import LLAMA_LIKE
+        from liftquant.engine import build_engine, prepare_model, step_supported
+        from liftquant.kernels.policy import default_policy
 
         self.model, self.tok, self.args, self.device, self.out = model, tokenizer, args, device, out
         self.history: list[dict[str, str]] = []
@@ -131,41 +136,28 @@ class ChatSession:
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
-        use_compile = args.compile if args.compile is not None else device.type == "cuda"
-        cfg = model.config
-        step_ok = cfg.model_type in LLAMA_LIKE and getattr(cfg, "hidden_act", "silu") == "silu"
-        engine = args.engine
-        if engine == "auto":
-            engine = "step" if step_ok and device.type == "cuda" else "hf"
-        if engine == "step" and not step_ok:
-            raise ValueError(f"--engine step supports {LLAMA_LIKE} models with SiLU, not "
-                             f"{cfg.model_type}; use --engine hf")
-        self.engine = engine
+        self.use_compile = args.compile if args.compile is not None else device.type == "cuda"
+        policy = default_policy()
+        if args.dense_cache != "env":
+            policy = policy.replace(dense_cache=args.dense_cache)
+        self.dense = prepare_model(model, device=device, policy=policy)
+        if args.engine == "step" and (why := step_supported(model)) is not None:
+            raise ValueError(why)
         self.stats: list[dict[str, float]] = []
-        self.use_compile = use_compile
         self.engine_fallback = args.engine == "auto"
-        if engine == "step":
-            from liftquant.kernels.decode import DecodeStep
+        self.loop = build_engine(model, args.engine, max_len=args.max_cache_len,
+                                 compile=self.use_compile, device=device)
 
-            self.step = DecodeStep(model, args.max_cache_len,
-                                   compile_mode="default" if use_compile else None)
-            self.use_graph = use_compile and device.type == "cuda"
-            self.graph = None
-        else:
-            self._init_hf()
+    @property
+    def engine(self) -> str:
+        """The engine's name: ``step`` or ``hf``."""
+        return self.loop.name
 
-    def _init_hf(self) -> None:
-        from transformers import StaticCache
+    def _use_hf(self) -> None:
+        from liftquant.engine import HFEngine
 
-        self.engine = "hf"
-        self.cache = StaticCache(config=self.model.config, max_cache_len=self.args.max_cache_len)
-        self.decode = self._decode_step
-        if self.use_compile:
-            if self.device.type != "cuda":
-                logger.warning("--compile is meant for CUDA (CUDA graphs); compiling on %s",
-                               self.device.type)
-            self.decode = torch.compile(self._decode_step, mode="reduce-overhead",
-                                        fullgraph=False, dynamic=False)
+        self.loop = HFEngine(self.model, self.args.max_cache_len, compile=self.use_compile,
+                             device=self.device)
 
     # ------------------------------------------------------------------ prompt
     def prompt_ids(self) -> Tensor:
@@ -180,46 +172,13 @@ class ChatSession:
         return ids.to(self.device)
 
     # ------------------------------------------------------------------ model steps
-    def _forward(self, ids: Tensor, cache_position: Tensor) -> Tensor:
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
-                         cache_position=cache_position, position_ids=cache_position[None])
-        return out.logits[:, -1, :]
-
-    def _decode_step(self, ids: Tensor, cache_position: Tensor) -> Tensor:
-        return self._forward(ids, cache_position)
-
-    def _run_step(self, token: Tensor) -> Tensor:
-        """Step engine: consume ``token`` at the step's position; next-token logits (1, V)."""
-        self.step.ids.copy_(token.reshape(1, 1))
-        if self.use_graph:
-            if self.graph is None:
-                self._capture()
-            self.graph.graph.replay()
-            return self.graph.logits[:, -1, :]
-        return self.step()[:, -1, :]
-
-    def _capture(self) -> None:
-        """Eager steps (kernel tuning, workspaces) then one CUDA-graph capture of the step."""
-        from liftquant.kernels.decode import GraphedDecode
-
-        self.graph = GraphedDecode(self.step, warmup=3)
-        self.step.pos.zero_()
-
     def _prefill(self, ids: Tensor) -> Tensor:
         """Fresh context from ``ids`` (1, n); logits (1, V) after its last token."""
-        if self.engine == "hf":
-            self.cache.reset()
-            return self._forward(ids, torch.arange(ids.shape[1], device=self.device))
-        self.step.pos.zero_()  # slots past pos are masked, so the old context needs no clearing
-        for t in range(ids.shape[1]):
-            logits = self._run_step(ids[:, t])
-        return logits
+        return self.loop.prefill(ids)
 
-    def _next(self, token: Tensor, pos: int) -> Tensor:
-        """Logits (1, V) after feeding ``token`` at position ``pos``."""
-        if self.engine == "hf":
-            return self.decode(token.reshape(1, 1), torch.tensor([pos], device=self.device))
-        return self._run_step(token)
+    def _next(self, token: Tensor) -> Tensor:
+        """Logits (1, V) after feeding ``token`` at the next position."""
+        return self.loop.next(token)
 
     def _pick(self, logits: Tensor) -> Tensor:
         a = self.args
@@ -243,41 +202,17 @@ class ChatSession:
 
     @torch.inference_mode()
     def warm_up(self, prompt_len: int = 16, steps: int = 4) -> float:
-        """Run the prefill and decode paths once on dummy tokens; returns the seconds spent."""
-        t0 = time.perf_counter()
-        ids = torch.zeros(1, prompt_len, dtype=torch.long, device=self.device)
-        if self.engine == "step":
-            try:
-                if self.use_graph and self.graph is None:
-                    self._capture()  # tuning and workspaces happen in its eager steps
-                token = self._pick(self._prefill(ids))
-                for step in range(steps):
-                    token = self._pick(self._next(token, prompt_len + step))
-                self._sync()
-                self.step.pos.zero_()
-                return time.perf_counter() - t0
-            except Exception as err:
-                if not self.engine_fallback:
-                    raise
-                logger.warning("--engine step failed in the warm-up (%s: %s); using --engine hf",
-                               type(err).__name__, str(err)[:300])
-                self.step = self.graph = None
-                self._init_hf()
-        self.cache.reset()
-        token = self._pick(self._forward(ids, torch.arange(prompt_len, device=self.device)))
-        # One eager decode step first: the packed layers tune their GEMV and allocate split-K
-        # workspaces on their first batch-1 call. Inside torch.compile's CUDA-graph warm-up
-        # those allocations would land in the graph pool, which then refuses to record
-        # ("tensors in the cudagraph pool not tracked as outputs", seen on the H100).
-        pos = torch.tensor([prompt_len], device=self.device)
-        token = self._pick(self._decode_step(token.reshape(1, 1), pos))
-        prompt_len += 1
-        for step in range(steps):  # reduce-overhead compiles, then records the graph
-            pos = torch.tensor([prompt_len + step], device=self.device)
-            token = self._pick(self.decode(token.reshape(1, 1), pos))
-        self._sync()
-        self.cache.reset()
-        return time.perf_counter() - t0
+        """Run the prefill and decode paths once on dummy tokens; returns the seconds spent.
+        With ``--engine auto`` a step engine that fails here is replaced by the HF engine."""
+        try:
+            return self.loop.warm_up(prompt_len, steps)
+        except Exception as err:
+            if self.loop.name != "step" or not self.engine_fallback:
+                raise
+            logger.warning("--engine step failed in the warm-up (%s: %s); using --engine hf",
+                           type(err).__name__, str(err)[:300])
+            self._use_hf()
+            return self.loop.warm_up(prompt_len, steps)
 
     # ------------------------------------------------------------------ one turn
     @torch.inference_mode()
@@ -311,7 +246,7 @@ class ChatSession:
                 shown = text_now
             if step + 1 == self.args.max_new_tokens:
                 break
-            token = self._pick(self._next(token, n + step))
+            token = self._pick(self._next(token))
         self._sync()
         t2 = time.perf_counter()
         answer = self.tok.decode(generated, skip_special_tokens=True,

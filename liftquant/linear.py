@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from liftquant.kernels.registry import get_backend
+from liftquant.kernels.registry import layer_backend
 from liftquant.lattice import LatticeSpec, decode, encode_candidates
 from liftquant.pack import pack_signs, packed_width, unpack_signs
 from liftquant.proxy import UniformProxy
@@ -343,6 +343,8 @@ class PackedLiftLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=side_dtype, **kw)
                              if bias else None)
         self.backend = "auto"  # kernel backend name (kernels.registry.set_backend)
+        self.kernel_policy = None  # its KernelPolicy (None: the process policy)
+        self.dense_weight = None  # dense decoded weight cache (kernels.dense), not saved
 
     def fused_input(self, x: Tensor) -> Tensor:
         d, D = self.spec.target_dim, self.spec.lifted_dim
@@ -355,8 +357,9 @@ class PackedLiftLinear(nn.Module):
         return unpack_signs(self.packed_signs, self.lifted_width, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The "torch" backend (kernels.torch_ref.linear) is the reference decode.
-        return get_backend(self.backend, x.device).linear(self, x)
+        # The "torch" backend (kernels.torch_ref.linear) is the reference decode; the backend
+        # asks the planner (kernels.policy.plan) which path this call takes.
+        return layer_backend(self, x.device).linear(self, x)
 
     @torch.no_grad()
     def dequantize_weight(self) -> Tensor:

@@ -9,8 +9,9 @@
   this machine), a bf16 model of the same config with random weights stands in: decode speed
   depends on shapes only (backend ``cublas-random``).
 
-Every model runs the same step (``liftquant.kernels.decode``): a 32-token prompt fed token by
-token, warm-up, then one CUDA graph per step replayed for ``--tokens`` tokens. With
+Every model runs the same step (``liftquant.engine.step``): a 32-token prompt prefilled in
+one batch (the GEMM path), warm-up, then one CUDA graph per step replayed for ``--tokens``
+tokens. With
 ``--compile`` (default) the non-linear regions are torch.compiled once per shape and shared by
 all layers and models. ``python scripts/bench_decode.py --out bench/decode.csv``
 """
@@ -25,8 +26,9 @@ import torch
 from bench_kernels import fill_random_
 from torch import nn
 
+from liftquant.engine.graph import GraphedDecode
+from liftquant.engine.step import DecodeStep
 from liftquant.kernels import registry
-from liftquant.kernels.decode import DecodeStep, GraphedDecode
 from liftquant.linear import PackedLiftLinear
 from liftquant.provenance import RECORD_KEY, record_fields
 from liftquant.records import merge_csv_rows

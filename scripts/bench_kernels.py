@@ -35,7 +35,7 @@ from liftquant.provenance import RECORD_KEY, record_fields
 from liftquant.records import merge_csv_rows, merge_json_rows
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
-# Sibling groups run as one T* and one GEMV launch (liftquant.kernels.groups): (name, member
+# Sibling groups run as one T* and one GEMV launch (liftquant.engine.groups): (name, member
 # rows, in_features) of Llama-3 8B and 70B.
 GROUPS = [("qkv", (4096, 1024, 1024), 4096), ("gate_up", (14336, 14336), 4096),
           ("qkv", (8192, 1024, 1024), 8192), ("gate_up", (28672, 28672), 8192)]
@@ -139,7 +139,7 @@ def bench_group(name: str, members: tuple, n: int, spec: str, rows: list, base: 
     """Layer rows of a sibling group: ``triton-group`` (one grouped T* and one grouped GEMV)
     against ``triton-members`` (the same layers one by one), both in one CUDA graph over
     rotating weights, and fp16 ``F.linear`` per member timed the same way."""
-    from liftquant.kernels.groups import PackedGroup
+    from liftquant.engine.groups import PackedGroup
 
     dt = torch.bfloat16
     proto = [random_packed_layer(n, N, spec, seed=i) for i, N in enumerate(members)]
@@ -166,9 +166,9 @@ def bench_group(name: str, members: tuple, n: int, spec: str, rows: list, base: 
 
 
 def tune_gemv(gemv_args: list, dt: torch.dtype, sweep_log: dict, name: str):
-    """Tune the shape with the library's tuner (whose choice the layer rows then use) and
-    re-time the best configuration of each kind over rotating inputs."""
-    tuner = ti.GEMV_TUNER
+    """Tune the shape with the Triton backend's tuner (whose choice the layer rows then use)
+    and re-time the best configuration of each kind over rotating inputs."""
+    tuner = registry.get_backend("triton", "cuda").tuner
     xp, wsc, ly = gemv_args[0]
     args = (xp, wsc, ly.packed_signs, ly.scale, None, dt)
     key = tuner.key(xp, ly.packed_signs, None, dt)
@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--lattices", default=",".join(LATTICES))
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,28672x8192 (out x in)")
     ap.add_argument("--groups", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time the q/k/v and gate/up groups (liftquant.kernels.groups)")
+                    help="also time the q/k/v and gate/up groups (liftquant.engine.groups)")
     args = ap.parse_args()
     torch.manual_seed(0)
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x")))

@@ -3,8 +3,9 @@ transform's PDL trigger, the norm / SiLU prologues).
 
 For each shape (random weights, ``profile_decode.shape_config``) it builds the bf16 model and
 the packed model once, compiles one decode step per model, and captures one CUDA graph per
-variant (the switches are module attributes, which the step and the kernels read when the
-graph is captured). Variants are timed in ``--rounds``
+variant: each variant is a ``KernelPolicy`` (the process policy with the switches replaced),
+set on the packed layers before the capture (``registry.set_backend(..., policy=...)``), so
+each variant runs its own backend instance (tuner, workspaces) and nothing is patched. Variants are timed in ``--rounds``
 interleaved rounds, so a drift of the GPU clocks shows as spread, not as a difference; the
 table gives the median and the range.
 
@@ -21,20 +22,21 @@ import torch
 from bench_decode import PROMPT, WARMUP, build_model, max_len
 from profile_decode import shape_config
 
-from liftquant.kernels import decode, fused_small, int1_words
-from liftquant.kernels.decode import DecodeStep, GraphedDecode
+from liftquant.engine.graph import GraphedDecode
+from liftquant.engine.step import DecodeStep
+from liftquant.kernels import registry
+from liftquant.kernels.policy import PDL_MAX_GEMV_BYTES, KernelPolicy, default_policy
 from liftquant.provenance import RECORD_KEY, record_fields
 from liftquant.records import merge_json_rows
 
-# switch -> (module, attribute, its values for 0 and 1): PDL launches, the one-launch small
+# switch -> (KernelPolicy field, its values for 0 and 1): PDL launches, the one-launch small
 # path, whether the transform lets its GEMV launch at its start (else once its loads are
 # issued), the decode step's norm / SiLU prologues inside T*, and PDL for GEMVs of any size.
-SWITCHES = {"pdl": (int1_words, "PDL_ENABLED", (False, True)),
-            "fused": (fused_small, "ENABLED", (False, True)),
-            "early": (int1_words, "PDL_EARLY", (False, True)),
-            "prologue": (decode, "FUSE_PROLOGUES", (False, True)),
-            "pdl_big": (int1_words, "PDL_MAX_GEMV_BYTES",
-                        (int1_words.PDL_MAX_GEMV_BYTES, 1 << 62))}
+SWITCHES = {"pdl": ("pdl", (False, True)),
+            "fused": ("fused_small", ("0", "1")),
+            "early": ("pdl_early", (False, True)),
+            "prologue": ("fuse_prologues", (False, True)),
+            "pdl_big": ("pdl_max_gemv_bytes", (PDL_MAX_GEMV_BYTES, 1 << 62))}
 
 
 def variants(names: str) -> list[tuple[str, dict]]:
@@ -50,10 +52,10 @@ def variants(names: str) -> list[tuple[str, dict]]:
     return out
 
 
-def apply(settings: dict) -> None:
-    for name, value in settings.items():
-        module, attr, values = SWITCHES[name]
-        setattr(module, attr, values[value])
+def policy_for(settings: dict, base: KernelPolicy | None = None) -> KernelPolicy:
+    """The variant's policy: ``base`` (the process policy) with the switches replaced."""
+    changes = {SWITCHES[name][0]: SWITCHES[name][1][value] for name, value in settings.items()}
+    return (base or default_policy()).replace(**changes)
 
 
 def main() -> None:
@@ -80,7 +82,7 @@ def main() -> None:
             times = {label: [] for label, _ in combos_here}
             for _ in range(args.rounds):
                 for label, settings in combos_here:
-                    apply(settings)
+                    registry.set_backend(model, "triton", policy=policy_for(settings))
                     step.pos.fill_(PROMPT)
                     graphed = GraphedDecode(step, warmup=WARMUP)
                     graphed.tokens_per_s(args.tokens // 4)

@@ -20,7 +20,8 @@ from collections import defaultdict
 import torch
 from bench_decode import PROMPT, WARMUP, build_model, llama3_8b_config
 
-from liftquant.kernels.decode import DecodeStep, GraphedDecode
+from liftquant.engine.graph import GraphedDecode
+from liftquant.engine.step import DecodeStep
 from liftquant.provenance import RECORD_KEY, record_fields
 from liftquant.records import merge_json_rows
 

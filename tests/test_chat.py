@@ -120,9 +120,10 @@ def test_missing_or_bad_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
 def test_warm_up_runs_one_eager_decode_step_before_the_compiled_one(chat_ckpt):
     """The compiled (CUDA-graph) step must never be the first batch-1 call of the packed
     layers: their GEMV tuning and split-K workspaces are set up by an eager step first."""
-    session, _ = _session(chat_ckpt)
+    session, _ = _session(chat_ckpt, "--engine", "hf")
+    engine = session.loop
     calls = []
-    eager = session._decode_step
+    eager = engine._decode_step
 
     def eager_step(ids, pos):
         calls.append("eager")
@@ -133,19 +134,19 @@ def test_warm_up_runs_one_eager_decode_step_before_the_compiled_one(chat_ckpt):
         calls.append("compiled")
         return eager(ids, pos)
 
-    session._decode_step, session.decode = eager_step, compiled_step
+    engine._decode_step, engine.decode = eager_step, compiled_step
     assert session.warm_up(prompt_len=4, steps=3) >= 0
     assert calls == ["eager"] + ["compiled"] * 3
-    assert int(session.cache.get_seq_length()) == 0  # reset: the next answer starts clean
+    assert int(engine.cache.get_seq_length()) == 0 and engine.position == 0  # reset
 
 
 def test_step_engine_matches_hf_engine_greedy(chat_ckpt):
-    """--engine step (liftquant.kernels.decode, token-by-token prefill) answers exactly like
-    the HF-forward engine under greedy decoding, over two turns, after its warm-up."""
+    """--engine step (liftquant.engine.step, batched prefill) answers exactly like the
+    HF-forward engine under greedy decoding, over two turns, after its warm-up."""
     hf, _ = _session(chat_ckpt, "--max_new_tokens", "6", "--engine", "hf")
     st, out = _session(chat_ckpt, "--max_new_tokens", "6", "--engine", "step")
     assert (hf.engine, st.engine) == ("hf", "step")
-    assert st.warm_up(prompt_len=5, steps=2) >= 0 and int(st.step.pos) == 0
+    assert st.warm_up(prompt_len=5, steps=2) >= 0 and int(st.loop.step.pos) == 0
     for prompt in ("the quick fox", "a lazy dog"):
         assert st.ask(prompt) == hf.ask(prompt)
         assert st.last_token_ids == hf.last_token_ids and st.last_token_ids
@@ -169,17 +170,14 @@ def test_auto_engine_falls_back_to_hf_when_the_step_engine_fails(chat_ckpt, monk
     """--engine auto: a step engine that cannot run (e.g. a CUDA-graph capture error) is
     replaced by the HF engine in the warm-up, with a warning; an explicit --engine step
     re-raises instead."""
-    from liftquant.chat import ChatSession
+    from liftquant.engine import StepEngine
 
     def broken(self, token):
         raise RuntimeError("capture failed")
 
-    monkeypatch.setattr(ChatSession, "_run_step", broken)
+    monkeypatch.setattr(StepEngine, "next", broken)
     auto, _ = _session(chat_ckpt, "--max_new_tokens", "4")
-    auto.engine = "step"  # what auto picks on CUDA
-    from liftquant.kernels.decode import DecodeStep
-
-    auto.step, auto.use_graph, auto.graph = DecodeStep(auto.model, 64), False, None
+    auto.loop = StepEngine(auto.model, 64)  # what auto picks on CUDA
     auto.warm_up(prompt_len=4, steps=1)
     assert auto.engine == "hf" and auto.ask("the fox")
     forced, _ = _session(chat_ckpt, "--engine", "step")

@@ -27,33 +27,31 @@ def test_fits_bounds_the_shapes():
     assert not fused_small.fits(128, 112, 280)
 
 
-def test_bad_environment_value_is_refused(monkeypatch):
-    monkeypatch.setenv(fused_small.FUSED_ENV, "yes")
-    with pytest.raises(ValueError, match="use auto, 0 or 1"):
-        fused_small._read_env()
-    monkeypatch.setenv(fused_small.FUSED_ENV, "auto")
-    assert fused_small._read_env() is None
-
-
-def test_auto_leaves_the_path_to_pdl(monkeypatch):
+def test_auto_leaves_the_path_to_pdl():
     """auto: the one-launch path where it fits, unless the kernels launch with PDL."""
+    from liftquant.kernels.policy import KernelPolicy, LayerShape, Target, plan
+
     small, large = rand_layer(576, 64, "20to8"), rand_layer(4096, 64, "20to8")
-    x = torch.zeros(1, 576)
-    monkeypatch.setattr(fused_small, "ENABLED", None)
-    assert fused_small.applies(small, x) and not fused_small.applies(large, x)
-    monkeypatch.setattr(fused_small, "use_pdl", lambda t: True)
-    assert not fused_small.applies(small, x)
-    monkeypatch.setattr(fused_small, "ENABLED", True)
-    assert fused_small.applies(small, x) and not fused_small.applies(large, x)
-    monkeypatch.setattr(fused_small, "ENABLED", False)
-    assert not fused_small.applies(small, x)
+    cpu, hopper = Target("cpu", 0, True), Target("cuda", 9, True)
+
+    def path(layer, target, **policy):
+        return plan(LayerShape.of(layer), 1, torch.float16, KernelPolicy(**policy),
+                    target=target).path
+
+    assert path(small, cpu) == "fused_small" and path(large, cpu) == "gemv"
+    assert path(small, hopper) == "gemv"  # PDL on
+    assert path(small, hopper, pdl=False) == "fused_small"
+    assert path(small, hopper, fused_small="1") == "fused_small"
+    assert path(large, hopper, fused_small="1") == "gemv"
+    assert path(small, cpu, fused_small="0") == "gemv"
 
 
 FUSED_CHECK = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
+    from liftquant.engine.groups import PackedGroup
     from liftquant.kernels import fused_small as fs, registry, torch_ref
-    from liftquant.kernels.groups import PackedGroup
+    from liftquant.kernels.policy import default_policy
     from tests.test_kernels import _fresh_registry, rand_layer, rel_err  # noqa: F401 (autouse)
 
     # single layers: d-multiples, padding (37, 100), 16-byte and odd packed rows, bias
@@ -79,7 +77,10 @@ FUSED_CHECK = textwrap.dedent("""
     outs = group(x)
     for o, ref in zip(outs, dense):
         assert rel_err(o, ref) < 3e-3
-    fs.ENABLED = False  # the two-kernel path gives the same answers
+    assert group.plan_for(x).path == "fused_small"
+    for m in layers:  # the two-kernel path gives the same answers
+        m.kernel_policy = default_policy().replace(fused_small="0")
+    assert group.plan_for(x).path == "gemv"
     for o, ref in zip(group(x), dense):
         assert rel_err(o, ref) < 3e-3
     print("ok")
@@ -104,8 +105,10 @@ def test_fused_small_matches_two_kernels_cuda(n, N, spec, dtype, monkeypatch):
     x = torch.randn(1, n, device="cuda", dtype=dtype)
     ref = torch_ref.linear(layer, x.float())
     assert fused_small.fits(*layer.block_shape, layer.R.shape[-1])
-    monkeypatch.setattr(fused_small, "ENABLED", True)
+    from liftquant.kernels.policy import default_policy
+
+    registry.set_backend(layer, "triton", policy=default_policy().replace(fused_small="1"))
     one = layer(x)
-    monkeypatch.setattr(fused_small, "ENABLED", False)
+    registry.set_backend(layer, "triton", policy=default_policy().replace(fused_small="0"))
     two = layer(x)
     assert rel_err(one, ref) < 2e-2 and rel_err(two, ref) < 2e-2 and rel_err(one, two) < 1e-2

@@ -76,16 +76,19 @@ SPLITK_CHECK = textwrap.dedent("""
             assert int(counters.abs().sum()) == 0, "counters must be reset by the last program"
     assert {(1, False), (2, False), (4, False), (4, True)} <= seen, seen  # splits covered
 
-    # The custom op through the Triton backend: heuristic split-K, then the row tile.
-    import os
+    # The custom op through the Triton backend (a policy per GEMV kind, no one-launch small
+    # path): heuristic split-K, then the row tile; each backend's own tuner records its choice.
     from liftquant.kernels import registry
-    for kind in ("auto", "rowtile"):
-        os.environ["LIFTQUANT_GEMV"] = kind
+    from liftquant.kernels.policy import default_policy
+    for kind, label in (("auto", "splitk"), ("rowtile", "rowtile")):
+        policy = default_policy().replace(gemv_kind=kind, fused_small="0")
         layer = rand_layer(200, 13, "24to10", bias=True, seed=1)
-        registry.set_backend(layer, "triton")
+        registry.set_backend(layer, "triton", policy=policy)
         x = torch.randn(1, 200).half()
         err = rel_err(layer(x), torch_ref.dense_linear(layer, x.float()))
         assert err < 3e-3, (kind, err)
+        tuner = registry.get_backend("triton", "cpu", policy=policy).tuner
+        assert [tuner.cache.lookup(k).label.split(":")[0] for k in tuner.cache.keys()] == [label]
     print("ok")
 """)
 
@@ -121,7 +124,7 @@ def test_tuner_skips_failed_and_wrong_candidates(monkeypatch):
     fast = cands[-1]
     truth = torch.randn(1, 64)
 
-    def fake_launch(cfg, *args):
+    def fake_launch(cfg, *args, **kwargs):
         if cfg == broken:
             raise RuntimeError("ptxas fatal: unresolved")
         return truth * (5.0 if cfg == wrong else 1.0)
@@ -141,7 +144,7 @@ def test_tuner_skips_failed_and_wrong_candidates(monkeypatch):
     assert "ptxas" in tuner.rejected[key][broken.label]
     assert len(tuner.timings[key]) == len(cands) - 2
 
-    def asm_broken(cfg, *args):  # no inline-PTX candidate builds: the plain loops are timed
+    def asm_broken(cfg, *args, **kwargs):  # no inline-PTX candidate builds: the plain loops are timed
         if cfg.use_asm:
             raise RuntimeError("inline asm rejected")
         return truth
@@ -153,19 +156,24 @@ def test_tuner_skips_failed_and_wrong_candidates(monkeypatch):
     assert not best.use_asm and tuner2.asm_failed
 
 
-def test_gemv_kind_from_environment(monkeypatch):
-    monkeypatch.setenv(gemv_tuner.KIND_ENV, "rowtile")
-    key = gemv_tuner.GemvTuner.key(torch.zeros(1, 16, 40, dtype=torch.int32),
-                                   torch.zeros(64, 160, dtype=torch.uint8), None, torch.float16)
-    tuner = gemv_tuner.GemvTuner()
+def test_gemv_kind_from_the_policy():
+    xp, packed = torch.zeros(1, 16, 40, dtype=torch.int32), torch.zeros(64, 160, dtype=torch.uint8)
+    tuner = gemv_tuner.GemvTuner(kind="rowtile")
+    key = tuner.key(xp, packed, None, torch.float16)
     assert all(isinstance(c, GemvConfig) for c in tuner.candidates(key, 132, True))
-    monkeypatch.setenv(gemv_tuner.KIND_ENV, "splitk")
-    key = key[:-1] + ("splitk",)
+    tuner = gemv_tuner.GemvTuner(kind="splitk")
+    key = tuner.key(xp, packed, None, torch.float16)
     assert all(isinstance(c, SplitKConfig) for c in tuner.candidates(key, 132, True))
-    monkeypatch.setenv(gemv_tuner.KIND_ENV, "nope")
     with pytest.raises(ValueError, match="rowtile"):
-        gemv_tuner.GemvTuner.key(torch.zeros(1, 16, 40, dtype=torch.int32),
-                                 torch.zeros(64, 160, dtype=torch.uint8), None, torch.float16)
+        gemv_tuner.GemvTuner(kind="nope")
+    from liftquant.kernels import registry
+    from liftquant.kernels.policy import KernelPolicy
+
+    backend = registry.TritonBackend(KernelPolicy(gemv_kind="splitk", tune=False))
+    assert backend.tuner.kind == "splitk" and not backend.tuner.tune_enabled
+    assert gemv_tuner.tuner_by_id(backend.tuner_id) is backend.tuner
+    assert gemv_tuner.tuner_by_id(-1) is gemv_tuner.GEMV_TUNER
+    assert backend.tuner.workspaces is backend.workspaces
 
 
 SM90_BUILD = textwrap.dedent("""

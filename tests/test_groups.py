@@ -1,4 +1,4 @@
-"""Grouped sibling layers (q/k/v, gate/up as one T* and one GEMV launch): ``kernels.groups``.
+"""Grouped sibling layers (q/k/v, gate/up as one T* and one GEMV launch): ``engine.groups``.
 
 * On CPU (torch backend): grouping re-points the members' buffers at views of the group's
   tensors without changing any output, and refuses members that cannot share launches.
@@ -16,9 +16,12 @@ import textwrap
 import pytest
 import torch
 
+from liftquant.engine.groups import PackedGroup, groupable, sibling_groups
 from liftquant.kernels import registry, torch_ref
-from liftquant.kernels.groups import PackedGroup, group_decoder_layers, groupable
 from liftquant.kernels.int1_words import HAS_TRITON
+from liftquant.models.adapters import LLAMA_ATTN_QKV, LLAMA_MLP_IN
+
+SIBLINGS = (LLAMA_ATTN_QKV, LLAMA_MLP_IN)
 from tests.test_gemv_splitk import _run_interpreted
 from tests.test_kernels import _fresh_registry, rand_layer, rel_err  # noqa: F401 (autouse)
 
@@ -50,7 +53,7 @@ def test_groupable_refuses_mismatched_members():
         PackedGroup([a, torch.nn.Linear(64, 16)])
 
 
-def test_group_decoder_layers_skips_dense_layers():
+def test_sibling_groups_skip_dense_layers():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -59,16 +62,16 @@ def test_group_decoder_layers_skips_dense_layers():
     layer = model.model.layers[1]
     for path, n_out in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32)):
         setattr(layer.self_attn, path, rand_layer(64, n_out, "16to8", bias=False, seed=n_out))
-    groups = group_decoder_layers(model.model.layers)
-    assert groups[0] == {} and set(groups[1]) == {"qkv"}  # gate/up stay dense
-    assert groups[1]["qkv"].members == (64, 32, 32)
+    groups = [sibling_groups(b, SIBLINGS) for b in model.model.layers]
+    assert groups[0] == {} and set(groups[1]) == {LLAMA_ATTN_QKV}  # gate/up stay dense
+    assert groups[1][LLAMA_ATTN_QKV].members == (64, 32, 32)
 
 
 GROUP_CHECK = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from liftquant.kernels import gemv_splitk as gs, registry, torch_ref, triton_int1 as ti
-    from liftquant.kernels.groups import PackedGroup
+    from liftquant.engine.groups import PackedGroup
     from tests.test_kernels import _fresh_registry, rand_layer, rel_err  # noqa: F401 (autouse)
 
     # (in, member rows, lattice, bias, split configs (block_w, block_n, rows/program))
@@ -163,7 +166,7 @@ def test_grouped_model_saves_and_reloads(tmp_path):
     att = model.model.layers[0].self_attn
     for path, n_out in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32)):
         setattr(att, path, rand_layer(64, n_out, "16to8", bias=False, seed=n_out))
-    group_decoder_layers(model.model.layers)
+    sibling_groups(model.model.layers[0], SIBLINGS)
     state = _state_for_saving(model)
     save_file(state, str(tmp_path / "m.safetensors"))  # raises on shared storage
     back = load_file(str(tmp_path / "m.safetensors"))

@@ -171,8 +171,9 @@ CUDA_SHAPES = [(4096, 1024, "24to10"), (1000, 333, "16to8"), (517, 130, "20to8")
 def test_backend_matches_reference_cuda(backend, dtype, batch, gemv, n, N, spec, monkeypatch):
     # Batch 1 runs each GEMV kernel with its heuristic configuration (every tuner candidate is
     # checked in test_gemv_every_candidate_cuda); skipping the timing keeps builds few.
-    monkeypatch.setenv("LIFTQUANT_TUNE", "0")
-    monkeypatch.setenv("LIFTQUANT_GEMV", gemv if batch == 1 else "auto")
+    from liftquant.kernels.policy import default_policy
+
+    policy = default_policy().replace(tune=False, gemv_kind=gemv if batch == 1 else "auto")
     layer = rand_layer(n, N, spec, bias=N % 2 == 1, seed=n + batch, device="cuda")
     x = torch.randn(batch, n, device="cuda", dtype=dtype)
     ref = torch_ref.linear(layer, x)
@@ -181,7 +182,7 @@ def test_backend_matches_reference_cuda(backend, dtype, batch, gemv, n, N, spec,
     del poison
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitblas: warns and falls back where it cannot build
-        registry.set_backend(layer, backend)
+        registry.set_backend(layer, backend, policy=policy)
         out = layer(x)
     torch.cuda.synchronize()
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
@@ -202,6 +203,7 @@ def test_custom_ops_opcheck_and_compile_cuda():
     xp, wsc = ti.fused_transform(x, *side, 10, 24, True)
     torch.library.opcheck(ti.int1_gemv, (xp, wsc, layer.packed_signs, layer.scale, layer.bias,
                                          torch.bfloat16))
+    torch.library.opcheck(ti.fused_transform, (x, *side, 10, 24, True, True, False))
     xs = torch.randn(5, layer.lifted_width, device="cuda", dtype=torch.bfloat16)
     torch.library.opcheck(ti.int1_gemm, (xs, layer.packed_signs, layer.scale, layer.bias))
     assert len(ti.GEMV_TUNER.cache) > 0  # the shape was tuned (or given the heuristic) once
@@ -301,7 +303,8 @@ def test_decode_step_equals_hf_forward():
     reproduces transformers' Llama forward, dense and with a packed linear, token by token."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from liftquant.kernels.decode import DecodeStep
+    from liftquant.engine.step import DecodeStep
+    from liftquant.models.adapters import LLAMA_ATTN_QKV, LLAMA_MLP_IN
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -328,11 +331,11 @@ def test_decode_step_equals_hf_forward():
     with torch.no_grad():
         ref = model(ids).logits
     step = DecodeStep(model, max_len=12)
-    assert set(step.groups[0]) == {"qkv", "gate_up"} and step.groups[1] == {}
+    assert set(step.groups[0]) == {LLAMA_ATTN_QKV, LLAMA_MLP_IN} and step.groups[1] == {}
     logits = []
     for t in range(ids.shape[1]):
         step.ids.copy_(ids[:, t:t + 1])
         logits.append(step())
     torch.testing.assert_close(torch.cat(logits, 1), ref, atol=2e-5, rtol=2e-5)
-    with pytest.raises(ValueError, match="llama"):
+    with pytest.raises(ValueError, match="--engine hf"):
         DecodeStep(SimpleNamespace(config=SimpleNamespace(model_type="gpt2")), max_len=4)

@@ -1,7 +1,7 @@
-"""Programmatic dependent launch of the decode kernels (``int1_words.use_pdl``).
+"""Programmatic dependent launch of the decode kernels (the planner's ``Plan.pdl``).
 
-CPU: the switch is off for CPU tensors and under the interpreter, a bad ``LIFTQUANT_PDL`` is
-refused, and the launch keywords carry Triton's ``launch_pdl`` only when it is on. The PTX
+CPU: the planner keeps it off for CPU tensors, pre-Hopper GPUs and the interpreter, a bad
+``LIFTQUANT_PDL`` is refused, and the launch keywords carry Triton's ``launch_pdl`` only when it is on. The PTX
 checks (weights load before ``griddepcontrol.wait``, the transform triggers its dependent
 before it waits) are in ``test_gemv_splitk.test_inline_ptx_kernels_build_for_sm90``.
 CUDA (Hopper; skipped elsewhere): a packed Llama's graph-replayed decode step, in which every
@@ -18,19 +18,25 @@ from liftquant.kernels import int1_words
 from tests.test_kernels import _fresh_registry, rand_layer  # noqa: F401 (autouse)
 
 
-def test_switch_is_off_on_cpu(monkeypatch):
-    monkeypatch.setattr(int1_words, "PDL_ENABLED", True)
-    assert not int1_words.use_pdl(torch.zeros(1))
+def test_switch_is_off_on_cpu():
+    from liftquant.kernels.policy import KernelPolicy, Target, pdl_possible
+
+    policy = KernelPolicy(pdl=True)
+    assert not pdl_possible(Target("cpu", 0, True), policy)
+    assert not pdl_possible(Target("cuda", 8, True), policy)  # Ampere: no PDL
+    assert pdl_possible(Target("cuda", 9, True), policy)
+    assert not pdl_possible(Target("cuda", 9, True), policy.replace(interpret=True))
+    assert not pdl_possible(Target("cuda", 9, True), policy.replace(pdl=False))
     assert int1_words.pdl_launch(False) == {"PDL": False}
     assert int1_words.pdl_launch(True) == {"PDL": True, "launch_pdl": True}
 
 
-def test_bad_environment_value_is_refused(monkeypatch):
-    monkeypatch.setenv(int1_words.PDL_ENV, "on")
+def test_bad_environment_value_is_refused():
+    from liftquant.kernels.policy import KernelPolicy
+
     with pytest.raises(ValueError, match="use 0 or 1"):
-        int1_words._read_pdl_env()
-    monkeypatch.setenv(int1_words.PDL_ENV, "0")
-    assert int1_words._read_pdl_env() is False
+        KernelPolicy.from_env({"LIFTQUANT_PDL": "on"})
+    assert KernelPolicy.from_env({"LIFTQUANT_PDL": "0"}).pdl is False
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
@@ -66,14 +72,16 @@ def _packed_llama(spec: str, hidden: int, inter: int):
 def test_decode_graph_same_with_and_without_pdl_cuda(hidden, inter, fused, monkeypatch):
     """576-wide layers with and without the one-launch small path (q/k/v, o, gate/up; down
     runs T* + split-K GEMV), 768-wide ones T* + split-K GEMV everywhere."""
-    from liftquant.kernels import fused_small
-    from liftquant.kernels.decode import DecodeStep, GraphedDecode
+    from liftquant.engine.graph import GraphedDecode
+    from liftquant.engine.step import DecodeStep
+    from liftquant.kernels import registry
+    from liftquant.kernels.policy import default_policy
 
-    monkeypatch.setattr(fused_small, "ENABLED", fused)
     runs = {}
     for pdl in (False, True):
-        monkeypatch.setattr(int1_words, "PDL_ENABLED", pdl)
         model = _packed_llama("20to8", hidden, inter)
+        registry.set_backend(model, "triton", policy=default_policy().replace(
+            pdl=pdl, fused_small="auto" if fused else "0"))
         step = DecodeStep(model, max_len=96, compile_mode=None)
         step.ids.fill_(7)
         graphed = GraphedDecode(step, warmup=4)

@@ -20,8 +20,11 @@ import textwrap
 import pytest
 import torch
 
-from liftquant.kernels import decode, groups
+from liftquant.engine import groups
+from liftquant.engine import step as decode
 from liftquant.kernels.int1_words import HAS_TRITON
+from liftquant.kernels.policy import default_policy
+from liftquant.models.adapters import LLAMA_ATTN_QKV
 from tests.test_gemv_splitk import _run_interpreted
 from tests.test_kernels import _fresh_registry, rand_layer, rel_err  # noqa: F401 (autouse)
 
@@ -30,7 +33,7 @@ PROLOGUE_CHECK = textwrap.dedent("""
     import torch.nn.functional as F
     torch.set_num_threads(1)
     from liftquant.kernels import triton_int1 as ti
-    from liftquant.kernels.decode import add_rms_norm
+    from liftquant.engine.step import add_rms_norm
     from tests.test_kernels import rand_layer, rel_err
 
     def side(layers):
@@ -93,10 +96,15 @@ STEP_CHECK = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from transformers import LlamaConfig, LlamaForCausalLM
-    from liftquant.kernels import decode, fused_small, groups, registry
+    from liftquant.engine import groups, step as decode
+    from liftquant.kernels import registry
+    from liftquant.kernels.policy import default_policy
+    from liftquant.models.adapters import LLAMA_ATTN_QKV, LLAMA_MLP_IN
     from tests.test_kernels import rand_layer, rel_err
 
-    fused_small.ENABLED = False  # every packed layer: T* + GEMV, so the prologues apply
+    # every packed layer: T* + GEMV (no one-launch small path), so the prologues apply
+    policies = {f: default_policy().replace(fused_small="0", fuse_prologues=f)
+                for f in (True, False)}
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
@@ -111,7 +119,7 @@ STEP_CHECK = textwrap.dedent("""
                     n = 96 if name == "down_proj" else 64
                     setattr(parent, name, rand_layer(n, N, "8to4", bias=False, seed=i + N))
     model = model.eval()
-    registry.set_backend(model, "triton")
+    registry.set_backend(model, "triton", policy=policies[True])
     assert groups.takes_prologue(model.model.layers[0].mlp.down_proj,
                                  torch.zeros(1, 1, 96, dtype=torch.float16))
     ids = torch.randint(0, cfg.vocab_size, (1, 4))
@@ -119,9 +127,11 @@ STEP_CHECK = textwrap.dedent("""
         hf = model(ids).logits.float()
     runs = {}
     for fuse in (True, False):
-        decode.FUSE_PROLOGUES = fuse
+        registry.set_backend(model, "triton", policy=policies[fuse])
+        down = model.model.layers[0].mlp.down_proj
+        assert groups.takes_prologue(down, torch.zeros(1, 1, 96, dtype=torch.float16)) == fuse
         step = decode.DecodeStep(model, max_len=8)
-        assert set(step.groups[0]) == {"qkv", "gate_up"}
+        assert set(step.groups[0]) == {LLAMA_ATTN_QKV, LLAMA_MLP_IN}
         logits = []
         for t in range(ids.shape[1]):
             step.ids.copy_(ids[:, t:t + 1])
@@ -159,29 +169,29 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("hidden,inter", [(576, 1536), (768, 2048)])
 def test_fused_step_matches_unfused_and_hf_cuda(hidden, inter, monkeypatch):
-    from liftquant.kernels import fused_small
-    from liftquant.kernels.decode import DecodeStep
+    from liftquant.engine.step import DecodeStep
+    from liftquant.kernels import registry
     from tests.test_pdl import _packed_llama
 
-    monkeypatch.setattr(fused_small, "ENABLED", False)  # every packed layer: T* + GEMV
     model = _packed_llama("20to8", hidden, inter)
     ids = torch.randint(0, model.config.vocab_size, (1, 12), device="cuda")
     with torch.no_grad():
         hf = model(ids).logits.float()
     runs = {}
-    for fuse in (True, False):
-        monkeypatch.setattr(decode, "FUSE_PROLOGUES", fuse)
+    for fuse in (True, False):  # every packed layer: T* + GEMV
+        registry.set_backend(model, "triton", policy=default_policy().replace(
+            fused_small="0", fuse_prologues=fuse))
         step = DecodeStep(model, max_len=16)
         assert groups.takes_prologue(model.model.layers[0].mlp.down_proj,
                                      torch.zeros(1, 1, inter, device="cuda",
-                                                 dtype=torch.bfloat16))
+                                                 dtype=torch.bfloat16)) == fuse
         logits = []
         for t in range(ids.shape[1]):
             step.ids.copy_(ids[:, t:t + 1])
             logits.append(step().float())
         runs[fuse] = torch.cat(logits, 1)
     # the residual the fused launch writes is exactly the unfused add
-    group = step.groups[0]["qkv"]
+    group = step.groups[0][LLAMA_ATTN_QKV]
     h, delta = (torch.randn(1, 1, hidden, device="cuda", dtype=torch.bfloat16) for _ in "hd")
     weight = model.model.layers[0].input_layernorm.weight
     h_new, _ = group.add_norm_forward(h, delta, weight, 1e-5)

@@ -14,7 +14,9 @@ member's own transform and codes (no quantization change) but runs them together
 The members' buffers become views of the stacked and concatenated tensors, so grouping copies
 nothing for good and the members still work one by one (the HF forward, other backends,
 prefill). Grouping needs the same input width, lattice, block shape, side dtype, device and
-bias presence; :func:`group_decoder_layers` groups what qualifies and leaves the rest alone.
+bias presence; :func:`sibling_groups` groups what qualifies among a block's linear groups (the
+model adapter's) and leaves the rest alone. Whether a call runs grouped is the planner's
+decision for the first member (``kernels.policy.plan``), with every member's packed bytes.
 """
 
 from __future__ import annotations
@@ -22,12 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from liftquant.kernels.registry import GEMV_MAX_TOKENS, get_backend, kernel_input
-from liftquant.linear import PackedLiftLinear
+from liftquant.kernels.policy import Plan
+from liftquant.kernels.registry import is_packed, layer_backend
 
-# Sibling projections of Llama-like decoder layers, as module paths inside a layer.
-SIBLINGS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            ("mlp.gate_proj", "mlp.up_proj"))
 _SIDE = ("s1", "L", "R", "s2_act")
 
 
@@ -35,13 +34,14 @@ def groupable(layers: list[nn.Module]) -> str | None:
     """Why ``layers`` cannot form a group, or None when they can."""
     if not 2 <= len(layers) <= 3:
         return f"a group has 2 or 3 members, not {len(layers)}"
-    if not all(isinstance(m, PackedLiftLinear) for m in layers):
+    if not all(is_packed(m) for m in layers):
         return "not every member is a PackedLiftLinear"
     first = layers[0]
 
-    def sig(m: PackedLiftLinear) -> tuple:
+    def sig(m: nn.Module) -> tuple:
         return (m.in_features, m.spec.name, m.block_shape, m.lifted_width, m.s1.dtype,
-                m.packed_signs.device, m.bias is None, m.backend)
+                m.packed_signs.device, m.bias is None, m.backend,
+                getattr(m, "kernel_policy", None))
 
     if any(sig(m) != sig(first) for m in layers[1:]):
         return ("members differ in input width, lattice, block shape, side dtype, device, "
@@ -58,7 +58,7 @@ class PackedGroup(nn.Module):
     member's buffers at views of the group's stacked tensors (the old storage is freed).
     """
 
-    def __init__(self, layers: list[PackedLiftLinear]) -> None:
+    def __init__(self, layers: list[nn.Module]) -> None:
         super().__init__()
         reason = groupable(layers)
         if reason is not None:
@@ -81,29 +81,36 @@ class PackedGroup(nn.Module):
                 for m, part in zip(layers, cat.split(self.members)):
                     setattr(m, name, part)
 
+    def plan_for(self, x: Tensor) -> Plan:
+        """The planner's path for the group on ``x`` (the first member's shape, every member's
+        packed bytes)."""
+        backend = layer_backend(self.layers[0], x.device)
+        return backend.plan_for(self.layers[0], x, packed_bytes=self.packed_signs.numel())
+
     def fused_call(self, x: Tensor) -> bool:
         """Whether ``x`` runs through the grouped Triton kernels (else member by member)."""
-        return decode_kernels(self.layers[0], x)
+        return self.plan_for(x).path in ("fused_small", "gemv")
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        if not self.fused_call(x):
+        p = self.plan_for(x)
+        if p.path not in ("fused_small", "gemv"):
             return tuple(m(x) for m in self.layers)
-        from liftquant.kernels import fused_small
-
         d, D = self.spec.target_dim, self.spec.lifted_dim
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         side = (self.s1, self.L, self.R, self.s2_act)
-        if fused_small.applies(self.layers[0], x):
-            out = torch.ops.liftquant.fused_small_linear(x2, *side, self.packed_signs,
-                                                         self.scale, self.bias, d, D,
-                                                         list(self.members))
+        ops = torch.ops.liftquant
+        if p.path == "fused_small":
+            out = ops.fused_small_linear(x2, *side, self.packed_signs, self.scale, self.bias,
+                                         d, D, list(self.members), p.pdl)
         else:
-            xp, wsc = torch.ops.liftquant.fused_transform(x2, *side, d, D, True,
-                                                          self.packed_signs.numel())
-            out = torch.ops.liftquant.int1_gemv_group(xp, wsc, self.packed_signs, self.scale,
-                                                      self.bias, x.dtype, list(self.members))
+            xp, wsc = ops.fused_transform(x2, *side, d, D, True, p.pdl, p.pdl_early)
+            out = ops.int1_gemv_group(xp, wsc, self.packed_signs, self.scale, self.bias,
+                                      x.dtype, list(self.members), self._tuner_id(x), p.pdl)
         return tuple(o.reshape(*lead, o.shape[-1]) for o in out.split(self.members, dim=-1))
+
+    def _tuner_id(self, x: Tensor) -> int:
+        return layer_backend(self.layers[0], x.device).tuner_id
 
     def add_norm_forward(self, h: Tensor, delta: Tensor, weight: Tensor,
                          eps: float) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -111,11 +118,13 @@ class PackedGroup(nn.Module):
         runs inside T*, :func:`takes_prologue`): (new residual, the members' outputs)."""
         d, D = self.spec.target_dim, self.spec.lifted_dim
         n = h.shape[-1]
+        p = self.plan_for(h)
         xp, wsc, h_new = torch.ops.liftquant.fused_norm_transform(
             h.reshape(-1, n), delta.reshape(-1, n), weight, eps, self.s1, self.L, self.R,
-            self.s2_act, d, D, self.packed_signs.numel())
+            self.s2_act, d, D, p.pdl, p.pdl_early)
         out = torch.ops.liftquant.int1_gemv_group(xp, wsc, self.packed_signs, self.scale,
-                                                  self.bias, h.dtype, list(self.members))
+                                                  self.bias, h.dtype, list(self.members),
+                                                  self._tuner_id(h), p.pdl)
         lead = h.shape[:-1]
         return h_new.view(h.shape), tuple(o.reshape(*lead, o.shape[-1])
                                           for o in out.split(self.members, dim=-1))
@@ -124,49 +133,42 @@ class PackedGroup(nn.Module):
         return f"members={self.members}, lattice={self.spec.name}"
 
 
-def decode_kernels(layer: nn.Module, x: Tensor) -> bool:
-    """Whether the packed ``layer`` (or a group led by it) runs ``x`` through the Triton decode
-    kernels: half precision without autograd, batch 1, the ``triton`` backend."""
-    if not isinstance(layer, PackedLiftLinear) or not kernel_input(x):
-        return False
-    if x.numel() // x.shape[-1] > GEMV_MAX_TOKENS:
-        return False
-    return get_backend(layer.backend, x.device).name == "triton"
-
-
 def takes_prologue(layer: nn.Module, x: Tensor) -> bool:
     """Whether the decode step may compute ``layer``'s input inside its T* launch (residual
-    add + RMSNorm, or the SiLU gate): the two-kernel decode path, not the one-launch small
-    path (:mod:`~liftquant.kernels.fused_small`), which takes a finished input."""
-    from liftquant.kernels import fused_small
+    add + RMSNorm, or the SiLU gate): the planner chose the two-kernel decode path (not the
+    one-launch small path, which takes a finished input) with prologues on."""
+    if not is_packed(layer):
+        return False
+    return layer_backend(layer, x.device).plan_for(layer, x).prologue
 
-    return decode_kernels(layer, x) and not fused_small.applies(layer, x)
 
-
-def silu_linear(layer: PackedLiftLinear, gate: Tensor, up: Tensor) -> Tensor:
+def silu_linear(layer: nn.Module, gate: Tensor, up: Tensor) -> Tensor:
     """``layer(silu(gate) * up)`` in two launches (the SiLU gate runs inside T*)."""
     d, D = layer.spec.target_dim, layer.spec.lifted_dim
     n = gate.shape[-1]
+    backend = layer_backend(layer, gate.device)
+    p = backend.plan_for(layer, gate)
     xp, wsc = torch.ops.liftquant.fused_silu_transform(
         gate.reshape(-1, n), up.reshape(-1, n), layer.s1, layer.L, layer.R, layer.s2_act, d, D,
-        layer.packed_signs.numel())
+        p.pdl, p.pdl_early)
     out = torch.ops.liftquant.int1_gemv(xp, wsc, layer.packed_signs, layer.scale, layer.bias,
-                                        gate.dtype)
+                                        gate.dtype, backend.tuner_id, p.pdl)
     return out.reshape(*gate.shape[:-1], out.shape[-1])
 
 
-def group_decoder_layers(layers: nn.ModuleList) -> list[dict[str, PackedGroup]]:
-    """Per decoder layer, the groups built from :data:`SIBLINGS` (keys ``"qkv"``, ``"gate_up"``)
-    where the members qualify (:func:`groupable`); layers without packed siblings get ``{}``."""
-    out = []
-    for layer in layers:
-        groups = {}
-        for key, paths in zip(("qkv", "gate_up"), SIBLINGS):
-            try:
-                mods = [layer.get_submodule(p) for p in paths]
-            except AttributeError:
-                continue
-            if groupable(mods) is None:
-                groups[key] = PackedGroup(mods)
-        out.append(groups)
-    return out
+def sibling_groups(block: nn.Module,
+                   paths: tuple[tuple[str, ...], ...]) -> dict[tuple, PackedGroup]:
+    """The groups of ``block`` built from ``paths`` (the adapter's linear groups with 2 or 3
+    members, e.g. q/k/v and gate/up) where the members qualify (:func:`groupable`), keyed by
+    their paths."""
+    groups = {}
+    for names in paths:
+        if not 2 <= len(names) <= 3:
+            continue
+        try:
+            mods = [block.get_submodule(p) for p in names]
+        except AttributeError:
+            continue
+        if groupable(mods) is None:
+            groups[tuple(names)] = PackedGroup(mods)
+    return groups

@@ -1,33 +1,38 @@
-"""Batch-1 greedy decode of Llama-family models: compiled non-linear regions, one CUDA graph.
+"""Greedy decode of Llama-layout models over our own static KV cache: batched prefill, then
+one step per token (compiled non-linear regions, one CUDA graph per step in ``graph.py``).
 
 The step calls the model's own linear modules (``nn.Linear`` -> cuBLAS, ``PackedLiftLinear``
 -> its kernel backend, whose custom ops stay opaque) and runs everything between them as three
 functions of tensors: residual add + RMSNorm, rotary + KV-cache write + attention, SiLU gate.
 Compiled with ``torch.compile`` they are traced once per shape and reused by every layer and by
 every model of that shape, so compile time does not grow with depth and dense and quantized
-models run the same code (a fair comparison). Where a packed group or down projection runs the
-Triton decode kernels, its input (add + RMSNorm, or the SiLU gate) is computed inside its T*
-launch instead (:data:`FUSE_PROLOGUES`), in the same roundings. :class:`GraphedDecode`
-captures one step as a CUDA graph and replays it per token.
+models run the same code (a fair comparison). Where the planner sends a packed group or down
+projection through the two-kernel decode path with prologues on (``KernelPolicy.
+fuse_prologues``), its input (add + RMSNorm, or the SiLU gate) is computed inside its T* launch,
+in the same roundings.
 
-The KV cache is our own static buffer per layer, ``(n_kv, max_len, head_dim)``; attention
-groups the query heads by KV head (``q.view(n_kv, n_rep, hd)``), so GQA needs no repeated KV.
-The arithmetic follows transformers' Llama (RMSNorm in fp32, rotary and residuals in the
-model dtype, softmax in fp32); ``tests/test_kernels.py`` checks it against the HF forward.
+Module paths come from the model adapter (``liftquant.models.adapters``): the block list,
+embedding, final norm, head, rotary embedding, the linear groups (q/k/v, o, gate/up, down) and
+the norms that feed them (``norm_fusion``); :func:`step_layout` refuses layouts this step does
+not reproduce (q/k norms, sliding windows, non-SiLU MLPs, blocks of different kinds).
+
+:meth:`DecodeStep.prefill` runs the whole prompt as one batch of tokens, so packed layers take
+the planner's GEMM path, with causal attention over the cache. The KV cache is one buffer per
+layer, ``(n_kv, max_len, head_dim)``; attention groups the query heads by KV head, so GQA needs
+no repeated KV. The arithmetic follows transformers' Llama (RMSNorm in fp32, rotary and
+residuals in the model dtype, softmax in fp32); ``tests/test_engine.py`` checks it against the
+HF forward and ``generate``.
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from liftquant.kernels.groups import silu_linear, takes_prologue
-
-# Decoder layouts this step reproduces exactly (q/k/v biases live in the linear modules).
-LLAMA_LIKE = ("llama", "qwen2", "mistral")
+from liftquant.engine.groups import sibling_groups, silu_linear, takes_prologue
 
 
 def add_rms_norm(h: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -45,141 +50,191 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, cos_t: Tensor, sin_t: Tensor, pos: Tensor,
            k_cache: Tensor, v_cache: Tensor, scaling: float) -> Tensor:
-    """One token's attention: rotary on q/k, write k/v at ``pos``, attend to slots <= pos.
+    """Attention of ``T`` new tokens at positions ``pos`` (T,): rotary on q/k, write k/v at
+    ``pos``, each token attends to the cache slots up to its own position.
 
-    ``q`` (1, 1, Hq hd), ``k``/``v`` (1, 1, n_kv hd), caches (n_kv, L, hd), tables (L, hd).
+    ``q`` (1, T, Hq hd), ``k``/``v`` (1, T, n_kv hd), caches (n_kv, L, hd), tables (L, hd).
     """
     n_kv, L, hd = k_cache.shape
-    cos, sin = cos_t.index_select(0, pos), sin_t.index_select(0, pos)  # (1, hd)
-    q = q.view(-1, hd)  # (Hq, hd)
-    k = k.view(n_kv, hd)
+    T = q.shape[1]
+    cos, sin = cos_t.index_select(0, pos), sin_t.index_select(0, pos)  # (T, hd)
+    q = q.view(T, -1, hd).transpose(0, 1)  # (Hq, T, hd)
+    k = k.view(T, n_kv, hd).transpose(0, 1)  # (n_kv, T, hd)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    k_cache.index_copy_(1, pos, k[:, None])
-    v_cache.index_copy_(1, pos, v.view(n_kv, 1, hd))
-    qg = q.view(n_kv, -1, hd)  # (n_kv, n_rep, hd): query heads grouped by KV head
-    scores = torch.matmul(qg, k_cache.transpose(1, 2)).float() * scaling  # (n_kv, n_rep, L)
-    live = torch.arange(L, device=pos.device) <= pos
+    k_cache.index_copy_(1, pos, k)
+    v_cache.index_copy_(1, pos, v.view(T, n_kv, hd).transpose(0, 1))
+    qg = q.reshape(n_kv, -1, hd)  # (n_kv, n_rep T, hd): query heads grouped by KV head
+    scores = torch.matmul(qg, k_cache.transpose(1, 2)).float() * scaling  # (n_kv, n_rep T, L)
+    scores = scores.view(n_kv, -1, T, L)  # (n_kv, n_rep, T, L)
+    live = torch.arange(L, device=pos.device)[None, :] <= pos[:, None]  # (T, L) causal
     probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v_cache).reshape(1, 1, -1)  # (1, 1, Hq hd)
+    out = torch.matmul(probs.view(n_kv, -1, L), v_cache)  # (n_kv, n_rep T, hd)
+    return out.view(-1, T, hd).transpose(0, 1).reshape(1, T, -1)  # (1, T, Hq hd)
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-# Whether the step runs residual add + RMSNorm before a packed q/k/v or gate/up group, and the
-# SiLU gate before a packed down projection, inside that layer's T* launch (groups.
-# add_norm_forward, silu_linear): three fewer launches per decoder layer. Read when the step
-# runs (so when a graph is captured); benchmarks flip it to compare.
-FUSE_PROLOGUES = True
+@dataclass(frozen=True)
+class StepLayout:
+    """Module paths the step reads, from the model adapter."""
+
+    blocks: str
+    embed: str
+    final_norm: str
+    lm_head: str
+    rotary: str
+    qkv: tuple[str, str, str]
+    o: str
+    gate_up: tuple[str, str]
+    down: str
+    attn_norm: str
+    mlp_norm: str
+
+
+def step_layout(model: nn.Module, adapter=None) -> StepLayout:
+    """The step's module paths for ``model`` from its adapter (``models.get_adapter``);
+    ``ValueError`` naming the reason when the step does not reproduce this architecture."""
+    from liftquant.models import get_adapter
+
+    cfg = model.config
+
+    def refuse(why: str):
+        raise ValueError(f"the decode step does not support {cfg.model_type}: {why}; use the "
+                         "HF engine (--engine hf)")
+
+    try:
+        adapter = adapter or get_adapter(cfg)
+    except ValueError as err:
+        refuse(str(err).split(". ")[0])
+
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        refuse(f"hidden_act {cfg.hidden_act!r} (SiLU MLPs only)")
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        refuse("sliding-window attention")
+    blocks = adapter.get_blocks(model)
+    group_sets = {adapter.block_groups(b) for b in blocks}
+    if len(group_sets) != 1:
+        refuse("its blocks have different layouts")
+    groups = group_sets.pop()
+    if [len(g) for g in groups] != [3, 1, 2, 1]:
+        refuse(f"linear groups {groups} are not q/k/v, o, gate/up, down")
+    norms = {i: name for name, i in adapter.norm_fusion}
+    if 0 not in norms or 2 not in norms:
+        refuse("the adapter names no norms for the attention and MLP inputs")
+    attn = blocks[0].get_submodule(groups[0][0].rpartition(".")[0])
+    if any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
+        refuse("q/k norms inside attention")
+    rotary = [p for p in adapter.pre_block if p.endswith("rotary_emb")]
+    if not rotary:
+        refuse("the adapter names no rotary embedding")
+    return StepLayout(blocks=adapter.blocks, embed=adapter.embed, final_norm=adapter.final_norm,
+                      lm_head=adapter.lm_head, rotary=rotary[0], qkv=tuple(groups[0]),
+                      o=groups[1][0], gate_up=tuple(groups[2]), down=groups[3][0],
+                      attn_norm=norms[0], mlp_norm=norms[2])
 
 
 class DecodeStep:
-    """One greedy decode step of ``model`` (HF causal LM) over static buffers.
+    """Batched prefill and one greedy decode step of ``model`` (HF causal LM) over static
+    buffers.
 
-    ``compile_mode``: None runs eagerly; otherwise the three region functions are wrapped in
-    ``torch.compile(mode=compile_mode, dynamic=False, fullgraph=True)`` (``"default"``,
-    ``"max-autotune-no-cudagraphs"``; graphs are captured by :class:`GraphedDecode`).
-    ``group``: run packed q/k/v and gate/up as one transform and one GEMV each
-    (:mod:`~liftquant.kernels.groups`; their buffers become views of the group's tensors).
+    ``compile_mode``: None runs eagerly; otherwise the three region functions of the decode
+    step are wrapped in ``torch.compile(mode=compile_mode, dynamic=False, fullgraph=True)``
+    (prefill runs them eagerly: its token count changes per prompt). ``group``: run packed
+    q/k/v and gate/up as one transform and one GEMV each where the planner takes the decode
+    kernels (``engine.groups``; their buffers become views of the group's tensors).
     """
 
     def __init__(self, model: nn.Module, max_len: int, *, compile_mode: str | None = None,
-                 group: bool = True):
+                 group: bool = True, layout: StepLayout | None = None):
         cfg = model.config
-        if cfg.model_type not in LLAMA_LIKE or getattr(cfg, "hidden_act", "silu") != "silu":
-            raise ValueError(f"decode step supports {LLAMA_LIKE} with SiLU, not "
-                             f"{cfg.model_type}/{getattr(cfg, 'hidden_act', None)}")
+        self.layout = lay = layout or step_layout(model)
         self.model, self.max_len = model, max_len
-        emb = model.model.embed_tokens.weight
+        self.blocks = model.get_submodule(lay.blocks)
+        self.embed = model.get_submodule(lay.embed)
+        self.final_norm = model.get_submodule(lay.final_norm)
+        self.lm_head = model.get_submodule(lay.lm_head)
+        emb = self.embed.weight
         dev, dt = emb.device, emb.dtype
         n_kv = cfg.num_key_value_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.caches = [(torch.zeros(n_kv, max_len, hd, device=dev, dtype=dt),
                         torch.zeros(n_kv, max_len, hd, device=dev, dtype=dt))
-                       for _ in model.model.layers]
+                       for _ in self.blocks]
         positions = torch.arange(max_len, device=dev)[None]
-        cos, sin = model.model.rotary_emb(emb[:1], positions)  # HF tables, any rope scaling
+        cos, sin = model.get_submodule(lay.rotary)(emb[:1], positions)  # HF tables
         self.cos, self.sin = cos[0].to(dt), sin[0].to(dt)  # (max_len, hd)
         self.zero = torch.zeros(1, 1, cfg.hidden_size, device=dev, dtype=dt)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.eps, self.scaling = float(cfg.rms_norm_eps), hd**-0.5
-        if group:
-            from liftquant.kernels.groups import group_decoder_layers
-
-            self.groups = group_decoder_layers(model.model.layers)
-        else:
-            self.groups = [{} for _ in model.model.layers]
+        paths = (lay.qkv, lay.gate_up)
+        self.groups = [sibling_groups(b, paths) if group else {} for b in self.blocks]
 
         def wrap(fn):
             if compile_mode is None:
                 return fn
             return torch.compile(fn, mode=compile_mode, dynamic=False, fullgraph=True)
 
-        self.add_norm, self.attend, self.silu_mul = map(wrap, (add_rms_norm, attend, silu_mul))
+        self.eager_regions = (add_rms_norm, attend, silu_mul)
+        self.regions = tuple(map(wrap, self.eager_regions))
 
-    def _norm_then(self, group, members: tuple, h: Tensor, delta: Tensor,
-                   weight: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def _norm_then(self, group, members: tuple, h: Tensor, delta: Tensor, weight: Tensor,
+                   add_norm) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Residual add + RMSNorm, then the sibling projections that read the result:
         (new residual, their outputs)."""
-        if group is not None and FUSE_PROLOGUES and takes_prologue(group.layers[0], h):
+        if group is not None and takes_prologue(group.layers[0], h):
             return group.add_norm_forward(h, delta, weight, self.eps)
-        h, x = self.add_norm(h, delta, weight, self.eps)
+        h, x = add_norm(h, delta, weight, self.eps)
         return h, (group(x) if group is not None else tuple(m(x) for m in members))
 
-    def _down(self, mlp: nn.Module, gate: Tensor, up: Tensor) -> Tensor:
-        if FUSE_PROLOGUES and takes_prologue(mlp.down_proj, gate):
-            return silu_linear(mlp.down_proj, gate, up)
-        return mlp.down_proj(self.silu_mul(gate, up))
+    def _down(self, down: nn.Module, gate: Tensor, up: Tensor, silu) -> Tensor:
+        if takes_prologue(down, gate):
+            return silu_linear(down, gate, up)
+        return down(silu(gate, up))
+
+    def forward(self, ids: Tensor, positions: Tensor, regions) -> Tensor:
+        """Hidden states through every block for ``ids`` (1, T) at ``positions`` (T,), caches
+        written; the final-norm output of the last token (1, 1, hidden)."""
+        lay = self.layout
+        add_norm, attention, silu = regions
+        h, delta = self.zero, self.embed(ids)
+        for i, block in enumerate(self.blocks):
+            groups = self.groups[i]
+            qkv_mods = tuple(block.get_submodule(p) for p in lay.qkv)
+            h, qkv = self._norm_then(groups.get(lay.qkv), qkv_mods, h, delta,
+                                     block.get_submodule(lay.attn_norm).weight, add_norm)
+            a = attention(*qkv, self.cos, self.sin, positions, *self.caches[i], self.scaling)
+            gu_mods = tuple(block.get_submodule(p) for p in lay.gate_up)
+            h, gate_up = self._norm_then(groups.get(lay.gate_up), gu_mods, h,
+                                         block.get_submodule(lay.o)(a),
+                                         block.get_submodule(lay.mlp_norm).weight, add_norm)
+            delta = self._down(block.get_submodule(lay.down), *gate_up, silu)
+        if h.shape[1] > 1:  # prefill: only the last token's logits are needed
+            h, delta = h[:, -1:], delta[:, -1:]
+        return add_norm(h, delta, self.final_norm.weight, self.eps)[1]
 
     @torch.no_grad()
     def __call__(self) -> Tensor:
-        """Consume ``ids`` at ``pos``; leave the greedy next token in ``ids``; return logits."""
-        m = self.model.model
-        h, delta = self.zero, m.embed_tokens(self.ids)
-        for i, layer in enumerate(m.layers):
-            att, mlp, groups = layer.self_attn, layer.mlp, self.groups[i]
-            h, qkv = self._norm_then(groups.get("qkv"), (att.q_proj, att.k_proj, att.v_proj),
-                                     h, delta, layer.input_layernorm.weight)
-            a = self.attend(*qkv, self.cos, self.sin, self.pos, *self.caches[i], self.scaling)
-            h, gate_up = self._norm_then(groups.get("gate_up"), (mlp.gate_proj, mlp.up_proj),
-                                         h, att.o_proj(a), layer.post_attention_layernorm.weight)
-            delta = self._down(mlp, *gate_up)
-        _, x = self.add_norm(h, delta, m.norm.weight, self.eps)
-        logits = self.model.lm_head(x)  # (1, 1, V)
+        """Consume ``ids`` at ``pos``; leave the greedy next token in ``ids``; return logits
+        (1, 1, V)."""
+        logits = self.lm_head(self.forward(self.ids, self.pos, self.regions))
         self.ids.copy_(logits.argmax(-1))
         self.pos.add_(1)
         return logits
 
-    def prefill(self, prompt: Tensor) -> None:
-        """Feed ``prompt`` (1, T) token by token; ``ids`` then holds the first new token."""
-        for t in range(prompt.shape[1]):
-            self.ids.copy_(prompt[:, t:t + 1])
-            self()
-
-
-class GraphedDecode:
-    """A :class:`DecodeStep` captured as one CUDA graph (after eager warm-up steps, which also
-    build and tune the kernels), replayed per token."""
-
-    def __init__(self, step: DecodeStep, *, warmup: int = 8) -> None:
-        self.step = step
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step()  # static output: each replay rewrites it
-
-    def tokens_per_s(self, n: int) -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            self.graph.replay()
-        torch.cuda.synchronize()
-        return n / (time.perf_counter() - t0)
+    @torch.no_grad()
+    def prefill(self, prompt: Tensor) -> Tensor:
+        """A fresh context from ``prompt`` (1, T) in one batched pass (the packed layers' GEMM
+        path): logits (1, 1, V) after its last token; ``ids`` then holds the greedy next token
+        and ``pos`` is T. Slots past ``pos`` are masked, so the old context needs no clearing."""
+        T = prompt.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"prompt of {T} tokens exceeds the cache of {self.max_len}")
+        positions = torch.arange(T, device=self.pos.device)
+        logits = self.lm_head(self.forward(prompt, positions, self.eager_regions))
+        self.ids.copy_(logits[:, -1:].argmax(-1))
+        self.pos.fill_(T)
+        return logits

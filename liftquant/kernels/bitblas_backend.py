@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from liftquant.kernels.registry import KernelCache, get_backend, warn_once
+from liftquant.kernels.cache import KernelCache
+from liftquant.kernels.policy import KernelPolicy, default_policy
+from liftquant.kernels.registry import get_backend, warn_once
 
 # Token counts BitBLAS specialises its dynamic-shape kernel for (its documented default).
 BITBLAS_M_RANGE = [1, 16, 32, 64, 128, 256, 512, 1024]
@@ -25,12 +27,13 @@ BITBLAS_K_ALIGN = 128
 class BitblasBackend:
     name = "bitblas"
 
-    def __init__(self) -> None:
+    def __init__(self, policy: KernelPolicy | None = None) -> None:
+        self.policy = policy if policy is not None else default_policy()
         self.cache = KernelCache(self.name)
         self.broken: str | None = None
 
     @staticmethod
-    def unavailable_reason(device: torch.device) -> str | None:
+    def unavailable_reason(device: torch.device, policy: KernelPolicy | None = None) -> str | None:
         if device.type != "cuda":
             return "BitBLAS needs a CUDA device"
         try:
@@ -46,7 +49,7 @@ class BitblasBackend:
                 return self._linear(layer, x)
             except Exception as err:  # noqa: BLE001 - kernel build / launch failure
                 self.broken = f"{type(err).__name__}: {err}"[:500]
-        fallback = get_backend("auto", x.device)
+        fallback = get_backend("auto", x.device, policy=self.policy)
         warn_once(f"bitblas-run:{x.device.type}", f"liftquant: BitBLAS kernels failed "
                   f"({self.broken}); falling back to {fallback.name!r}")
         return fallback.linear(layer, x)

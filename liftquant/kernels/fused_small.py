@@ -11,12 +11,13 @@ every program, which is cheap only while x, L and R are a few KB: :func:`fits` b
 shapes. Per sign this costs several instructions against one in the pair-layout GEMV, so large
 layers keep the two-kernel path.
 
-``LIFTQUANT_FUSED_SMALL``: ``auto`` (default) uses this path where it fits and the kernels
-launch without PDL (``int1_words.use_pdl``): with PDL the GEMV's launch and weight loads already
-hide under T*, and on the H100 the two kernels then decoded SmolLM2's shape faster (623 against
-598 tok/s, ``bench/kernels.md``); without PDL this path was the faster (604 against 570). It
-also takes a finished input, so the decode step's norm / SiLU prologues skip these layers.
-``1`` uses it wherever it fits, ``0`` never.
+When this path runs is the planner's decision (``policy.plan``, ``KernelPolicy.fused_small``,
+``LIFTQUANT_FUSED_SMALL``): ``auto`` (default) takes it where it fits and the kernels launch
+without PDL: with PDL the GEMV's launch and weight loads already hide under T*, and on the H100
+the two kernels then decoded SmolLM2's shape faster (623 against 598 tok/s,
+``bench/kernels.md``); without PDL this path was the faster (604 against 570). It also takes a
+finished input, so the decode step's norm / SiLU prologues skip these layers. ``1`` uses it
+wherever it fits, ``0`` never.
 """
 
 from __future__ import annotations
@@ -26,53 +27,23 @@ from typing import Optional  # custom_op schemas: Optional[Tensor] parses on tor
 import torch
 from torch import Tensor
 
-from liftquant.kernels.int1_words import (
-    HAS_TRITON,
-    check_triton,
-    device_ctx,
-    env_choice,
-    pdl_launch,
-    use_pdl,
-)
+from liftquant.kernels.int1_words import HAS_TRITON, check_triton, device_ctx, pdl_launch
+from liftquant.kernels.policy import FUSED_SMALL_MAX_H_TILE as MAX_H_TILE
+from liftquant.kernels.policy import FUSED_SMALL_MAX_X_TILE as MAX_X_TILE
+from liftquant.kernels.policy import fits_fused_small as fits
 
-FUSED_ENV = "LIFTQUANT_FUSED_SMALL"
 # Largest padded H tile (rows x columns, N1P x CP) and padded Xs tile (N1P x N2P) a program
-# recomputes. Measured on the H100 (bench/kernels.md): with every SmolLM2 and Qwen2.5-0.5B
-# layer up to 64 x 128 on this path, SmolLM2 decoded 4 % faster (676 against 648 tok/s) but
-# Qwen 7 % slower (590 against 635): the kernel's per-sign cost outweighs the saved launch
-# once H is 32 x 128. So only the smallest tiles take it (SmolLM2's 576-wide inputs).
-MAX_H_TILE = 32 * 64
-MAX_X_TILE = 32 * 32
+# recomputes (MAX_H_TILE, MAX_X_TILE, kept in ``policy``). Measured on the H100
+# (bench/kernels.md): with every SmolLM2 and Qwen2.5-0.5B layer up to 64 x 128 on this path,
+# SmolLM2 decoded 4 % faster (676 against 648 tok/s) but Qwen 7 % slower (590 against 635):
+# the kernel's per-sign cost outweighs the saved launch once H is 32 x 128. So only the smallest tiles take it (SmolLM2's 576-wide inputs).
 ROWS_PER_PROGRAM = 8
 H_CHUNK = 16  # rows of H per step (tl.dot's smallest M)
+__all__ = ["MAX_H_TILE", "MAX_X_TILE", "fits", "fused_small_linear", "launch_fused_small"]
 
 
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
-
-
-def _read_env() -> bool | None:
-    value = env_choice(FUSED_ENV, "auto", ("auto", "0", "1"))
-    return None if value == "auto" else value == "1"
-
-
-# Read once at import: the decision is a constant for torch.compile traces. True / False force
-# the path on / off where it fits, None is auto (tests and benchmarks set the attribute).
-ENABLED = _read_env()
-
-
-def fits(n1: int, n2: int, C: int) -> bool:
-    """Whether a layer of block shape (n1, n2) and ``C`` lifted columns per row of H is small
-    enough for the one-launch path."""
-    return _pow2(n1) * _pow2(C) <= MAX_H_TILE and _pow2(n1) * _pow2(n2) <= MAX_X_TILE
-
-
-def applies(layer, x: Tensor) -> bool:
-    """Whether a packed layer (or a group's first member) takes the one-launch path for
-    activations ``x``."""
-    if ENABLED is False or (ENABLED is None and use_pdl(x)):
-        return False
-    return fits(*layer.block_shape, layer.R.shape[-1])
 
 
 if HAS_TRITON:
@@ -143,7 +114,7 @@ if HAS_TRITON:
 def launch_fused_small(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor,
                        packed: Tensor, scale: Tensor, bias: Tensor | None, *, d: int, D: int,
                        members: tuple[int, ...] | None = None,
-                       rows_per_program: int = ROWS_PER_PROGRAM) -> Tensor:
+                       rows_per_program: int = ROWS_PER_PROGRAM, pdl: bool = False) -> Tensor:
     """``scale * (Y @ T*(x)) + bias`` for ``x`` (B, n) in one launch: (B, sum(members)).
 
     Side tensors of one layer, or stacked for a group (``s1`` (M, n) ...), with the packed rows
@@ -168,19 +139,19 @@ def launch_fused_small(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tens
             s2_act.contiguous(), packed.contiguous(), scale, bias if bias is not None else scale,
             out, N, N0, N1, packed.shape[1], n=n, n1=n1, n2=n2, C=C, D=D, N1P=_pow2(n1),
             N2P=_pow2(n2), CP=_pow2(C), RB=rows_per_program, HC=H_CHUNK,
-            HAS_BIAS=bias is not None, num_warps=4, **pdl_launch(use_pdl(x)))
+            HAS_BIAS=bias is not None, num_warps=4, **pdl_launch(pdl))
     return out
 
 
 @torch.library.custom_op("liftquant::fused_small_linear", mutates_args=())
 def fused_small_linear(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor,
                        packed: Tensor, scale: Tensor, bias: Optional[Tensor],  # noqa: UP045
-                       d: int, D: int, members: list[int]) -> Tensor:
+                       d: int, D: int, members: list[int], pdl: bool = False) -> Tensor:
     """One-launch T* + GEMV of a small layer or group; see :func:`launch_fused_small`."""
     return launch_fused_small(x, s1, L, R, s2_act, packed, scale, bias, d=d, D=D,
-                              members=tuple(members))
+                              members=tuple(members), pdl=pdl)
 
 
 @fused_small_linear.register_fake
-def _(x, s1, L, R, s2_act, packed, scale, bias, d, D, members):
+def _(x, s1, L, R, s2_act, packed, scale, bias, d, D, members, pdl=False):
     return x.new_empty(x.shape[0], packed.shape[0])

@@ -23,7 +23,6 @@ from liftquant.kernels.int1_words import (
     device_ctx,
     interpreting,
     pdl_launch,
-    use_pdl,
     word_view,
 )
 
@@ -203,8 +202,9 @@ def rowtile_candidates(*, aligned: bool, use_asm: bool) -> list[GemvConfig]:
 
 def launch_gemv(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None,
                 out_dtype: torch.dtype, *, block_n: int, block_w: int = 128, num_warps: int = 4,
-                use_asm: bool = True) -> Tensor:
-    """``out[b] = scale * (Y @ x_b) + bias`` from the pair layout (one program per BN rows)."""
+                use_asm: bool = True, pdl: bool = False) -> Tensor:
+    """``out[b] = scale * (Y @ x_b) + bias`` from the pair layout (one program per BN rows);
+    ``pdl``: launch with programmatic dependent launch (the planner's decision)."""
     check_triton(xp)
     B, _, KW = xp.shape
     N = packed.shape[0]
@@ -216,5 +216,5 @@ def launch_gemv(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Te
         kernel[grid](words, xp, wsc, scale, bias if bias is not None else scale, out,
                      N, KW, rs, nwt, HAS_BIAS=bias is not None, ALIGNED=aligned,
                      USE_ASM=use_asm and not interpreting(), BN=block_n, BW=block_w,
-                     num_warps=num_warps, **pdl_launch(use_pdl(xp, packed.numel())))
+                     num_warps=num_warps, **pdl_launch(pdl))
     return out

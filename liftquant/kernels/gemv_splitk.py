@@ -40,7 +40,6 @@ from liftquant.kernels.int1_words import (
     device_ctx,
     interpreting,
     pdl_launch,
-    use_pdl,
     word_view,
 )
 
@@ -312,7 +311,7 @@ class SplitKConfig:
                 f":r{self.rows_per_program}:x{self.num_warps}" + ("" if self.use_asm else ":noasm"))
 
 
-class _Workspaces:
+class Workspaces:
     """fp32 partials and zeroed int32 counters per device. A larger request allocates a new
     pair and keeps the old one alive: CUDA graphs captured earlier still point at it."""
 
@@ -354,7 +353,8 @@ def _allocate(device: torch.device, n_part: int, n_cnt: int) -> tuple[Tensor, Te
     return part, cnt
 
 
-WORKSPACES = _Workspaces()
+WORKSPACES = Workspaces()  # used by direct launches; backends own theirs
+_Workspaces = Workspaces
 
 
 def _sizes(B: int, N: int, KW: int, cfg: SplitKConfig,
@@ -376,16 +376,18 @@ def check_members(members: tuple[int, ...] | None, N: int, M: int) -> tuple[int,
 
 
 def workspace_ready(xp: Tensor, packed: Tensor, cfg: SplitKConfig,
-                    members: tuple[int, ...] | None = None) -> bool:
+                    members: tuple[int, ...] | None = None,
+                    workspaces: Workspaces | None = None) -> bool:
     """Whether a launch with ``cfg`` needs no new workspace (what a CUDA-graph capture needs)."""
     M = len(members) if members else 1
     _, _, n_part, n_cnt = _sizes(xp.shape[0] // M, packed.shape[0], xp.shape[-1], cfg, members)
-    return n_part == 0 or WORKSPACES.fits(xp.device, n_part, n_cnt)
+    return n_part == 0 or (workspaces or WORKSPACES).fits(xp.device, n_part, n_cnt)
 
 
 def launch_gemv_splitk(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
                        bias: Tensor | None, out_dtype: torch.dtype, *,
-                       cfg: SplitKConfig, members: tuple[int, ...] | None = None) -> Tensor:
+                       cfg: SplitKConfig, members: tuple[int, ...] | None = None,
+                       pdl: bool = False, workspaces: Workspaces | None = None) -> Tensor:
     """``out[b] = scale * (Y @ x_b) + bias`` from the pair layout (``xp`` int32 (B, 16, KW),
     word scales ``wsc`` (B, KW)), split along K as ``cfg`` says.
 
@@ -393,6 +395,9 @@ def launch_gemv_splitk(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
     (q/k/v): their packed rows concatenated, ``members`` rows each, and one activation block
     per member, member-major ((M B, 16, KW), as ``fused_transform`` writes for stacked side
     tensors). The output is (B, sum(members)), the members' outputs side by side.
+
+    ``pdl``: launch with programmatic dependent launch (the planner's decision);
+    ``workspaces``: the owning backend's split-K workspaces (default: the module's).
     """
     check_triton(xp)
     if cfg.rows_per_program % cfg.block_n:
@@ -408,7 +413,7 @@ def launch_gemv_splitk(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
     words, aligned, rs, nwt = word_view(packed)
     S, G, n_part, n_cnt = _sizes(B, N, KW, cfg, members)
     if S > 1:
-        part, cnt = WORKSPACES.get(xp.device, n_part, n_cnt)
+        part, cnt = (workspaces or WORKSPACES).get(xp.device, n_part, n_cnt)
     else:  # never touched; empty tensors keep the kernel signature (and its binary) the same
         part = torch.empty(0, device=xp.device, dtype=torch.float32)
         cnt = torch.empty(0, device=xp.device, dtype=torch.int32)
@@ -424,5 +429,5 @@ def launch_gemv_splitk(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
                 n_red=-(-cfg.rows_per_program // REDUCE_ROWS), USE_ASM=False, **meta)
         else:
             _splitk_kernel[(S, G, B)](*args, S, USE_ASM=cfg.use_asm, **meta,
-                                      **pdl_launch(use_pdl(xp, packed.numel())))
+                                      **pdl_launch(pdl))
     return out

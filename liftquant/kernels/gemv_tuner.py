@@ -8,27 +8,32 @@ capture every candidate is built, run once and compared with the first row-tile 
 candidate that fails to build or disagrees is skipped and recorded in ``rejected``), then
 timed back to back in a CUDA graph over rotating weight copies, as a graphed decode step runs
 them (:func:`graph_time`); the fastest is cached per shape.
-During capture, in the interpreter, or with ``LIFTQUANT_TUNE=0`` a heuristic picks instead.
-``LIFTQUANT_GEMV=splitk|rowtile`` restricts the candidates to one kernel (default: both).
+During capture, in the interpreter, or with ``tune=False`` (``KernelPolicy.tune``,
+``LIFTQUANT_TUNE=0``) a heuristic picks instead. ``kind="splitk"|"rowtile"``
+(``KernelPolicy.gemv_kind``, ``LIFTQUANT_GEMV``) restricts the candidates to one kernel.
+Each Triton backend owns one tuner built from its policy (``registry``); the module's
+:data:`GEMV_TUNER` (default policy) serves direct calls of :func:`gemv`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 
 import torch
 from torch import Tensor
 
+from liftquant.kernels.cache import KernelCache
 from liftquant.kernels.gemv_rowtile import launch_gemv, pick_gemv_config, rowtile_candidates
-from liftquant.kernels.gemv_splitk import SplitKConfig, launch_gemv_splitk, workspace_ready
-from liftquant.kernels.int1_words import interpreting
-from liftquant.kernels.registry import KernelCache
+from liftquant.kernels.gemv_splitk import (
+    WORKSPACES,
+    SplitKConfig,
+    Workspaces,
+    launch_gemv_splitk,
+    workspace_ready,
+)
+from liftquant.kernels.policy import interpreting
 
-# Set LIFTQUANT_TUNE=0 to skip measuring the candidates (the heuristic is used instead).
-TUNE_ENV = "LIFTQUANT_TUNE"
-KIND_ENV = "LIFTQUANT_GEMV"
 KINDS = ("auto", "splitk", "rowtile")
 # Split-K kernel variants (block_w words per slice, block_n rows per step, warps, word loop).
 # block_w = 4 words x lanes along K, so the warps of a program sit along rows and share one
@@ -87,21 +92,16 @@ def pick_splitk_config(*, N: int, KW: int, n_sm: int, use_asm: bool) -> SplitKCo
 
 def launch_config(cfg, xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
                   bias: Tensor | None, out_dtype: torch.dtype,
-                  members: tuple[int, ...] | None = None) -> Tensor:
+                  members: tuple[int, ...] | None = None, *, pdl: bool = False,
+                  workspaces: Workspaces | None = None) -> Tensor:
     if isinstance(cfg, SplitKConfig):
         return launch_gemv_splitk(xp, wsc, packed, scale, bias, out_dtype, cfg=cfg,
-                                  members=members)
+                                  members=members, pdl=pdl, workspaces=workspaces)
     if members is not None and len(members) > 1:
         raise ValueError("the row-tile GEMV runs single layers; groups need split-K")
     return launch_gemv(xp, wsc, packed, scale, bias, out_dtype, block_n=cfg.block_n,
-                       block_w=cfg.block_w, num_warps=cfg.num_warps, use_asm=cfg.use_asm)
-
-
-def _kind() -> str:
-    kind = os.environ.get(KIND_ENV, "auto").lower()
-    if kind not in KINDS:
-        raise ValueError(f"{KIND_ENV}={kind!r}; choose from {', '.join(KINDS)}")
-    return kind
+                       block_w=cfg.block_w, num_warps=cfg.num_warps, use_asm=cfg.use_asm,
+                       pdl=pdl)
 
 
 def _n_sm(device: torch.device) -> int:
@@ -119,20 +119,24 @@ def _rel_diff(a: Tensor, b: Tensor) -> float:
 class GemvTuner:
     """GEMV launch configuration per problem shape, measured once; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, kind: str = "auto", tune: bool = True,
+                 workspaces: Workspaces | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"GEMV kind {kind!r}; choose from {', '.join(KINDS)}")
+        self.kind, self.tune_enabled = kind, tune
+        self.workspaces = workspaces if workspaces is not None else WORKSPACES
         self.cache = KernelCache("triton-gemv")
         self.timings: dict[tuple, dict[str, float]] = {}  # key -> {label: us}
         self.rejected: dict[tuple, dict[str, str]] = {}  # key -> {label: reason}
         self.asm_failed: str | None = None  # why the inline-PTX kernels do not build here
 
-    @staticmethod
-    def key(xp: Tensor, packed: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+    def key(self, xp: Tensor, packed: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
             members: tuple[int, ...] | None = None) -> tuple:
         """(rows, words, aligned, dtype, bias, device, group members, kind); a group (q/k/v as
         one launch) only has split-K candidates."""
         aligned = packed.shape[1] % 16 == 0
         group = tuple(members) if members is not None and len(members) > 1 else None
-        kind = "splitk" if group else _kind()
+        kind = "splitk" if group else self.kind
         return (packed.shape[0], xp.shape[-1], aligned, out_dtype, bias is not None,
                 str(xp.device), group, kind)
 
@@ -150,9 +154,14 @@ class GemvTuner:
             return pick_splitk_config(N=N, KW=KW, n_sm=n_sm, use_asm=use_asm)
         return dataclasses.replace(pick_gemv_config(N, KW, n_sm), use_asm=use_asm)
 
+    def _launch(self, cfg, *args, pdl: bool = False) -> Tensor:
+        return launch_config(cfg, *args, pdl=pdl, workspaces=self.workspaces)
+
     def run(self, xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None,
-            out_dtype: torch.dtype, members: tuple[int, ...] | None = None) -> Tensor:
-        """``scale * (Y @ x) + bias`` with the configuration chosen for this shape."""
+            out_dtype: torch.dtype, members: tuple[int, ...] | None = None, *,
+            pdl: bool = False) -> Tensor:
+        """``scale * (Y @ x) + bias`` with the configuration chosen for this shape; ``pdl``:
+        the planner's launch decision."""
         key = self.key(xp, packed, bias, out_dtype, members)
         members = key[6]
         args = (xp, wsc, packed, scale, bias, out_dtype, members)
@@ -161,25 +170,25 @@ class GemvTuner:
         cfg = self.cache.lookup(key)
         if cfg is None and capturing:  # no timing inside a graph capture
             cfg = self.heuristic(key, n_sm)
-        elif cfg is None and (interpreting() or os.environ.get(TUNE_ENV, "1") == "0"):
-            return self._first_run(key, n_sm, args)
+        elif cfg is None and (interpreting() or not self.tune_enabled):
+            return self._first_run(key, n_sm, args, pdl)
         elif cfg is None:
             cfg = self.cache.get(key, lambda: self.tune(args, key=key, n_sm=n_sm))
-        if capturing and isinstance(cfg, SplitKConfig) and not workspace_ready(xp, packed, cfg,
-                                                                               members):
+        if capturing and isinstance(cfg, SplitKConfig) and not workspace_ready(
+                xp, packed, cfg, members, self.workspaces):
             if members:
                 raise RuntimeError("a grouped split-K GEMV needs its workspace before CUDA "
                                    "graph capture: run one step eagerly first")
             cfg = self.heuristic(key, n_sm, splitk=False)  # no allocation inside a capture
-        return launch_config(cfg, *args)
+        return self._launch(cfg, *args, pdl=pdl)
 
-    def _first_run(self, key: tuple, n_sm: int, args: tuple) -> Tensor:
+    def _first_run(self, key: tuple, n_sm: int, args: tuple, pdl: bool = False) -> Tensor:
         """The heuristic's first launch for ``key``. A build failure falls back to the plain
         Triton loop (warning once), then to the row tile; what ran is cached."""
         cfg = self.heuristic(key, n_sm)
         while True:
             try:
-                out = launch_config(cfg, *args)
+                out = self._launch(cfg, *args, pdl=pdl)
                 self.cache.get(key, lambda c=cfg: c)
                 return out
             except Exception as err:  # compiler / PTX assembler failure
@@ -210,7 +219,7 @@ class GemvTuner:
         copies = weight_copies(packed) if xp.is_cuda else [packed]
         for cfg in self.candidates(key, n_sm, use_asm):
             try:
-                out = launch_config(cfg, *args)
+                out = launch_config(cfg, *args, workspaces=self.workspaces)
                 if xp.is_cuda:
                     torch.cuda.synchronize(xp.device)  # asynchronous launch errors surface here
             except Exception as err:  # noqa: BLE001 - a candidate that does not build
@@ -225,12 +234,13 @@ class GemvTuner:
                 rejected[cfg.label] = f"differs from the reference candidate by {diff:.2e}"
                 continue
             if xp.is_cuda:
-                times[cfg] = graph_time(lambda w, c=cfg: launch_config(c, xp, args[1], w,
-                                                                       *args[3:]),
-                                        [(w,) for w in copies])
+                times[cfg] = graph_time(lambda w, c=cfg: launch_config(
+                    c, xp, args[1], w, *args[3:], workspaces=self.workspaces),
+                    [(w,) for w in copies])
             else:
-                times[cfg] = do_bench(lambda c=cfg: launch_config(c, *args), warmup=5,
-                                      rep=rep_ms, return_mode="median")
+                times[cfg] = do_bench(lambda c=cfg: launch_config(
+                    c, *args, workspaces=self.workspaces), warmup=5, rep=rep_ms,
+                    return_mode="median")
         if not times:
             if use_asm:  # nothing with inline PTX built: the plain Triton loops
                 self._asm_unavailable(RuntimeError(next(iter(rejected.values()), "no candidate")))
@@ -287,12 +297,27 @@ def pick_fastest(times: dict):
 
 
 GEMV_TUNER = GemvTuner()
+# Tuners of backend instances, by id: the custom ops receive the id (an int argument that
+# torch.compile bakes in) and run that backend's tuner; -1 is GEMV_TUNER.
+_TUNERS: list[GemvTuner] = []
+
+
+def register_tuner(tuner: GemvTuner) -> int:
+    """Make ``tuner`` reachable from the custom ops; returns its id."""
+    _TUNERS.append(tuner)
+    return len(_TUNERS) - 1
+
+
+def tuner_by_id(tuner_id: int) -> GemvTuner:
+    return GEMV_TUNER if tuner_id < 0 else _TUNERS[tuner_id]
 
 
 def gemv(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None,
-         out_dtype: torch.dtype, members: tuple[int, ...] | None = None) -> Tensor:
-    """Decode GEMV from the pair layout with the configuration chosen for this shape
-    (``members``: a group of layers, see ``gemv_splitk.launch_gemv_splitk``)."""
-    return GEMV_TUNER.run(xp, wsc, packed, scale, bias, out_dtype, members)
+         out_dtype: torch.dtype, members: tuple[int, ...] | None = None, *,
+         tuner: GemvTuner | None = None, pdl: bool = False) -> Tensor:
+    """Decode GEMV from the pair layout with the configuration ``tuner`` (default: the
+    module's) chose for this shape (``members``: a group of layers, see
+    ``gemv_splitk.launch_gemv_splitk``)."""
+    return (tuner or GEMV_TUNER).run(xp, wsc, packed, scale, bias, out_dtype, members, pdl=pdl)
 
 

@@ -12,22 +12,23 @@ stored as ``y_15 = -x`` and turned into ``+-1`` instead. Each word has a power-o
 Rows of packed bytes that do not start on 16 bytes are read as aligned 16-byte blocks and
 realigned in registers (:func:`_load_words`), so every weight load is a 16-byte vector load.
 
-**Programmatic dependent launch** (Hopper and later, ``LIFTQUANT_PDL``, default on): the decode
-kernels are launched with ``launch_pdl`` and may start while the previous kernel still runs.
-Each one loads what no earlier kernel writes (packed signs, transform factors) first, then
-waits (``griddepcontrol.wait``, :func:`grid_wait`) before it reads activations or writes
-anything; ``fused_transform`` lets its GEMV launch as soon as it starts
-(:func:`grid_launch_dependents`). A decode step is a chain of short latency-bound kernels, so
-the next kernel's launch and weight loads hide under the current one.
+**Programmatic dependent launch** (Hopper and later; decided by the planner, ``policy.plan``,
+and passed to each launch as ``pdl``): the decode kernels are launched with ``launch_pdl`` and
+may start while the previous kernel still runs. Each one loads what no earlier kernel writes
+(packed signs, transform factors) first, then waits (``griddepcontrol.wait``, :func:`grid_wait`)
+before it reads activations or writes anything; ``fused_transform`` lets its GEMV launch as soon
+as it starts (:func:`grid_launch_dependents`). A decode step is a chain of short latency-bound
+kernels, so the next kernel's launch and weight loads hide under the current one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import Tensor
+
+from liftquant.kernels.policy import interpreting
 
 try:  # Triton ships with CUDA builds of torch; a CPU-only install may lack it.
     import triton
@@ -38,59 +39,12 @@ try:  # Triton ships with CUDA builds of torch; a CPU-only install may lack it.
 except ImportError:  # pragma: no cover - exercised on CPU-only installs
     HAS_TRITON = False
 
-PDL_ENV = "LIFTQUANT_PDL"
-
-
-def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
-    """The value of environment switch ``name`` (``default`` when unset), stripped and lower
-    case; anything outside ``choices`` is refused, naming them."""
-    value = os.environ.get(name, default).strip().lower()
-    if value not in choices:
-        listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
-        raise ValueError(f"{name}={value!r}; use {listed}")
-    return value
-
-
-def _read_pdl_env() -> bool:
-    return env_choice(PDL_ENV, "1", ("0", "1")) == "1"
-
-
-# Read once at import; benchmarks and tests flip the module attribute to compare.
-PDL_ENABLED = _read_pdl_env()
-# Where fused_transform lets its GEMV launch: at its start (True) or once its loads are issued.
-PDL_EARLY = True
-# GEMVs with more packed weight bytes, and the transforms that feed them, launch without PDL.
-# On the H100 PDL cost the 8B shape (GEMVs of 5-37 MB) about 2 % of its decode speed, while the
-# 0.1-0.5B shapes (GEMVs of at most 2.7 MB) decoded 5-9 % faster with it (bench/kernels.md).
-PDL_MAX_GEMV_BYTES = 4 << 20
-
-
-_CAPABLE: dict[int, bool] = {}  # device index -> compute capability >= 9.0
-
-
-def _pdl_capable(index: int) -> bool:
-    # A plain dict, not functools.cache: torch.compile traces this when a packed layer's
-    # forward is compiled, and warns about (and ignores) cache wrappers.
-    if index not in _CAPABLE:
-        _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _CAPABLE[index]
-
-
-def use_pdl(t: Tensor, weight_bytes: int = 0) -> bool:
-    """Whether kernels reading ``t`` launch with programmatic dependent launch: enabled, on a
-    CUDA device of compute capability 9.0 or later, not under the Triton interpreter, and (for
-    a GEMV, or the transform that feeds it) packed weights of at most
-    :data:`PDL_MAX_GEMV_BYTES`."""
-    return (PDL_ENABLED and HAS_TRITON and t.is_cuda and not interpreting()
-            and weight_bytes <= PDL_MAX_GEMV_BYTES
-            and _pdl_capable(t.device.index if t.device.index is not None
-                             else torch.cuda.current_device()))
-
 
 def pdl_launch(pdl: bool) -> dict:
     """Launch keywords of a kernel with a ``PDL`` constexpr: the flag, and Triton's
     ``launch_pdl`` option when it is on."""
     return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+
 
 # The tile scale keeps |x_scaled| <= X_LIMIT = 2^-10, so the largest pair-layout value
 # y_0 = 2^25 x stays <= 2^15 < 65504 (fp16) and 32-term sums stay far from overflow.
@@ -106,10 +60,6 @@ def pair_exponent(p: int) -> int:
     (2^-14, 2^-13, 2^-11, 2^-7, 2^1).
     """
     return {12: 12, 13: 8, 14: 0}.get(p, 25 - p)  # exponent bits 12..14; the rest 25 - p
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def check_triton(t: Tensor) -> None:

@@ -27,8 +27,6 @@ from typing import Optional  # custom_op schemas: Optional[Tensor] parses on tor
 import torch
 from torch import Tensor
 
-from liftquant.kernels import int1_words
-
 # Re-exported: the GEMV pieces used to live here (tests, scripts and registry import them).
 from liftquant.kernels.gemv_rowtile import (  # noqa: F401
     GEMV_CANDIDATES,
@@ -38,18 +36,17 @@ from liftquant.kernels.gemv_rowtile import (  # noqa: F401
     pick_gemv_config,
 )
 from liftquant.kernels.gemv_splitk import SplitKConfig, launch_gemv_splitk  # noqa: F401
-from liftquant.kernels.gemv_tuner import GEMV_TUNER, TUNE_ENV, GemvTuner, gemv  # noqa: F401
+from liftquant.kernels.gemv_tuner import GEMV_TUNER, GemvTuner, gemv, tuner_by_id  # noqa: F401
 from liftquant.kernels.int1_words import (  # noqa: F401
     HAS_TRITON,
     WORD_BITS,
     X_LIMIT,
     check_triton,
     device_ctx,
-    interpreting,
     pair_exponent,
     pdl_launch,
-    use_pdl,
 )
+from liftquant.kernels.policy import interpreting
 
 
 def _pow2(n: int, floor: int = 16) -> int:
@@ -262,7 +259,7 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
                      chunk: int | None = None, num_warps: int | None = None,
                      prologue: str = "none", x2: Tensor | None = None,
                      gamma: Tensor | None = None, eps: float = 0.0,
-                     gemv_bytes: int = 0) -> tuple[Tensor, ...]:
+                     pdl: bool = False, pdl_early: bool = True) -> tuple[Tensor, ...]:
     """``T*(x)`` for ``x`` (B, n): pairs -> (XP int32 (B, 16, KW), word scales (B, KW) fp32),
     plain -> ((B, K) in x.dtype, empty).
 
@@ -277,8 +274,9 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
     is returned as a third output; ``"silu_mul"``: input ``silu(x) * x2`` (the MLP's gate and
     up projections).
 
-    ``gemv_bytes``: the packed weight bytes of the GEMV that reads the output; T* launches with
-    PDL exactly when that GEMV does (``int1_words.use_pdl``).
+    ``pdl``: launch with programmatic dependent launch, as the GEMV that reads the output does
+    (the planner's decision, ``policy.plan``); ``pdl_early``: let that GEMV launch at this
+    kernel's start (else once its loads are issued).
     """
     check_triton(x)
     if prologue not in PROLOGUES:
@@ -316,7 +314,7 @@ def launch_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor
             x2.contiguous() if pro else x, gamma.contiguous() if pro == 1 else x, h_out,
             float(eps), n=n, n1=n1, n2=n2, C=C, D=D, K=K, KW=KW, N1P=N1P, N2P=N2P, CP=CP,
             BR=BR, BK1=BK1, CC=CC, WT=WT, PAIRS=pairs, num_warps=num_warps,
-            EARLY=int1_words.PDL_EARLY, PRO=pro, **pdl_launch(use_pdl(x, gemv_bytes)))
+            EARLY=pdl_early, PRO=pro, **pdl_launch(pdl))
     out = out.view(torch.int32) if pairs else out
     return (out, wsc, h_out) if pro == 1 else (out, wsc)
 
@@ -342,13 +340,15 @@ def launch_gemm(xs: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, 
 # -------------------------------------------------------------------- custom ops
 @torch.library.custom_op("liftquant::fused_transform", mutates_args=())
 def fused_transform(x: Tensor, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor, d: int, D: int,
-                    pairs: bool, gemv_bytes: int = 0) -> tuple[Tensor, Tensor]:
+                    pairs: bool, pdl: bool = False,
+                    pdl_early: bool = True) -> tuple[Tensor, Tensor]:
     """Fused ``T*(x)`` (Eq. 4) for ``x`` (B, n); see :func:`launch_transform`."""
-    return launch_transform(x, s1, L, R, s2_act, d=d, D=D, pairs=pairs, gemv_bytes=gemv_bytes)
+    return launch_transform(x, s1, L, R, s2_act, d=d, D=D, pairs=pairs, pdl=pdl,
+                            pdl_early=pdl_early)
 
 
 @fused_transform.register_fake
-def _fake_transform(x, s1, L, R, s2_act, d, D, pairs, gemv_bytes=0):
+def _fake_transform(x, s1, L, R, s2_act, d, D, pairs, pdl=False, pdl_early=True):
     M = L.shape[0] if L.dim() == 3 else 1
     B, K = x.shape[0] * M, L.shape[-1] * R.shape[-1]
     KW = -(-K // WORD_BITS)
@@ -360,43 +360,44 @@ def _fake_transform(x, s1, L, R, s2_act, d, D, pairs, gemv_bytes=0):
 @torch.library.custom_op("liftquant::fused_norm_transform", mutates_args=())
 def fused_norm_transform(h: Tensor, delta: Tensor, gamma: Tensor, eps: float, s1: Tensor,
                          L: Tensor, R: Tensor, s2_act: Tensor, d: int, D: int,
-                         gemv_bytes: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                         pdl: bool = False, pdl_early: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Residual add + RMSNorm + ``T*`` (pair layout) in one launch: (XP, word scales, h + delta);
     see :func:`launch_transform` with ``prologue="add_norm"``."""
     return launch_transform(h, s1, L, R, s2_act, d=d, D=D, pairs=True, prologue="add_norm",
-                            x2=delta, gamma=gamma, eps=eps, gemv_bytes=gemv_bytes)
+                            x2=delta, gamma=gamma, eps=eps, pdl=pdl, pdl_early=pdl_early)
 
 
 @fused_norm_transform.register_fake
-def _(h, delta, gamma, eps, s1, L, R, s2_act, d, D, gemv_bytes=0):
+def _(h, delta, gamma, eps, s1, L, R, s2_act, d, D, pdl=False, pdl_early=True):
     return (*_fake_transform(h, s1, L, R, s2_act, d, D, True), torch.empty_like(h))
 
 
 @torch.library.custom_op("liftquant::fused_silu_transform", mutates_args=())
 def fused_silu_transform(gate: Tensor, up: Tensor, s1: Tensor, L: Tensor, R: Tensor,
-                         s2_act: Tensor, d: int, D: int,
-                         gemv_bytes: int = 0) -> tuple[Tensor, Tensor]:
+                         s2_act: Tensor, d: int, D: int, pdl: bool = False,
+                         pdl_early: bool = True) -> tuple[Tensor, Tensor]:
     """``T*(silu(gate) * up)`` (pair layout) in one launch; see :func:`launch_transform` with
     ``prologue="silu_mul"``."""
     return launch_transform(gate, s1, L, R, s2_act, d=d, D=D, pairs=True, prologue="silu_mul",
-                            x2=up, gemv_bytes=gemv_bytes)
+                            x2=up, pdl=pdl, pdl_early=pdl_early)
 
 
 @fused_silu_transform.register_fake
-def _(gate, up, s1, L, R, s2_act, d, D, gemv_bytes=0):
+def _(gate, up, s1, L, R, s2_act, d, D, pdl=False, pdl_early=True):
     return _fake_transform(gate, s1, L, R, s2_act, d, D, True)
 
 
 @torch.library.custom_op("liftquant::int1_gemv", mutates_args=())
 def int1_gemv(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor],  # noqa: UP045
-              out_dtype: torch.dtype) -> Tensor:
-    """Decode GEMV from the pair layout with the configuration chosen for this shape
-    (:mod:`~liftquant.kernels.gemv_tuner`)."""
-    return gemv(xp, wsc, packed, scale, bias, out_dtype)
+              out_dtype: torch.dtype, tuner_id: int = -1, pdl: bool = False) -> Tensor:
+    """Decode GEMV from the pair layout with the configuration tuner ``tuner_id`` (the owning
+    backend's, ``gemv_tuner.tuner_by_id``) chose for this shape; ``pdl``: the planner's launch
+    decision."""
+    return gemv(xp, wsc, packed, scale, bias, out_dtype, tuner=tuner_by_id(tuner_id), pdl=pdl)
 
 
 @int1_gemv.register_fake
-def _(xp, wsc, packed, scale, bias, out_dtype):
+def _(xp, wsc, packed, scale, bias, out_dtype, tuner_id=-1, pdl=False):
     return xp.new_empty(xp.shape[0], packed.shape[0], dtype=out_dtype)
 
 
@@ -413,17 +414,17 @@ def _(xs, packed, scale, bias):
     return xs.new_empty(xs.shape[0], packed.shape[0])
 
 
-
 @torch.library.custom_op("liftquant::int1_gemv_group", mutates_args=())
 def int1_gemv_group(xp: Tensor, wsc: Tensor, packed: Tensor, scale: Tensor,
                     bias: Optional[Tensor], out_dtype: torch.dtype,  # noqa: UP045
-                    members: list[int]) -> Tensor:
+                    members: list[int], tuner_id: int = -1, pdl: bool = False) -> Tensor:
     """One decode GEMV for a group of layers reading the same input through their own T*
     (q/k/v, gate/up): ``xp`` (M B, 16, KW) member-major, packed rows concatenated with
     ``members`` rows each; returns (B, sum(members))."""
-    return gemv(xp, wsc, packed, scale, bias, out_dtype, tuple(members))
+    return gemv(xp, wsc, packed, scale, bias, out_dtype, tuple(members),
+                tuner=tuner_by_id(tuner_id), pdl=pdl)
 
 
 @int1_gemv_group.register_fake
-def _(xp, wsc, packed, scale, bias, out_dtype, members):
+def _(xp, wsc, packed, scale, bias, out_dtype, members, tuner_id=-1, pdl=False):
     return xp.new_empty(xp.shape[0] // len(members), packed.shape[0], dtype=out_dtype)
