@@ -129,7 +129,7 @@ def unique_state(model: nn.Module) -> dict[str, Tensor]:
 
 def _state_for_saving(model: nn.Module) -> dict[str, Tensor]:
     """CPU tensors that own exactly their bytes: views into a larger buffer (the members of a
-    ``kernels.groups.PackedGroup``) are copied rather than handed to safetensors as slices of
+    ``engine.groups.PackedGroup``) are copied rather than handed to safetensors as slices of
     one shared storage."""
     out = {}
     for k, t in unique_state(model).items():
