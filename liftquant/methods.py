@@ -63,7 +63,8 @@ def _registered() -> list[QuantMethod]:
 
 
 def method_names() -> list[str]:
-    return [n for m in _registered() for n in m.names]
+    """Every ``--method`` name, sorted (registration order depends on import order)."""
+    return sorted(n for m in _registered() for n in m.names)
 
 
 def get_method(name: str) -> QuantMethod:
@@ -88,7 +89,7 @@ def method_for_checkpoint(qc: dict[str, Any], *, where: str | Path) -> QuantMeth
     for m in _registered():
         if m.quant_method == found:
             return m
-    known = ", ".join(repr(m.quant_method) for m in _METHODS)
+    known = ", ".join(sorted(repr(m.quant_method) for m in _METHODS))
     raise ValueError(f"{where}: quant_method {found!r} is none of {known}; pass an FP model "
                      "with --model instead")
 

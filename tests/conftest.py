@@ -24,6 +24,7 @@ SLOW_ELSEWHERE = {
     ("test_fused_small.py", "test_fused_small_matches_reference_in_interpreter"): 23,
     ("test_kernels.py", "test_triton_kernels_in_interpreter"): 15,
     ("test_chat.py", "test_script_answers_two_prompts_on_cpu"): 8,
+    ("test_policy.py", "test_every_triton_path_matches_the_reference_in_interpreter"): 8,
     ("test_distributed.py",
      "test_two_ranks_are_bit_identical_to_one_process_and_resume_after_a_dead_rank"): 38,
 }

@@ -23,7 +23,7 @@ def test_names_and_config_types_find_their_handler():
     assert methods.method_for_config(BaselineSpec(method="rtn", bits=3)) is rtn
     assert not rtn.needs_calibration("rtn") and rtn.needs_calibration("gptq")
     assert set(methods.method_names()) == {"liftquant", "rtn", "gptq"}
-    with pytest.raises(ValueError, match="--method 'awq': choose one of liftquant, rtn, gptq"):
+    with pytest.raises(ValueError, match="--method 'awq': choose one of gptq, liftquant, rtn"):
         methods.get_method("awq")
 
 
