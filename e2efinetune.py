@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from liftquant import errors
-from liftquant.finetune import REPORT_NAME, E2EArgs, build_e2e_parser, format_report
+from liftquant.finetune_config import REPORT_NAME, E2EArgs, build_e2e_parser, format_report
 from liftquant.log import setup_logging
 
 

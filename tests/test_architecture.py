@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parent.parent / "liftquant"
 # layer -> module prefixes (relative to liftquant); a module takes its longest matching prefix
 LAYERS = {
     0: ("log", "fileio", "provenance", "records", "errors", "config", "latticespec", "methods",
-        "hadamard", "pack", "proxy"),
+        "finetune_config", "hadamard", "pack", "proxy"),
     1: ("lattice", "lattice_train", "whiten", "kernels", "linear", "models"),
     2: ("integrity", "checkpoint", "size", "integrations"),
     3: ("cache", "capture", "stream", "blocktrain", "plan", "blockstore", "calibrate", "rate",

@@ -182,3 +182,17 @@ def test_e2e_bad_lattice_refused_at_parse(capsys):
     with pytest.raises(SystemExit):
         _e2e("--lattice", "8to8")
     assert "--lattice/--expc: impossible lattice 8to8" in capsys.readouterr().err
+
+
+def test_e2e_bad_lattice_refused_before_torch(tmp_path):
+    code = ("import sys, e2efinetune\n"
+            "try:\n"
+            f"    e2efinetune.main(['--quant_model_path', {str(tmp_path)!r}, '--lattice', '8x8',\n"
+            f"                      '--output_dir', {str(tmp_path / 'out')!r}, '--do_train'])\n"
+            "except SystemExit as exc:\n"
+            "    print(exc.code, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr)
+    assert "--lattice/--expc: cannot parse lattice '8x8'" in out.stderr
+    assert not (tmp_path / "out").exists()
