@@ -1,0 +1,61 @@
+"""The benchmark scripts import on CPU, A/B kernel policies (not module switches), and build
+their random-weight models on any device."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def scripts(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_cpu_chat
+    import bench_decode
+    import bench_kernels
+    import bench_variants
+
+    yield bench_decode, bench_kernels, bench_variants, bench_cpu_chat
+    for name in ("bench_decode", "bench_kernels", "bench_variants", "bench_cpu_chat",
+                 "profile_decode"):
+        sys.modules.pop(name, None)
+
+
+def test_variants_are_policies(scripts):
+    from liftquant.kernels.policy import PDL_MAX_GEMV_BYTES, KernelPolicy
+
+    _, _, variants, _ = scripts
+    combos = variants.variants("pdl,fused")
+    assert [label for label, _ in combos] == ["pdl=1 fused=1", "pdl=1 fused=0", "pdl=0 fused=1",
+                                              "pdl=0 fused=0"]
+    base = KernelPolicy()
+    p = variants.policy_for({"pdl": 0, "fused": 1, "pdl_big": 0}, base)
+    assert (p.pdl, p.fused_small, p.pdl_max_gemv_bytes) == (False, "1", PDL_MAX_GEMV_BYTES)
+    assert variants.policy_for({"prologue": 0, "early": 0}, base) == base.replace(
+        fuse_prologues=False, pdl_early=False)
+    with pytest.raises(ValueError, match="unknown switches"):
+        variants.variants("pdl,turbo")
+
+
+def test_bench_decode_model_runs_the_step_on_cpu(scripts):
+    from transformers import LlamaConfig
+
+    from liftquant.engine import StepEngine
+
+    bench_decode = scripts[0]
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                      max_position_embeddings=32)
+    model = bench_decode.build_model(cfg, "16to8", "torch", device="cpu").float()
+    assert sum(type(m).__name__ == "PackedLiftLinear" for m in model.modules()) == 14
+    engine = StepEngine(model, 16)
+    ids = torch.randint(0, 50, (1, 5))
+    logits = engine.prefill(ids)
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1]
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
