@@ -59,3 +59,23 @@ def test_bench_decode_model_runs_the_step_on_cpu(scripts):
     with torch.no_grad():
         ref = model(ids).logits[:, -1]
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_bench_decode_policy_and_bytes(scripts):
+    from transformers import LlamaConfig
+
+    bench_decode = scripts[0]
+    p = bench_decode.parse_policy("pdl=0,fused_small=1,pdl_max_gemv_bytes=123")
+    assert (p.pdl, p.fused_small, p.pdl_max_gemv_bytes) == (False, "1", 123)
+    with pytest.raises(SystemExit, match="unknown field"):
+        bench_decode.parse_policy("turbo=1")
+    with pytest.raises(ValueError, match="fused_small"):
+        bench_decode.parse_policy("fused_small=2")
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                      tie_word_embeddings=False)
+    dense = bench_decode.build_model(cfg, None, "torch", device="cpu")
+    n_params = sum(t.numel() for t in dense.parameters()) - 50 * 64  # the embedding table
+    assert bench_decode.weight_bytes(dense) >= 2 * n_params  # bf16, plus rotary buffers
+    packed = bench_decode.build_model(cfg, "16to8", "torch", device="cpu")
+    assert bench_decode.weight_bytes(packed) < bench_decode.weight_bytes(dense)

@@ -158,3 +158,22 @@ def test_hf_engine_interface_positions(model_and_ref):
     assert engine.position == 8
     engine.reset()
     assert engine.position == 0
+
+
+def test_batched_step_equals_hf_per_sequence(model_and_ref):
+    """batch 2: prefill and two decode steps equal the HF forward of each sequence."""
+    from liftquant.engine import DecodeStep
+
+    model, _, _ = model_and_ref
+    ids = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(5))
+    step = DecodeStep(model, 16, batch=2)
+    logits = [step.prefill(ids[:, :4])[:, -1]]
+    for t in (4, 5):
+        step.ids.copy_(ids[:, t:t + 1])
+        logits.append(step()[:, -1])
+    with torch.no_grad():
+        ref = model(ids).logits  # (2, 6, V)
+    for j, t in enumerate((3, 4, 5)):
+        torch.testing.assert_close(logits[j], ref[:, t], atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="batch"):
+        step.prefill(ids[:1])

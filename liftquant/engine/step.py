@@ -50,27 +50,27 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, cos_t: Tensor, sin_t: Tensor, pos: Tensor,
            k_cache: Tensor, v_cache: Tensor, scaling: float) -> Tensor:
-    """Attention of ``T`` new tokens at positions ``pos`` (T,): rotary on q/k, write k/v at
-    ``pos``, each token attends to the cache slots up to its own position.
+    """Attention of ``T`` new tokens per sequence at positions ``pos`` (T,): rotary on q/k,
+    write k/v at ``pos``, each token attends to the cache slots up to its own position.
 
-    ``q`` (1, T, Hq hd), ``k``/``v`` (1, T, n_kv hd), caches (n_kv, L, hd), tables (L, hd).
+    ``q`` (B, T, Hq hd), ``k``/``v`` (B, T, n_kv hd), caches (B, n_kv, L, hd), tables (L, hd).
     """
-    n_kv, L, hd = k_cache.shape
+    B, n_kv, L, hd = k_cache.shape
     T = q.shape[1]
     cos, sin = cos_t.index_select(0, pos), sin_t.index_select(0, pos)  # (T, hd)
-    q = q.view(T, -1, hd).transpose(0, 1)  # (Hq, T, hd)
-    k = k.view(T, n_kv, hd).transpose(0, 1)  # (n_kv, T, hd)
+    q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, Hq, T, hd)
+    k = k.view(B, T, n_kv, hd).transpose(1, 2)  # (B, n_kv, T, hd)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    k_cache.index_copy_(1, pos, k)
-    v_cache.index_copy_(1, pos, v.view(T, n_kv, hd).transpose(0, 1))
-    qg = q.reshape(n_kv, -1, hd)  # (n_kv, n_rep T, hd): query heads grouped by KV head
-    scores = torch.matmul(qg, k_cache.transpose(1, 2)).float() * scaling  # (n_kv, n_rep T, L)
-    scores = scores.view(n_kv, -1, T, L)  # (n_kv, n_rep, T, L)
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v.view(B, T, n_kv, hd).transpose(1, 2))
+    qg = q.reshape(B, n_kv, -1, hd)  # (B, n_kv, n_rep T, hd): query heads grouped by KV head
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scaling  # (.., n_rep T, L)
+    scores = scores.view(B, n_kv, -1, T, L)  # (B, n_kv, n_rep, T, L)
     live = torch.arange(L, device=pos.device)[None, :] <= pos[:, None]  # (T, L) causal
     probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1).to(q.dtype)
-    out = torch.matmul(probs.view(n_kv, -1, L), v_cache)  # (n_kv, n_rep T, hd)
-    return out.view(-1, T, hd).transpose(0, 1).reshape(1, T, -1)  # (1, T, Hq hd)
+    out = torch.matmul(probs.view(B, n_kv, -1, L), v_cache)  # (B, n_kv, n_rep T, hd)
+    return out.view(B, -1, T, hd).transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq hd)
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
@@ -140,6 +140,8 @@ class DecodeStep:
     """Batched prefill and one greedy decode step of ``model`` (HF causal LM) over static
     buffers.
 
+    ``batch``: independent sequences decoded together (same positions; benchmarks of batch 4
+    and 16, where the packed layers take the planner's batch path).
     ``compile_mode``: None runs eagerly; otherwise the three region functions of the decode
     step are wrapped in ``torch.compile(mode=compile_mode, dynamic=False, fullgraph=True)``
     (prefill runs them eagerly: its token count changes per prompt). ``group``: run packed
@@ -148,7 +150,7 @@ class DecodeStep:
     """
 
     def __init__(self, model: nn.Module, max_len: int, *, compile_mode: str | None = None,
-                 group: bool = True, layout: StepLayout | None = None):
+                 group: bool = True, layout: StepLayout | None = None, batch: int = 1):
         cfg = model.config
         self.layout = lay = layout or step_layout(model)
         self.model, self.max_len = model, max_len
@@ -160,14 +162,15 @@ class DecodeStep:
         dev, dt = emb.device, emb.dtype
         n_kv = cfg.num_key_value_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.caches = [(torch.zeros(n_kv, max_len, hd, device=dev, dtype=dt),
-                        torch.zeros(n_kv, max_len, hd, device=dev, dtype=dt))
+        self.batch = batch
+        self.caches = [(torch.zeros(batch, n_kv, max_len, hd, device=dev, dtype=dt),
+                        torch.zeros(batch, n_kv, max_len, hd, device=dev, dtype=dt))
                        for _ in self.blocks]
         positions = torch.arange(max_len, device=dev)[None]
         cos, sin = model.get_submodule(lay.rotary)(emb[:1], positions)  # HF tables
         self.cos, self.sin = cos[0].to(dt), sin[0].to(dt)  # (max_len, hd)
-        self.zero = torch.zeros(1, 1, cfg.hidden_size, device=dev, dtype=dt)
-        self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.zero = torch.zeros(batch, 1, cfg.hidden_size, device=dev, dtype=dt)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.eps, self.scaling = float(cfg.rms_norm_eps), hd**-0.5
         paths = (lay.qkv, lay.gate_up)
@@ -196,11 +199,12 @@ class DecodeStep:
         return down(silu(gate, up))
 
     def forward(self, ids: Tensor, positions: Tensor, regions) -> Tensor:
-        """Hidden states through every block for ``ids`` (1, T) at ``positions`` (T,), caches
-        written; the final-norm output of the last token (1, 1, hidden)."""
+        """Hidden states through every block for ``ids`` (B, T) at ``positions`` (T,), caches
+        written; the final-norm output of the last token (B, 1, hidden)."""
         lay = self.layout
         add_norm, attention, silu = regions
-        h, delta = self.zero, self.embed(ids)
+        delta = self.embed(ids)
+        h = self.zero if ids.shape[1] == 1 else self.zero.expand_as(delta)
         for i, block in enumerate(self.blocks):
             groups = self.groups[i]
             qkv_mods = tuple(block.get_submodule(p) for p in lay.qkv)
@@ -219,7 +223,7 @@ class DecodeStep:
     @torch.no_grad()
     def __call__(self) -> Tensor:
         """Consume ``ids`` at ``pos``; leave the greedy next token in ``ids``; return logits
-        (1, 1, V)."""
+        (B, 1, V)."""
         logits = self.lm_head(self.forward(self.ids, self.pos, self.regions))
         self.ids.copy_(logits.argmax(-1))
         self.pos.add_(1)
@@ -227,10 +231,12 @@ class DecodeStep:
 
     @torch.no_grad()
     def prefill(self, prompt: Tensor) -> Tensor:
-        """A fresh context from ``prompt`` (1, T) in one batched pass (the packed layers' GEMM
-        path): logits (1, 1, V) after its last token; ``ids`` then holds the greedy next token
+        """A fresh context from ``prompt`` (B, T) in one batched pass (the packed layers' GEMM
+        path): logits (B, 1, V) after its last token; ``ids`` then holds the greedy next token
         and ``pos`` is T. Slots past ``pos`` are masked, so the old context needs no clearing."""
         T = prompt.shape[1]
+        if prompt.shape[0] != self.batch:
+            raise ValueError(f"prompt batch {prompt.shape[0]} != the step's batch {self.batch}")
         if T > self.max_len:
             raise ValueError(f"prompt of {T} tokens exceeds the cache of {self.max_len}")
         positions = torch.arange(T, device=self.pos.device)
