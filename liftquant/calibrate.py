@@ -433,12 +433,12 @@ def quantize_model(
                                           fingerprint=fingerprint)
                 logger.info("block %d/%d resumed from %s", i + 1, len(blocks), path)
             else:
-                own = None if lattice_map is None else {
+                block_lattices = None if lattice_map is None else {
                     name: lattice_map[f"{adapter.blocks}.{i}.{name}"]
                     for name in adapter.linear_names(block)}
                 row, plan = quantize_block(block, adapter=adapter, data=data, stats=stats, M=M,
                                            spec=spec, cfg=cfg, seed=cfg.calib.seed + i,
-                                           plan=plan, clock=clock, lattices=own)
+                                           plan=plan, clock=clock, lattices=block_lattices)
                 row = {"block": i, **row}
             if cfg.train.propagate == "fp":
                 X, Y = Y, X  # FP outputs of block i are the inputs of block i + 1
