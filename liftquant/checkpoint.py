@@ -35,9 +35,9 @@ from liftquant.integrity import (
     CheckpointError,
     check_finite,
     check_tensors,
-    checksum_metadata,
     install_dir,
     read_header,
+    save_safetensors,
     staging_dir,
     verify_checksums,
     verify_default,
@@ -160,8 +160,6 @@ def save_quantized(
     ``tensors`` replaces the model's state dict as the content of ``model.safetensors`` (the
     baselines store packed integer codes instead of their dense weights).
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     if out.is_symlink():
         out = out.resolve()  # replace the folder the link points to, keep the link
@@ -170,7 +168,7 @@ def save_quantized(
                  fix="the model diverged during quantization or fine-tuning; re-run it")
     qconfig = {**qconfig, "tensor_checksums": CHECKSUM_ALGO}
     with staging_dir(out) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata=checksum_metadata(state))
+        save_safetensors(state, tmp / WEIGHTS_NAME)
         config = model.config
         config.quantization_config = qconfig
         config.architectures = [type(model).__name__]  # as save_pretrained; build_skeleton reads it
@@ -361,6 +359,13 @@ def swap_packed(model: nn.Module, qc: dict[str, Any], *, backend: str | None = N
         if backend is not None:
             layer.backend = backend
         set_module(model, name, layer)
+    if qc.get("lm_head"):  # an 8-bit head (scripts/quantize_lm_head.py)
+        from liftquant.kernels.int8_head import swap_int8_head
+
+        try:
+            swap_int8_head(model, qc["lm_head"])
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
 
 
 def strict_load(model: nn.Module, state: dict[str, Tensor], *, config: Any, where: str | Path,
