@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from liftquant.checkpoint import (
@@ -34,7 +34,7 @@ from liftquant.checkpoint import (
     tensor_sha256,
 )
 from liftquant.config import FORMAT_VERSION, GROUPS, RunConfig
-from liftquant.integrity import CheckpointError, checksum_metadata, read_header, verify_checksums
+from liftquant.integrity import CheckpointError, read_header, save_safetensors, verify_checksums
 from liftquant.lattice import LatticeSpec
 from liftquant.linear import PackedLiftLinear
 from liftquant.log import get_logger
@@ -193,7 +193,7 @@ def save_block(path: Path, block: nn.Module, row: dict, *, fingerprint: dict | N
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}
-    save_file(state, str(tmp), metadata=checksum_metadata(state))
+    save_safetensors(state, tmp)
     meta = {"format": BLOCK_FORMAT, "row": row, "fingerprint": fingerprint}
     path.with_suffix(".json.tmp").write_text(json.dumps(meta, default=str))
     os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))

@@ -94,6 +94,42 @@ def checksum_metadata(state: Mapping[str, Tensor]) -> dict[str, str]:
     return {"format": "pt", CHECKSUM_KEY: json.dumps(tensor_checksums(state), sort_keys=True)}
 
 
+def save_safetensors(state: Mapping[str, Tensor], file: Path | str) -> None:
+    """``safetensors.torch.save_file`` with :func:`checksum_metadata`, then the header made
+    canonical: safetensors writes the metadata keys in hash-map order, which changes from one
+    process to the next, so two identical models would give files with different bytes. The
+    keys are rewritten sorted (same length, so no data offset moves) and the same seed gives the
+    same file, byte for byte."""
+    from safetensors.torch import save_file
+
+    save_file(dict(state), str(file), metadata=checksum_metadata(state))
+    canonicalize_header(Path(file))
+
+
+def canonicalize_header(file: Path) -> None:
+    """Rewrite the header of the safetensors ``file`` in place with its ``__metadata__`` keys
+    sorted; tensor entries keep their order. Left as written when the rewrite would not have
+    exactly the same length (it always has for headers safetensors wrote)."""
+    with open(file, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        pairs = json.loads(raw, object_pairs_hook=list)
+        out = []
+        for key, value in pairs:
+            if key == "__metadata__" and isinstance(value, list):
+                value = dict(sorted(value))
+            elif isinstance(value, list):
+                value = dict(value)
+            out.append((key, value))
+        text = json.dumps(dict(out), separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n or raw.rstrip(b" ") == text:
+            return
+        if len(raw.rstrip(b" ")) != len(text):
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
 def read_header(file: Path) -> dict[str, Any]:
     """Parse a safetensors header: ``{"tensors": {name: entry}, "metadata": {...},
     "data_start": int}``; a missing, truncated or garbled file raises :class:`CheckpointError`."""
