@@ -89,6 +89,15 @@ def parse_policy(text: str) -> KernelPolicy:
     return policy.replace(**changes)
 
 
+def head8(model: nn.Module, bits: int) -> nn.Module:
+    """The model with its head in per-channel int8 when ``bits == 8``."""
+    if bits == 8:
+        from liftquant.kernels.int8_head import quantize_lm_head
+
+        quantize_lm_head(model)
+    return model
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every tensor a decode step reads in full: parameters and buffers (shared ones
     once), less the embedding table unless the head shares it (one row is read)."""
@@ -98,7 +107,8 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     emb = model.get_input_embeddings().weight
-    if emb.data_ptr() != model.get_output_embeddings().weight.data_ptr():
+    head = getattr(model.get_output_embeddings(), "weight", None)  # None: the int8 head
+    if head is None or emb.data_ptr() != head.data_ptr():
         total -= emb.numel() * emb.element_size()
     return total
 
@@ -211,6 +221,9 @@ def main() -> None:
     ap.add_argument("--fp_model", default="demo", help="its bf16 original: folder or 'demo'")
     ap.add_argument("--model_name", default=None, help="model column for --checkpoint rows")
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--lm_head_bits", type=int, default=16, choices=(16, 8),
+                    help="8: the packed runs store the head in per-channel int8 "
+                    "(kernels.int8_head; config column <lattice>+head8)")
     args = ap.parse_args()
     torch.manual_seed(0)
     mode = args.compile_mode if args.compile else None
@@ -225,8 +238,9 @@ def main() -> None:
         cfg = SHAPE_MODELS[name]()
         if name in BF16_MODELS:
             runs.append((name, "bf16", "cublas", lambda c=cfg: build_model(c, None, "torch")))
-        runs += [(name, lat, args.backend,
-                  lambda c=cfg, lat=lat: build_model(c, lat, args.backend, policy=policy))
+        runs += [(name, lat + ("+head8" if args.lm_head_bits == 8 else ""), args.backend,
+                  lambda c=cfg, lat=lat: head8(build_model(c, lat, args.backend, policy=policy),
+                                               args.lm_head_bits))
                  for lat in args.lattices.split(",") if lat]
     if args.checkpoint:
         name = args.model_name or ("smollm2-135m" if args.fp_model == "demo"

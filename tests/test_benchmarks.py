@@ -79,3 +79,19 @@ def test_bench_decode_policy_and_bytes(scripts):
     assert bench_decode.weight_bytes(dense) >= 2 * n_params  # bf16, plus rotary buffers
     packed = bench_decode.build_model(cfg, "16to8", "torch", device="cpu")
     assert bench_decode.weight_bytes(packed) < bench_decode.weight_bytes(dense)
+
+
+def test_bench_decode_int8_head_halves_the_head_bytes(scripts):
+    from transformers import LlamaConfig
+
+    from liftquant.kernels.int8_head import Int8Linear
+
+    bench_decode = scripts[0]
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=500,
+                      tie_word_embeddings=False)
+    model = bench_decode.build_model(cfg, "16to8", "torch", device="cpu")
+    before = bench_decode.weight_bytes(model)
+    model = bench_decode.head8(model, 8)
+    assert isinstance(model.lm_head, Int8Linear)
+    assert before - bench_decode.weight_bytes(model) == 500 * 64 - 500 * 2  # bf16 -> int8 + fp16
