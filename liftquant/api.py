@@ -86,12 +86,14 @@ def eval_tasks(model, tok, cfg: RunConfig, device: torch.device) -> dict[str, An
     return res
 
 
-def _resume_fingerprint(cfg: RunConfig, model, calib, M, device, blocks_dir: Path) -> dict:
+def _resume_fingerprint(cfg: RunConfig, model, calib, M, device, blocks_dir: Path,
+                        lattice_map=None) -> dict:
     """This run's fingerprint (:func:`liftquant.blockstore.run_fingerprint`); with --resume,
     finished blocks of another run are refused here, before any evaluation or block work."""
     from liftquant.blockstore import check_resume, run_fingerprint
 
-    fingerprint = run_fingerprint(cfg, model_info=model, calib_ids=calib, M=M, device=device)
+    fingerprint = run_fingerprint(cfg, model_info=model, calib_ids=calib, M=M, device=device,
+                                  lattice_map=lattice_map)
     if cfg.run.resume and blocks_dir.is_dir():
         n = check_resume(blocks_dir, fingerprint)
         logger.info("resume: %d finished block file(s) in %s match this run", n, blocks_dir)
@@ -216,8 +218,8 @@ def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
                 else round(mix[0].bits_per_weight, 4), rate_info["rule"], device,
                 f", expected checkpoint {rate_info['expected_size_gb']:.4f} GB"
                 if "expected_size_gb" in rate_info else "")
-    fingerprint = None if not lift else _resume_fingerprint(cfg, model, calib, M, device,
-                                                            save_dir / "blocks")
+    fingerprint = None if not lift else _resume_fingerprint(
+        cfg, model, calib, M, device, save_dir / "blocks", None if mix is None else mix[1])
     summary: dict[str, Any] = {"model": cfg.model.model, "method": cfg.lattice.method,
                                "lattice": spec.name if mix is None else mix[0].name,
                                "rate_selection": rate_info,

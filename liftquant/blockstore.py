@@ -120,13 +120,16 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
 
 
 def run_fingerprint(cfg: RunConfig, *, model_info: nn.Module | str | Path | dict | None,
-                    calib_ids: Tensor, M: Tensor, device: torch.device | str | None = None
+                    calib_ids: Tensor, M: Tensor, device: torch.device | str | None = None,
+                    lattice_map: dict[str, tuple[LatticeSpec, Tensor]] | None = None
                     ) -> dict[str, Any]:
     """What a block's result depends on, as a flat JSON-ready dict (dotted config keys).
 
     ``model_info``: the in-memory FP model (:func:`module_identity`), a model folder, weight
     file or hub id (:func:`path_identity`), or a dict describing it. ``device``: its type
     (cpu/cuda) is recorded, since ``compute_dtype=auto`` and the kernels depend on it.
+    ``lattice_map``: a per-layer mix ({module: (spec, M)}); its lattices and matrices are
+    recorded, so a resumed mix must have chosen the same lattice for every layer.
     """
     if isinstance(model_info, nn.Module):
         model_sha = module_identity(model_info)
@@ -150,6 +153,9 @@ def run_fingerprint(cfg: RunConfig, *, model_info: nn.Module | str | Path | dict
         "device_type": None if device is None else torch.device(device).type,
         **_settings(cfg),
     }
+    if lattice_map is not None:
+        fp["lattice_map_sha256"] = _sha256_json(
+            {name: [sp.name, tensor_sha256(m)] for name, (sp, m) in sorted(lattice_map.items())})
     return json.loads(json.dumps(fp, default=str))  # exactly what a block JSON reads back as
 
 
@@ -178,13 +184,16 @@ def block_file(blocks_dir: Path | None, i: int) -> Path | None:
     return None if blocks_dir is None else blocks_dir / f"block_{i:03d}.safetensors"
 
 
-def swap_to_packed(block: nn.Module, adapter: ModelAdapter, spec: LatticeSpec,
+def swap_to_packed(block: nn.Module, adapter: ModelAdapter,
+                   spec: LatticeSpec | dict[str, LatticeSpec],
                    *, names: list[str] | None = None) -> None:
-    """Replace the block's group linears by empty ``PackedLiftLinear`` skeletons."""
+    """Replace the block's group linears by empty ``PackedLiftLinear`` skeletons (``spec``: one
+    lattice, or one per linear name of a per-layer mix)."""
     for name in names or adapter.linear_names(block):
         lin = adapter.get_linear(block, name)
         adapter.set_module(block, name, PackedLiftLinear(
-            lin.in_features, lin.out_features, spec=spec, bias=lin.bias is not None,
+            lin.in_features, lin.out_features,
+            spec=spec[name] if isinstance(spec, dict) else spec, bias=lin.bias is not None,
             device=lin.weight.device))
 
 
@@ -251,7 +260,8 @@ def check_resume(blocks_dir: Path, fingerprint: dict) -> int:
 
 
 def load_finished_block(block: nn.Module, path: Path, *, adapter: ModelAdapter,
-                        spec: LatticeSpec, backend: str, device: torch.device,
+                        spec: LatticeSpec | dict[str, LatticeSpec], backend: str,
+                        device: torch.device,
                         fingerprint: dict | None = None) -> dict:
     """Resume: check the fingerprint (when given), swap in packed skeletons, load the saved
     block strictly, return its report row."""

@@ -371,9 +371,6 @@ def quantize_model(
     """
     from tqdm.auto import tqdm
 
-    if lattice_map is not None and resume:
-        raise ValueError("--resume is not supported for a per-layer lattice mix yet (finished "
-                         "blocks do not record their lattices); re-run without --resume")
     own = None if only_blocks is None else set(only_blocks)
     if own is not None and cfg.train.propagate != "fp":
         raise ValueError("quantizing a subset of the blocks (one torchrun rank) needs "
@@ -428,7 +425,9 @@ def quantize_model(
             if fp_only:
                 row = {}
             elif done:
-                row = load_finished_block(block, path, adapter=adapter, spec=spec,
+                row = load_finished_block(block, path, adapter=adapter, spec=spec if (
+                    lattice_map is None) else {n: lattice_map[f"{adapter.blocks}.{i}.{n}"][0]
+                                               for n in adapter.linear_names(block)},
                                           backend=cfg.run.backend, device=device,
                                           fingerprint=fingerprint)
                 logger.info("block %d/%d resumed from %s", i + 1, len(blocks), path)

@@ -146,3 +146,36 @@ def test_cli_target_size_writes_a_mix_of_the_predicted_size(tiny_model_dir, tmp_
     loaded, _ = load_quantized(out, backend="torch")
     modules = dict(loaded.named_modules())
     assert {n: modules[n].spec.name for n in plan["module_lattices"]} == plan["module_lattices"]
+
+
+def test_mixed_run_resumes_to_the_same_checkpoint_and_refuses_another_plan(tiny_lattice_dir,
+                                                                        tmp_path):
+    from liftquant.blockstore import ResumeMismatch, run_fingerprint
+
+    Ms = {A.name: load_projection(A, tiny_lattice_dir), B.name: load_projection(B)}
+    cfg = RunConfig(calib=CalibArgs(nsamples=8, seqlen=32, batch_size=2, seed=0),
+                    lattice=LatticeArgs(expc="9to3"), train=TrainArgs(epochs=1, holdout=2))
+    ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(1))
+
+    def run(blocks_dir, *, resume, flip=False):
+        model = tiny_llama(seed=0)
+        adapter = get_adapter(model.config)
+        names = list(quantized_linears(model, adapter))
+        lmap = {n: ((A, Ms[A.name]) if (i % 3 == 0) == flip else (B, Ms[B.name]))
+                for i, n in enumerate(names)}
+        fp = run_fingerprint(cfg, model_info=model, calib_ids=ids, M=Ms[B.name],
+                             device="cpu", lattice_map=lmap)
+        quantize_model(model, ids, cfg=cfg, M=Ms[B.name], spec=B, adapter=adapter,
+                       device=torch.device("cpu"), lattice_map=lmap, blocks_dir=blocks_dir,
+                       resume=resume, fingerprint=fp)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    full = run(tmp_path / "a", resume=False)
+    blocks = sorted((tmp_path / "a").glob("block_*.safetensors"))
+    assert len(blocks) >= 2
+    blocks[-1].unlink()  # the run "died" before its last block was written
+    resumed = run(tmp_path / "a", resume=True)
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    with pytest.raises(ResumeMismatch, match="lattice_map_sha256"):
+        run(tmp_path / "a", resume=True, flip=True)
