@@ -8,7 +8,8 @@ For every Llama-3 8B/70B weight shape and lattice, with random packed weights:
   (``liftquant.kernels.gemv_tuner``) times all its candidates first; the rows re-time its best
   overall (``triton-gemv``), best split-K row stream (``triton-gemv-splitk``), best row tile
   (``triton-gemv-rowtile``, the previous kernel) and the best split-K configuration without
-  inline PTX (``triton-gemv-splitk-noasm``); ``kernel`` names the configuration;
+  inline PTX (``triton-gemv-splitk-noasm``) and the lookup-table GEMV (``triton-gemv-lut``,
+  ``kernels.gemv_lut``, its partial sums reduced by torch); ``kernel`` names the configuration;
 * layer rows (``triton-transform``/``torch-transform``: T* alone; ``triton``/``torch``: the
   backends' whole ``linear``) are per-call times of back-to-back calls in one CUDA graph, as a
   graphed decode step runs them, against fp16 ``F.linear`` timed the same way.
@@ -106,6 +107,12 @@ def bench_shape(N: int, n: int, spec: str, rows: list, sweep_log: dict, base: di
 
     gemv_args = [(xp, wsc, ly) for (xp, wsc), ly in zip(pairs, layers)]
     kernel, labels = tune_gemv(gemv_args, dt, sweep_log, f"{N}x{n}/{spec}")
+    from liftquant.kernels.gemv_lut import launch_gemv_lut
+
+    plain = [ti.launch_transform(x, *s, d=d, D=D, pairs=False)[0] for x, s in zip(xs, side)]
+    kernel["triton-gemv-lut"] = graph_bench(  # the lookup-table GEMV (default LutConfig)
+        lambda xs_, ly: launch_gemv_lut(xs_, ly.packed_signs, ly.scale, None, dt),
+        list(zip(plain, layers)))
     layer = {
         "triton-transform": graph_bench(lambda x, s: ti.launch_transform(x, *s, d=d, D=D,
                                                                          pairs=True),

@@ -104,6 +104,10 @@ def test_planner_decisions():
     assert _path(BIG, 2) == Plan("gemm_fused_t")
     assert _path(BIG, 16) == Plan("gemm_fused_t") and _path(BIG, 17) == Plan("gemm")
     assert _path(BIG, 4, gemv_max_tokens=4).path == "gemv"
+    # the lookup-table GEMV by choice (no PDL, no prologue: T* writes plain activations)
+    assert _path(BIG, 1, gemv_kind="lut") == Plan("gemv_lut")
+    assert _path(SMALL, 1, gemv_kind="lut", target=A100) == Plan("fused_small")
+    assert _path(BIG, 2, gemv_kind="lut").path == "gemm_fused_t"
     # the reference wherever the kernels cannot run
     assert _path(BIG, 1, dtype=torch.float32).path == "torch"
     assert _path(BIG, 1, grad=True).path == "torch"
@@ -179,7 +183,8 @@ PATHS_CHECK = textwrap.dedent("""
             chosen = backend.plan_for(layer, x)
             seen.add(chosen.path)
             assert rel_err(layer(x), dense) < 3e-3, (spec, batch, chosen)
-            forced = ["gemv", "fused_small"] if batch == 1 else ["gemm_fused_t", "gemm"]
+            forced = (["gemv", "gemv_lut", "fused_small"] if batch == 1
+                      else ["gemm_fused_t", "gemm"])
             for path in forced + ["torch"]:
                 out = backend.run(Plan(path), layer, x)
                 assert out.dtype == x.dtype and rel_err(out, dense) < 3e-3, (spec, path)
@@ -195,4 +200,5 @@ def test_every_triton_path_matches_the_reference_in_interpreter():
 
 
 def test_paths_are_listed():
-    assert set(PATHS) == {"torch", "dense", "fused_small", "gemv", "gemm_fused_t", "gemm"}
+    assert set(PATHS) == {"torch", "dense", "fused_small", "gemv", "gemv_lut", "gemm_fused_t",
+                          "gemm"}

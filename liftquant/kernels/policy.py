@@ -16,6 +16,8 @@ Paths (``PATHS``):
 * ``dense``: ``F.linear`` with a dense cache of the decoded weight (CPU; ``kernels.dense``);
 * ``fused_small``: T* inside the GEMV program, one launch (``fused_small``), batch 1;
 * ``gemv``: fused T* (pair layout) then the int1 GEMV (split-K / row tile, tuned), batch 1;
+* ``gemv_lut``: fused T* (plain layout) then the lookup-table GEMV (``gemv_lut``), batch 1,
+  when ``gemv_kind == "lut"``;
 * ``gemm_fused_t``: fused T* (plain layout) then the int1 GEMM, a few tokens;
 * ``gemm``: T* as batched torch matmuls then the int1 GEMM (prefill).
 
@@ -25,7 +27,7 @@ Environment (each value refused with a one-line ``ValueError`` naming the allowe
 ``LIFTQUANT_PDL``           programmatic dependent launch on Hopper+ (0/1)              1
 ``LIFTQUANT_FUSED_SMALL``   one-launch small path: auto (where it fits and PDL is off)  auto
                             / 0 / 1
-``LIFTQUANT_GEMV``          GEMV kernels the tuner may pick: auto / splitk / rowtile    auto
+``LIFTQUANT_GEMV``          decode GEMV: auto / splitk / rowtile (tuner) / lut          auto
 ``LIFTQUANT_TUNE``          time the GEMV candidates per shape (0: heuristic)           1
 ``LIFTQUANT_FUSE_PROLOGUES`` decode step computes add+RMSNorm / SiLU inside T* (0/1)    1
 ``LIFTQUANT_DENSE_CACHE``   CPU dense weight cache: auto (if it fits) / 0 / 1           auto
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-PATHS = ("torch", "dense", "fused_small", "gemv", "gemm_fused_t", "gemm")
+PATHS = ("torch", "dense", "fused_small", "gemv", "gemv_lut", "gemm_fused_t", "gemm")
 # Tokens up to which the decode GEMV runs (one pass over the weights per token); larger
 # batches use the tensor-core GEMM.
 GEMV_MAX_TOKENS = 1
@@ -64,7 +66,7 @@ _BOOL = ("0", "1")
 ENV_FIELDS = {
     "LIFTQUANT_PDL": ("pdl", _BOOL),
     "LIFTQUANT_FUSED_SMALL": ("fused_small", ("auto", "0", "1")),
-    "LIFTQUANT_GEMV": ("gemv_kind", ("auto", "splitk", "rowtile")),
+    "LIFTQUANT_GEMV": ("gemv_kind", ("auto", "splitk", "rowtile", "lut")),
     "LIFTQUANT_TUNE": ("tune", _BOOL),
     "LIFTQUANT_FUSE_PROLOGUES": ("fuse_prologues", _BOOL),
     "LIFTQUANT_DENSE_CACHE": ("dense_cache", ("auto", "0", "1")),
@@ -91,7 +93,7 @@ class KernelPolicy:
     pdl_early: bool = True  # T* lets its GEMV launch at its start (else once its loads issue)
     pdl_max_gemv_bytes: int = PDL_MAX_GEMV_BYTES
     fused_small: str = "auto"  # auto / 0 / 1
-    gemv_kind: str = "auto"  # auto / splitk / rowtile
+    gemv_kind: str = "auto"  # auto / splitk / rowtile (the tuner's kernels) / lut
     tune: bool = True
     fuse_prologues: bool = True
     gemv_max_tokens: int = GEMV_MAX_TOKENS
@@ -225,6 +227,8 @@ def plan(shape: LayerShape, batch: int, dtype: torch.dtype, policy: KernelPolicy
         small_ok = policy.fused_small == "1" or (policy.fused_small == "auto" and not pdl)
         if small_ok and fits_fused_small(*shape.block_shape, shape.lifted_cols):
             return Plan("fused_small", pdl=pdl)
+        if policy.gemv_kind == "lut":
+            return Plan("gemv_lut")
         gemv_pdl = pdl and shape.packed_bytes <= policy.pdl_max_gemv_bytes
         return Plan("gemv", pdl=gemv_pdl, pdl_early=policy.pdl_early,
                     prologue=policy.fuse_prologues)

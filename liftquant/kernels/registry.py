@@ -262,13 +262,17 @@ class TritonBackend(_PlannedBackend):
 
     def __init__(self, policy: KernelPolicy | None = None) -> None:
         super().__init__(policy)
-        from liftquant.kernels import fused_small, triton_int1  # noqa: F401 - registers the ops
+        from liftquant.kernels import (  # noqa: F401 - registers the ops
+            fused_small,
+            gemv_lut,
+            triton_int1,
+        )
         from liftquant.kernels.gemv_splitk import Workspaces
         from liftquant.kernels.gemv_tuner import GemvTuner, register_tuner
 
         self.workspaces = Workspaces()
-        self.tuner = GemvTuner(kind=self.policy.gemv_kind, tune=self.policy.tune,
-                               workspaces=self.workspaces)
+        kind = "auto" if self.policy.gemv_kind == "lut" else self.policy.gemv_kind
+        self.tuner = GemvTuner(kind=kind, tune=self.policy.tune, workspaces=self.workspaces)
         self.tuner_id = register_tuner(self.tuner)
         self.cache = self.tuner.cache  # tuned GEMV configurations keyed by shape
 
@@ -298,6 +302,9 @@ class TritonBackend(_PlannedBackend):
             xp, wsc = ops.fused_transform(x2, *side, d, D, True, p.pdl, p.pdl_early)
             out = ops.int1_gemv(xp, wsc, layer.packed_signs, layer.scale, layer.bias, x.dtype,
                                 self.tuner_id, p.pdl)
+        elif p.path == "gemv_lut":
+            xs = ops.fused_transform(x2, *side, d, D, False)[0]
+            out = ops.int1_gemv_lut(xs, layer.packed_signs, layer.scale, layer.bias, x.dtype)
         else:
             if p.path == "gemm_fused_t":
                 xs = ops.fused_transform(x2, *side, d, D, False)[0]
