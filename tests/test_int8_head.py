@@ -97,3 +97,19 @@ def test_reference_is_used_on_cpu():
     head = Int8Linear.from_linear(torch.nn.Linear(16, 8, bias=False))
     x = torch.randn(2, 16).bfloat16()
     torch.testing.assert_close(head(x), reference(head, x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,N,B", [(4096, 128256, 1), (576, 49152, 4), (1000, 333, 16)])
+def test_int8_gemv_matches_reference_cuda(n, N, B):
+    head = Int8Linear.from_linear(torch.nn.Linear(n, N, bias=False)).cuda()
+    x = torch.randn(B, n, device="cuda", dtype=torch.bfloat16)
+    ref = reference(head, x.float())
+    out = head(x)  # the custom op (tokens <= GEMV_MAX_TOKENS)
+    torch.cuda.synchronize()
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        again = head(x)
+    graph.replay()
+    assert torch.equal(again, out)
