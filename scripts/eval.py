@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if ev.quant_model_path:
         dtype = api._DTYPES[ns.dtype] if ns.dtype else None  # default: as stored
         model, tok = load_checkpoint(ev.quant_model_path, dtype=dtype, backend=ev.backend)
+        if device.type == "cpu":  # decoded dense weights when they fit (kernels.dense; logged)
+            from liftquant.engine import prepare_model
+
+            prepare_model(model, device=device)
         qc = getattr(model.config, "quantization_config", None) or getattr(
             model, "liftquant_quantization_config", {})
         result = {"model": ev.quant_model_path, "quant_method": qc.get("quant_method"),
