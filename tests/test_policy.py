@@ -202,3 +202,33 @@ def test_every_triton_path_matches_the_reference_in_interpreter():
 def test_paths_are_listed():
     assert set(PATHS) == {"torch", "dense", "fused_small", "gemv", "gemv_lut", "gemm_fused_t",
                           "gemm"}
+
+
+def test_backends_without_a_planner_run_whole_layers():
+    """A registered backend without ``plan_for`` (like BitBLAS): groups run member by member
+    and the decode step computes norms itself."""
+    from liftquant.engine.groups import PackedGroup, takes_prologue
+
+    class Plain:
+        name = "plain"
+
+        def __init__(self, policy):
+            self.policy = policy
+
+        def linear(self, layer, x):
+            return torch_ref.linear(layer, x)
+
+    registry.register_backend("plain", Plain)
+    try:
+        layers = [rand_layer(64, N, "16to8", bias=False, seed=N) for N in (16, 8)]
+        x = torch.randn(1, 64).half()
+        before = [torch_ref.linear(m, x) for m in layers]
+        group = PackedGroup(layers)
+        for m in layers:
+            m.backend = "plain"
+        assert registry.plan_of(layers[0], x) == Plan("torch") and not takes_prologue(layers[0], x)
+        for a, b in zip(group(x), before):
+            torch.testing.assert_close(a, b)
+    finally:
+        registry._BACKENDS.pop("plain")
+        registry.reset()

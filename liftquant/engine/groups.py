@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from liftquant.kernels.policy import Plan
-from liftquant.kernels.registry import is_packed, layer_backend
+from liftquant.kernels.registry import is_packed, layer_backend, plan_of
 
 _SIDE = ("s1", "L", "R", "s2_act")
 
@@ -84,8 +84,7 @@ class PackedGroup(nn.Module):
     def plan_for(self, x: Tensor) -> Plan:
         """The planner's path for the group on ``x`` (the first member's shape, every member's
         packed bytes)."""
-        backend = layer_backend(self.layers[0], x.device)
-        return backend.plan_for(self.layers[0], x, packed_bytes=self.packed_signs.numel())
+        return plan_of(self.layers[0], x, packed_bytes=self.packed_signs.numel())
 
     def fused_call(self, x: Tensor) -> bool:
         """Whether ``x`` runs through the grouped Triton kernels (else member by member)."""
@@ -137,9 +136,7 @@ def takes_prologue(layer: nn.Module, x: Tensor) -> bool:
     """Whether the decode step may compute ``layer``'s input inside its T* launch (residual
     add + RMSNorm, or the SiLU gate): the planner chose the two-kernel decode path (not the
     one-launch small path, which takes a finished input) with prologues on."""
-    if not is_packed(layer):
-        return False
-    return layer_backend(layer, x.device).plan_for(layer, x).prologue
+    return is_packed(layer) and plan_of(layer, x).prologue
 
 
 def silu_linear(layer: nn.Module, gate: Tensor, up: Tensor) -> Tensor:

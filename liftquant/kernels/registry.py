@@ -186,6 +186,14 @@ def layer_backend(layer: nn.Module, device: torch.device) -> Backend:
     return get_backend(layer.backend, device, policy=getattr(layer, "kernel_policy", None))
 
 
+def plan_of(layer: nn.Module, x: Tensor, *, packed_bytes: int | None = None) -> Plan:
+    """The planner's path for ``layer`` on ``x`` under its backend and policy; backends
+    without a planner (BitBLAS, registered ones) run whole layers: ``Plan("torch")``."""
+    backend = layer_backend(layer, x.device)
+    planner = getattr(backend, "plan_for", None)
+    return Plan("torch") if planner is None else planner(layer, x, packed_bytes=packed_bytes)
+
+
 def dense_weight(layer: nn.Module, device: torch.device) -> Tensor | None:
     """The layer's dense weight cache if it lives on ``device`` (``kernels.dense``)."""
     w = getattr(layer, "dense_weight", None)
