@@ -72,17 +72,17 @@ GEMV_CHECK = textwrap.dedent("""
     torch.set_num_threads(1)
     from liftquant.kernels.int8_head import Int8Linear, launch_int8_gemv, reference
     from tests.test_kernels import rel_err
-    for n, N, B in [(64, 300, 1), (200, 77, 3), (37, 33, 2)]:
+    for n, N, B in [(64, 300, 1), (200, 77, 3), (37, 33, 20)]:
         lin = torch.nn.Linear(n, N, bias=False)
         head = Int8Linear.from_linear(lin)
         for dt in (torch.float16, torch.bfloat16):
             x = torch.randn(B, n).to(dt)
             ref = reference(head, x.float())
-            for bn, bk in [(32, 128), (16, 32)]:
+            for bn, bk in [(64, 128), (16, 32)]:
                 out = launch_int8_gemv(x, head.weight_int8, head.weight_scale_bits,
                                        block_n=bn, block_k=bk)
                 assert out.dtype == dt and rel_err(out, ref) < 1e-2, (n, N, dt, bn, bk)
-            assert rel_err(head(x), ref) < 1e-2  # the module takes the custom op
+            assert rel_err(head(x), ref) < 1e-2  # the module: the custom op up to 16 tokens
     print("ok")
 """)
 

@@ -10,8 +10,9 @@ loaders' cast of dense tensors to the activation dtype leaves them exact. Its st
 
 Decode: ``scale * (x @ Q^T)``. The torch path converts Q to the activation dtype (int8 values
 are exact in fp16/bf16) and runs one matmul; on CUDA (or under ``TRITON_INTERPRET=1``) a Triton
-GEMV reads the int8 weights directly (``liftquant::int8_linear``), one pass over 1 byte per
-weight, for up to :data:`GEMV_MAX_TOKENS` tokens.
+kernel reads the int8 weights directly (``liftquant::int8_linear``), one pass over 1 byte per
+weight for up to 16 tokens (``tl.dot`` on a 16-token tile: batch 1 pads the tile, which costs
+tensor-core time only), for up to :data:`GEMV_MAX_TOKENS` tokens.
 
 :func:`quantize_lm_head` converts a model's head in place (a tied head is untied first: the
 embedding stays in its dtype); the checkpoint records ``quantization_config["lm_head"] =
@@ -29,9 +30,10 @@ from liftquant.kernels.policy import interpreting
 
 SCHEME = "int8_per_channel_symmetric"
 QMAX = 127
-# Tokens up to which the Triton GEMV runs; more tokens take the torch matmul.
+# Tokens up to which the Triton kernel runs (one pass over the weights per BLOCK_M tokens);
+# more tokens (prefill) take the torch matmul.
 GEMV_MAX_TOKENS = 16
-BLOCK_N, BLOCK_K = 32, 128
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 128
 
 
 class Int8Linear(nn.Module):
@@ -97,45 +99,55 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _int8_gemv_body(X, W, S, OUT, N, K, BN: tl.constexpr, BK: tl.constexpr):
-        pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        rows = pid * BN + tl.arange(0, BN)
+    def _int8_gemm_body(X, W, S, OUT, B, N, K, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr):
+        """Up to ``BM`` tokens per program: one pass over the int8 rows for all of them
+        (``tl.dot`` in fp16 with fp32 accumulation; int8 values are exact in fp16)."""
+        pn = tl.program_id(0)
+        pm = tl.program_id(1)
+        rows = pn * BN + tl.arange(0, BN)
+        toks = pm * BM + tl.arange(0, BM)
         rmask = rows < N
-        acc = tl.zeros((BN, BK), tl.float32)
+        tmask = toks < B
+        acc = tl.zeros((BM, BN), tl.float32)
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < K
-            x = tl.load(X + b * K + ks, mask=kmask, other=0.0).to(tl.float32)
+            x = tl.load(X + toks.to(tl.int64)[:, None] * K + ks[None, :],
+                        mask=tmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(W + rows.to(tl.int64)[:, None] * K + ks[None, :],
                         mask=rmask[:, None] & kmask[None, :], other=0)
-            acc += w.to(tl.float32) * x[None, :]
+            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
         scale = tl.load(S + rows, mask=rmask, other=0).to(tl.float16, bitcast=True)
-        out = tl.sum(acc, axis=1) * scale.to(tl.float32)
-        tl.store(OUT + b * N + rows, out.to(OUT.dtype.element_ty), mask=rmask)
+        out = acc * scale.to(tl.float32)[None, :]
+        tl.store(OUT + toks.to(tl.int64)[:, None] * N + rows[None, :],
+                 out.to(OUT.dtype.element_ty), mask=tmask[:, None] & rmask[None, :])
 
     @triton.jit
-    def _int8_gemv_kernel(X, W, S, OUT, N, K, BN: tl.constexpr, BK: tl.constexpr):
-        _int8_gemv_body(X, W, S, OUT, N, K, BN, BK)
+    def _int8_gemm_kernel(X, W, S, OUT, B, N, K, BM: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr):
+        _int8_gemm_body(X, W, S, OUT, B, N, K, BM, BN, BK)
 
     @triton.jit
-    def _int8_gemv_kernel_interp(X, W, S, OUT, N, K: tl.constexpr, BN: tl.constexpr,
-                                 BK: tl.constexpr):
+    def _int8_gemm_kernel_interp(X, W, S, OUT, B, N, K: tl.constexpr, BM: tl.constexpr,
+                                 BN: tl.constexpr, BK: tl.constexpr):
         # The interpreter (numpy 2) needs constexpr loop bounds; same body otherwise.
-        _int8_gemv_body(X, W, S, OUT, N, K, BN, BK)
+        _int8_gemm_body(X, W, S, OUT, B, N, K, BM, BN, BK)
 
 
 def launch_int8_gemv(x: Tensor, weight: Tensor, scale_bits: Tensor, *, block_n: int = BLOCK_N,
-                     block_k: int = BLOCK_K) -> Tensor:
-    """``scale * (x @ Q^T)`` for ``x`` (B, K): one program per ``block_n`` rows and token."""
+                     block_k: int = BLOCK_K, block_m: int = BLOCK_M) -> Tensor:
+    """``scale * (x @ Q^T)`` for ``x`` (B, K): one program per ``block_n`` rows and
+    ``block_m`` tokens, so the int8 weights are read once per ``block_m`` tokens."""
     check_triton(x)
     B, K = x.shape
     N = weight.shape[0]
     out = torch.empty(B, N, device=x.device, dtype=x.dtype)
-    kernel = _int8_gemv_kernel_interp if interpreting() else _int8_gemv_kernel
+    kernel = _int8_gemm_kernel_interp if interpreting() else _int8_gemm_kernel
     with device_ctx(x):
-        kernel[(-(-N // block_n), B)](x.contiguous(), weight.contiguous(), scale_bits, out, N,
-                                      K, BN=block_n, BK=block_k, num_warps=4)
+        kernel[(-(-N // block_n), -(-B // block_m))](
+            x.contiguous(), weight.contiguous(), scale_bits, out, B, N, K, BM=block_m,
+            BN=block_n, BK=block_k, num_warps=4)
     return out
 
 
