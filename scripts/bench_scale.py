@@ -1,7 +1,8 @@
 """Quantization time and memory at real model sizes, on random-weight models of real shapes.
 
-Builds a Llama-3-8B or Llama-3-70B shaped model (all blocks, or the first K of them) with
-random bf16 weights directly in memory, then runs the real ``main.py`` pipeline on it
+Builds a Llama-3-8B, Llama-3-70B, Qwen3.5-9B (hybrid linear attention) or Qwen3-30B-A3B (MoE)
+shaped model (all blocks, or the first K of them) with random bf16 weights directly in memory,
+then runs the real ``main.py`` pipeline on it
 (``liftquant.api.run_quantization``: memory plan, activation caches, block loop, packing,
 checkpoint writing) with the authors' recipe flags, random calibration tokens, and the
 requested lattice and calibration size. Writes, merging with earlier rows (keyed by
@@ -49,18 +50,65 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {  # Llama-3 family (rope scaling "llama3"); Qwen3.5-27B is added with its adapter
-    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": 8},
-    "llama-tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2},  # smoke test (CPU)
-    "llama3-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-                   "num_attention_heads": 64, "num_key_value_heads": 8},
+# name -> (family, config fields). Llama-3 (rope scaling "llama3"), Qwen3.5 (hybrid: 3 Gated
+# DeltaNet blocks then 1 gated full-attention block; the shape of transformers' default
+# Qwen3_5TextConfig, which we take to be Qwen3.5-9B's: check it against the checkpoint's config),
+# Qwen3-MoE (Qwen3-30B-A3B: 128 experts, 8 routed per token). "-tiny" shapes are CPU smoke tests.
+SHAPES = {
+    "llama3-8b": ("llama", {"hidden_size": 4096, "intermediate_size": 14336,
+                            "num_hidden_layers": 32, "num_attention_heads": 32,
+                            "num_key_value_heads": 8}),
+    "llama-tiny": ("llama", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "num_key_value_heads": 2}),
+    "llama3-70b": ("llama", {"hidden_size": 8192, "intermediate_size": 28672,
+                             "num_hidden_layers": 80, "num_attention_heads": 64,
+                             "num_key_value_heads": 8}),
+    "qwen3.5-9b": ("qwen3_5", {"hidden_size": 4096, "intermediate_size": 12288,
+                               "num_hidden_layers": 32, "num_attention_heads": 16,
+                               "num_key_value_heads": 4, "head_dim": 256,
+                               "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+                               "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+                               "vocab_size": 248320}),
+    "qwen3.5-tiny": ("qwen3_5", {"hidden_size": 64, "intermediate_size": 128,
+                                 "num_hidden_layers": 4, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2, "head_dim": 16,
+                                 "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                                 "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                                 "vocab_size": 512}),
+    "qwen3-moe-30b-a3b": ("qwen3_moe", {"hidden_size": 2048, "moe_intermediate_size": 768,
+                                        "intermediate_size": 6144, "num_hidden_layers": 48,
+                                        "num_attention_heads": 32, "num_key_value_heads": 4,
+                                        "head_dim": 128, "num_local_experts": 128,
+                                        "num_experts_per_tok": 8, "vocab_size": 151936}),
+    "qwen3-moe-tiny": ("qwen3_moe", {"hidden_size": 64, "moe_intermediate_size": 32,
+                                     "intermediate_size": 128, "num_hidden_layers": 2,
+                                     "num_attention_heads": 4, "num_key_value_heads": 2,
+                                     "head_dim": 16, "num_local_experts": 8,
+                                     "num_experts_per_tok": 2, "vocab_size": 512}),
 }
 LLAMA3 = {"vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
           "max_position_embeddings": 131072, "tie_word_embeddings": False,
           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+
+
+def _config(shape: str):
+    """(model class, config) of ``shape`` with all of its blocks."""
+    family, fields = SHAPES[shape]
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM, LlamaConfig(**{**LLAMA3, **fields})
+    if family == "qwen3_5":
+        from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+        cfg = Qwen3_5TextConfig(**{**fields, "tie_word_embeddings": False})
+        return Qwen3_5ForCausalLM, cfg
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM, Qwen3MoeConfig(**{**fields, "tie_word_embeddings": False})
+
+
 # The authors' README recipe (SPEC §6) minus model/paths/calibration size, which are ours.
 RECIPE = ["--wbits", "2", "--w_sym", "--abits", "16", "--kbits", "16", "--vbits", "16",
           "--true-sequential", "--act-order", "--use_fpinps", "--Rres_init", "Hadamard",
@@ -71,31 +119,36 @@ WEIGHT_STD = 0.02  # typical std of Llama linear weights
 
 
 def build_model(shape: str, blocks: int | None, *, seed: int = 0):
-    """A random-weight LlamaForCausalLM of ``shape`` with ``blocks`` decoder blocks (bf16)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**{**LLAMA3, **SHAPES[shape]})
+    """A random-weight causal LM of ``shape`` with its first ``blocks`` decoder blocks (bf16):
+    matrices N(0, WEIGHT_STD) (fused 3-D expert tensors and the depthwise conv included), 1-D
+    parameters (norms, the DeltaNet's A_log and dt_bias) 1.0, rotary buffers rebuilt."""
+    cls, cfg = _config(shape)
+    total = cfg.num_hidden_layers
     if blocks:
+        blocks = min(blocks, total)
         cfg.num_hidden_layers = blocks
+        if getattr(cfg, "layer_types", None):  # hybrid layout: keep the first K layer types
+            cfg.layer_types = list(cfg.layer_types[:blocks])
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = cls(cfg)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:  # norms
+        for _name, p in model.named_parameters():
+            if p.ndim == 1:  # norms, A_log, dt_bias
                 p.fill_(1.0)
                 continue
-            for r in range(0, p.shape[0], 8192):  # bounded temporaries
-                chunk = torch.randn(p[r:r + 8192].shape, generator=gen, device=dev)
-                p[r:r + 8192].copy_((chunk * WEIGHT_STD).to(torch.bfloat16))
+            rows = max(1, 8192 // max(1, p[0].numel() // 8192)) if p.ndim > 2 else 8192
+            for r in range(0, p.shape[0], rows):  # bounded temporaries
+                chunk = torch.randn(p[r:r + rows].shape, generator=gen, device=dev)
+                p[r:r + rows].copy_((chunk * WEIGHT_STD).to(torch.bfloat16))
         for mod_name, mod in list(model.named_modules()):  # buffers were left uninitialised
             if type(mod).__name__.endswith("RotaryEmbedding"):
                 parent = model.get_submodule(mod_name.rsplit(".", 1)[0])
                 setattr(parent, mod_name.rsplit(".", 1)[1], type(mod)(cfg))
     model.eval()
-    return model, SHAPES[shape]["num_hidden_layers"]
+    return model, total
 
 
 class Stopped(Exception):
