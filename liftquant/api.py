@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -184,6 +185,10 @@ def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
     from liftquant.data import load_calibration
 
     t_start = time.time()
+    if cfg.train.deterministic:  # before the first cuBLAS handle: its workspace layout is fixed
+        from liftquant.blocktrain import CUBLAS_DETERMINISTIC_WORKSPACE
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
     device = resolve_device(cfg.model.device)
     if dist_ctx is not None and device.type == "cuda":
         device = torch.device("cuda", dist_ctx.local_rank)
