@@ -47,3 +47,24 @@ def test_hybrid_shape_row_is_projected_from_the_blocks_run(tmp_path):
     assert (row["shape"], row["blocks_run"], row["blocks_total"], row["projected"]) == (
         "qwen3.5-tiny", "2", "4", "1")
     assert float(row["total_seconds"]) > float(row["seconds_per_block"]) > 0
+
+
+@pytest.mark.slow
+def test_stage1_profile_row_has_every_timing_and_exact_rotations(tmp_path):
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import profile_stage1
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    out = tmp_path / "p.json"
+    assert profile_stage1.main(["--shape", "llama-tiny", "--seqlen", "32", "--repeats", "1",
+                                "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    for key in ("dense_step", "proxy_weights", "proxy_weights_fwd_bwd", "step",
+                "rotate_broadcast", "rotate_two_gemm", "rotate_einsum"):
+        assert row[key] > 0, key
+    for key in ("rotate_broadcast_max_err", "rotate_two_gemm_max_err", "rotate_einsum_max_err"):
+        assert row[key] < 1e-5, key  # every formulation is the same rotation
+    assert row["weights_per_block"] == 2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64  # q,o k,v mlp

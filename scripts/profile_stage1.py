@@ -1,0 +1,200 @@
+"""Where a stage-1 training step of one block spends its time (the largest cost of the scale
+benchmark: 9.8 of 22.3 s per Llama-3-8B block on an H200, see bench/scale.md).
+
+Builds the first decoder block of a random-weight model of a real shape
+(``bench_scale.build_model``), swaps its linears for stage-1 ``LiftLinear`` layers exactly as
+the pipeline does (``calibrate._to_lift``), and times, with the GPU synchronised around each
+repeat:
+
+* ``dense_step``: forward + backward of the FP block (bf16 weights, no quantizer) on one batch:
+  the floor a stage-1 step cannot beat;
+* ``proxy_weights``: forming every layer's proxy weight ``T^-1 Q(W T)`` (forward only);
+* ``proxy_weights_fwd_bwd``: the same plus its backward (a unit gradient);
+* ``step``: one full stage-1 step (forward + backward of the block with proxy weights, clip,
+  Adam), the thing ``train_block`` repeats;
+* ``rotate_<variant>``: the Kronecker rotation ``P1^T X P2`` over all of the block's weight rows
+  in three formulations (``broadcast``: today's ``P1.T @ X @ P2``; ``two_gemm``: two large
+  GEMMs with a transpose; ``einsum``) and, on CUDA, ``broadcast`` with TF32 allowed; their
+  maximal deviation from the float64 result is recorded beside the time.
+
+Rows (one per shape, batch and sequence length; provenance recorded) merge into
+``bench/profile_stage1.json``. Examples::
+
+    python scripts/profile_stage1.py --shape llama3-8b --batch 2 --seqlen 2048
+    python scripts/profile_stage1.py --shape llama3-70b --batch 2 --seqlen 2048 --checkpoint_proxy
+    python scripts/profile_stage1.py --shape llama-tiny --seqlen 64 --repeats 2   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_scale import build_model
+from liftquant.blocktrain import GRAD_CLIP
+from liftquant.calibrate import _groups_stage1, _to_lift
+from liftquant.config import RunConfig, build_parser
+from liftquant.lattice import LatticeSpec
+from liftquant.plan import MemoryPlan
+from liftquant.provenance import RECORD_KEY, record_fields
+from liftquant.records import merge_json_rows
+from liftquant.stream import forward_block
+
+from liftquant.models import get_adapter
+
+
+def timed(fn, *, repeats: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def rotate_variants(layers, *, device) -> dict[str, tuple]:
+    """(seconds, max abs error vs float64) of each rotation formulation over all layers."""
+    cases = []
+    for layer in layers.values():
+        w = layer.whiten
+        X = torch.nn.functional.pad(layer.weight.float(), (0, w.padded_in_features
+                                                           - layer.in_features))
+        cases.append((X.reshape(X.shape[0], w.n1, w.n2), w.P1().detach(), w.P2().detach()))
+    ref = [(P1.double().T @ X.double() @ P2.double()) for X, P1, P2 in cases]
+
+    def broadcast():
+        return [P1.T @ X @ P2 for X, P1, P2 in cases]
+
+    def two_gemm():
+        out = []
+        for X, P1, P2 in cases:
+            Y = (X @ P2).transpose(1, 2).reshape(-1, P1.shape[0]) @ P1
+            out.append(Y.reshape(X.shape[0], X.shape[2], X.shape[1]).transpose(1, 2))
+        return out
+
+    def einsum():
+        return [torch.einsum("ij,oik,kl->ojl", P1, X, P2) for X, P1, P2 in cases]
+
+    variants = {"broadcast": broadcast, "two_gemm": two_gemm, "einsum": einsum}
+    res = {}
+    for name, fn in variants.items():
+        t = timed(fn, repeats=3, device=device)
+        err = max(float((a.double() - b).abs().max()) for a, b in zip(fn(), ref, strict=True))
+        res[name] = (t, err)
+    if device.type == "cuda":
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            t = timed(broadcast, repeats=3, device=device)
+            err = max(float((a.double() - b).abs().max())
+                      for a, b in zip(broadcast(), ref, strict=True))
+            res["broadcast_tf32"] = (t, err)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--expc", default="20to8")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--checkpoint_proxy", action="store_true",
+                   help="recompute proxy weights in backward (the 70B memory plan's setting)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "profile_stage1.json"))
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, _ = build_model(args.shape, 1)
+    adapter = get_adapter(model.config)
+    block = adapter.get_blocks(model)[0].to(device)
+    if device.type == "cpu":
+        block = block.float()  # as the pipeline on CPU (no bf16 autocast there)
+    rotary = model.model.rotary_emb.to(device)
+    cfg = RunConfig.from_args(build_parser("profile_stage1").parse_args(
+        ["--model", f"random:{args.shape}", "--expc", args.expc]))
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.batch, args.seqlen, model.config.hidden_size, generator=gen,
+                    device=device, dtype=dtype)
+    y = torch.randn_like(x)
+    pos = torch.arange(args.seqlen, device=device)[None].expand(args.batch, -1)
+    emb = rotary(x, pos)
+    for prm in block.parameters():
+        prm.requires_grad_(False)
+
+    def run_block():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = forward_block(block, x, {"position_embeddings": emb, "position_ids": pos})
+        return (out.float() - y.float()).square().mean()
+
+    # the floor: the FP block with its weights trainable (so backward forms weight gradients)
+    lins = [adapter.get_linear(block, n) for g in adapter.block_groups(block) for n in g]
+    for lin in lins:
+        lin.weight.requires_grad_(True)
+    dense_step = timed(lambda: run_block().backward(), repeats=args.repeats, device=device)
+    for lin in lins:
+        lin.weight.requires_grad_(False)
+        lin.weight.grad = None
+
+    plan = MemoryPlan(micro_batch=args.batch, checkpoint_proxy=args.checkpoint_proxy,
+                      estimate_gib={}, budget_gib=None)
+    layers = _to_lift(block, adapter, {}, LatticeSpec.parse(args.expc), cfg, plan)
+    groups = _groups_stage1(layers, cfg)
+    params = [q for g in groups for q in g["params"]]
+    opt = torch.optim.Adam(groups)
+
+    def proxy_fwd():
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.proxy_weight()
+
+    def proxy_fwd_bwd():
+        total = sum(layer.proxy_weight().sum() for layer in layers.values())
+        total.backward()
+        opt.zero_grad(set_to_none=True)
+
+    def step():
+        run_block().backward()
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    row = {"shape": args.shape, "lattice": args.expc, "batch": args.batch,
+           "seqlen": args.seqlen, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+           "checkpoint_proxy": args.checkpoint_proxy,
+           "weights_per_block": sum(lin.weight.numel() for lin in lins),
+           "dense_step": round(dense_step, 5),
+           "proxy_weights": round(timed(proxy_fwd, repeats=args.repeats, device=device), 5),
+           "proxy_weights_fwd_bwd": round(timed(proxy_fwd_bwd, repeats=args.repeats,
+                                                device=device), 5),
+           "step": round(timed(step, repeats=args.repeats, device=device), 5)}
+    for name, (t, err) in rotate_variants(layers, device=device).items():
+        row[f"rotate_{name}"] = round(t, 5)
+        row[f"rotate_{name}_max_err"] = err
+    row.update(record_fields(device=device if device.type == "cuda" else None))
+    merge_json_rows(args.out, [row], ("shape", "lattice", "batch", "seqlen", "device",
+                                      "checkpoint_proxy", *RECORD_KEY))
+    width = max(len(k) for k in row)
+    for k, v in row.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
