@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import sys
 
-from liftquant import errors
-from liftquant.finetune_config import REPORT_NAME, E2EArgs, build_e2e_parser, format_report
-from liftquant.log import setup_logging
+from liftquant.cli.finetune_config import REPORT_NAME, E2EArgs, build_e2e_parser, format_report
+from liftquant.util import errors
+from liftquant.util.log import setup_logging
 
 
 def _parse(argv: list[str] | None) -> tuple[E2EArgs, bool]:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     """Bad input: one line ``error: ...`` on stderr, exit 2 (``--debug``: the traceback);
     a run refused before it saves a checkpoint leaves no ``--output_dir`` behind."""
     cfg, debug = _parse(argv)
-    from liftquant.finetune import run_e2e
+    from liftquant.apps.finetune import run_e2e
 
     guard = errors.OutputGuard(cfg.output_dir, flag="--output_dir")
     try:

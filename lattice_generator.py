@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from liftquant.fileio import atomic_write
-from liftquant.lattice import (
+from liftquant.core.lattice import (
     LATTICE_DIR,
     SEARCH_BASES,
     LatticeSpec,
@@ -29,7 +28,7 @@ from liftquant.lattice import (
     rate_distortion_bound,
     search_bases,
 )
-from liftquant.lattice_train import (
+from liftquant.core.lattice_train import (
     DEFAULT_BATCH,
     DEFAULT_CANDIDATE_BUDGET,
     DEFAULT_LR,
@@ -40,7 +39,8 @@ from liftquant.lattice_train import (
     lloyd_refine,
     train_projection,
 )
-from liftquant.log import get_logger, seed_everything, setup_logging
+from liftquant.util.fileio import atomic_write
+from liftquant.util.log import get_logger, seed_everything, setup_logging
 
 logger = get_logger("lattice_generator")
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """:func:`main` with bad input reported as one line ``error: ...`` (exit 1)."""
-    from liftquant import errors
+    from liftquant.util import errors
 
     args, _ = build_parser().parse_known_args(argv)
     try:

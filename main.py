@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from liftquant.config import RunConfig, apply_demo_defaults, build_parser
-from liftquant.errors import (
+from liftquant.cli.config import RunConfig, apply_demo_defaults, build_parser
+from liftquant.util.errors import (
     EXIT_REFUSED,
     EXIT_USAGE,
     OutputGuard,
@@ -25,7 +25,7 @@ from liftquant.errors import (
     one_line_usage_errors,
     report,
 )
-from liftquant.log import setup_logging
+from liftquant.util.log import setup_logging
 
 
 def _run_config(ns) -> RunConfig:
@@ -38,21 +38,21 @@ def _run_config(ns) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     """Bad input ends in one line ``error: ...`` on stderr and exit 2 (refused before the model
     is read) or 1 (refused later); ``--debug`` raises instead. A run that stops before its
-    first finished block leaves nothing in ``--save_dir`` (liftquant.errors)."""
+    first finished block leaves nothing in ``--save_dir`` (liftquant.util.errors)."""
     parser = one_line_usage_errors(build_parser(__doc__.split("\n")[1]))
     ns = parser.parse_args(argv)
-    ctx = None  # under torchrun: this rank (liftquant.distributed); rank 0 checks and saves
+    ctx = None  # under torchrun: this rank (liftquant.quantize.distributed); rank 0 checks and saves
     try:
         apply_demo_defaults(ns)
         cfg = _run_config(ns)
         cfg.check_lattice_file()  # a bad --lattice fails here, before torch is imported
-        from liftquant import distributed
+        from liftquant.quantize import distributed
 
         if (ctx := distributed.from_env()) is not None:
             distributed.check_supported(cfg)  # before any process group starts
-        from liftquant.api import resolve_device, run_quantization, write_run_config
-        from liftquant.integrity import check_save_dir
-        from liftquant.rate import check_lattice_request
+        from liftquant.apps.api import resolve_device, run_quantization, write_run_config
+        from liftquant.io.integrity import check_save_dir
+        from liftquant.quantize.rate import check_lattice_request
 
         check_lattice_request(cfg)
         guard = OutputGuard(cfg.run.save_dir)

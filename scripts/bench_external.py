@@ -6,11 +6,11 @@
 
 Per bit width: fresh FP model -> the external quantizer (weights fake-quantized in place) ->
 a check that every group really holds at most 2^b distinct values -> perplexity with
-:func:`liftquant.eval.perplexity` on the same windows as the toolkit's quality rows
+:func:`liftquant.evaluation.eval.perplexity` on the same windows as the toolkit's quality rows
 (wiki-offline evaluation split, ``--eval_seqlen`` 2048, all windows) -> one row merged into
-``--csv`` (``liftquant.records.merge_csv_rows``; other rows are kept) with method = the
+``--csv`` (``liftquant.util.records.merge_csv_rows``; other rows are kept) with method = the
 quantizer, config ``<quantizer>-w{b}g{g}``, ``peer=external`` and the package version.
-Calibration windows come from :func:`liftquant.data.load_calibration` (same ``--nsamples``,
+Calibration windows come from :func:`liftquant.evaluation.data.load_calibration` (same ``--nsamples``,
 ``--seqlen`` and ``--seed`` give the very ids our GPTQ runs see). Bits are counted as for our
 baselines: ``b`` per weight + per group a float16 scale and a ``b``-bit zero.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CALIB_SOURCE = EVAL_SOURCE = "wiki-offline"
-SCALE_BITS = 16  # float16 scale per group, as liftquant.baselines stores it
+SCALE_BITS = 16  # float16 scale per group, as liftquant.quantize.baselines stores it
 
 
 def _autoround(model, tok, calib, *, bits: int, group_size: int, sym: bool, iters: int,
@@ -85,13 +85,13 @@ def check_grid(model, adapter, *, bits: int, group_size: int) -> dict[str, dict]
 def run_one(ns, bits: int) -> dict:
     import torch
 
-    from liftquant import api
-    from liftquant.checkpoint import bits_report
-    from liftquant.config import RunConfig
-    from liftquant.data import load_calibration, load_eval_tokens
-    from liftquant.eval import perplexity
+    from liftquant.apps import api
+    from liftquant.cli.config import RunConfig
+    from liftquant.evaluation.data import load_calibration, load_eval_tokens
+    from liftquant.evaluation.eval import perplexity
+    from liftquant.io.checkpoint import bits_report
     from liftquant.models.adapters import get_adapter
-    from liftquant.provenance import record_fields
+    from liftquant.util.provenance import record_fields
 
     cfg = RunConfig.from_args(argparse.Namespace(model=ns.model, dtype=ns.dtype))
     device = api.resolve_device(ns.device)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", default="4", help="comma-separated bit widths, e.g. 2,3,4")
     p.add_argument("--group_size", type=int, default=128, help="0: per-channel")
     p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric, "
-                   "as liftquant.baselines)")
+                   "as liftquant.quantize.baselines)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0, help="calibration windows and the quantizer")
@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     module, package = REQUIRES[ns.quantizer]
     if importlib.util.find_spec(module) is None:  # fail before loading any model
         p.error(f"--quantizer {ns.quantizer} needs the {package} package (pip install {package})")
-    from liftquant.log import setup_logging
-    from liftquant.pareto import COLUMNS, KEY
-    from liftquant.records import merge_csv_rows
+    from liftquant.evaluation.pareto import COLUMNS, KEY
+    from liftquant.util.log import setup_logging
+    from liftquant.util.records import merge_csv_rows
 
     setup_logging()
     for bits in (int(b) for b in ns.bits.split(",")):

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from liftquant import lattice as L  # noqa: E402
-from liftquant.provenance import RECORD_KEY, record_fields
-from liftquant.records import merge_csv_rows
+from liftquant.core import lattice as L  # noqa: E402
+from liftquant.util.provenance import RECORD_KEY, record_fields
+from liftquant.util.records import merge_csv_rows
 
 COLUMNS = ["lattice", "method", "device", "seconds_per_1M", "mse", "commit"]
 KEY = ("lattice", "method", "device", *RECORD_KEY)  # rows of other commits/GPUs are kept

@@ -3,7 +3,7 @@
 Builds a Llama-3-8B, Llama-3-70B, Qwen3.5-9B (hybrid linear attention) or Qwen3-30B-A3B (MoE)
 shaped model (all blocks, or the first K of them) with random bf16 weights directly in memory,
 then runs the real ``main.py`` pipeline on it
-(``liftquant.api.run_quantization``: memory plan, activation caches, block loop, packing,
+(``liftquant.apps.api.run_quantization``: memory plan, activation caches, block loop, packing,
 checkpoint writing) with the authors' recipe flags, random calibration tokens, and the
 requested lattice and calibration size. Writes, merging with earlier rows (keyed by
 configuration, GPU, commit and source hash):
@@ -26,7 +26,7 @@ Example (one H200)::
     python scripts/bench_scale.py --shape llama3-8b --nproc 2   # torchrun on itself, 2 GPUs
 
 ``--nproc N`` relaunches this script under ``torchrun --standalone --nproc_per_node N`` (NVLink
-multicast off, :mod:`liftquant.distributed`); every rank builds the same random model, rank 0
+multicast off, :mod:`liftquant.quantize.distributed`); every rank builds the same random model, rank 0
 writes the row. ``wall_seconds`` (the measured quantization wall time of the blocks that ran)
 is the column to compare across ``gpus``; ``total_seconds`` is not projected when ``gpus`` > 1.
 """
@@ -174,7 +174,7 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Run this script with the same arguments as ``nproc`` torchrun ranks on this host."""
-    from liftquant.distributed import force_multicast_off
+    from liftquant.quantize.distributed import force_multicast_off
 
     env = dict(os.environ)
     force_multicast_off(env)
@@ -184,10 +184,10 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def run_one(args, extra: list[str]) -> tuple[dict, dict] | None:
-    from liftquant import distributed
-    from liftquant.api import run_quantization
-    from liftquant.config import RunConfig, build_parser
-    from liftquant.provenance import provenance
+    from liftquant.apps.api import run_quantization
+    from liftquant.cli.config import RunConfig, build_parser
+    from liftquant.quantize import distributed
+    from liftquant.util.provenance import provenance
 
     ctx = distributed.from_env()
     if ctx is not None:  # before the model is built: its generator runs on this rank's GPU
@@ -224,7 +224,7 @@ def run_one(args, extra: list[str]) -> tuple[dict, dict] | None:
         if ctx is not None and not ctx.is_main:
             return None
         stopped, summary = str(exc), {"checkpoint_bytes": 0}
-        from liftquant.blockstore import read_block_json
+        from liftquant.quantize.blockstore import read_block_json
 
         done = sorted((save_dir / "blocks").glob("block_*.safetensors"))  # written last
         blocks = [read_block_json(p)["row"] for p in done]
@@ -304,12 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project_nsamples", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / "bench" / "scale.csv"))
     p.add_argument("--nproc", type=int, default=1,
-                   help="ranks (GPUs) of one torchrun job on this host (liftquant.distributed)")
+                   help="ranks (GPUs) of one torchrun job on this host (liftquant.quantize.distributed)")
     args, extra = p.parse_known_args(argv)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args.nproc, sys.argv[1:] if argv is None else argv)
-    from liftquant.log import setup_logging
-    from liftquant.records import merge_csv_rows, merge_json_rows
+    from liftquant.util.log import setup_logging
+    from liftquant.util.records import merge_csv_rows, merge_json_rows
 
     setup_logging()
     import logging

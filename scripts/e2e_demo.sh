@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/lq_out}; SCR=${SCR:-/tmp/lq_scratch}; mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LIFTQUANT_HOME=$SCR/home
 SAMPLES=${SAMPLES:-512}; CTX=${CTX:-2048}; TASKS=${TASKS:-pack}
 LIMIT="--eval_tasks_limit ${TASKS_LIMIT:-300}"
-python -m liftquant.tasks fetch > "$OUT/logs/tasks.log" 2>&1
+python -m liftquant.evaluation.tasks fetch > "$OUT/logs/tasks.log" 2>&1
 for spec in 16to8 20to8; do
   Q=$SCR/pareto/smollm2-135m-$spec
   if [ ! -f "$Q/config.json" ]; then

@@ -3,8 +3,8 @@
     python scripts/eval.py --model demo --eval_ppl --tasks pack --output out/fp_eval.json
     python scripts/eval.py --quant_model_path out/demo --eval_ppl --tasks boolq,piqa
 
-Perplexity follows liftquant.eval (non-overlapping windows, GPTQ convention); --tasks runs
-lm-eval (the offline pack by name, see liftquant.tasks). The result is printed as JSON and
+Perplexity follows liftquant.evaluation.eval (non-overlapping windows, GPTQ convention); --tasks runs
+lm-eval (the offline pack by name, see liftquant.evaluation.tasks). The result is printed as JSON and
 written to --output when given.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from liftquant.config import (
+from liftquant.cli.config import (
     CalibArgs,
     EvalArgs,
     KernelArgs,
@@ -32,7 +32,7 @@ from liftquant.config import (
 
 @dataclass
 class EvalScriptArgs(EvalArgs, KernelArgs):
-    """The shared evaluation and kernel groups of liftquant.config, plus what to evaluate."""
+    """The shared evaluation and kernel groups of liftquant.cli.config, plus what to evaluate."""
 
     quant_model_path: str | None = _f(None, "LiftQuant or baseline checkpoint folder (then "
                                       "--model is not used)")
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     shared = {f.name: getattr(ev, f.name) for f in dataclasses.fields(EvalArgs)}
     cfg = RunConfig(model=ModelArgs(**_given(ns, ModelArgs)), calib=CalibArgs(),
                     run=RunArgs(**shared, backend=ev.backend))
-    from liftquant import api
-    from liftquant.log import setup_logging
-    from liftquant.methods import load_checkpoint
+    from liftquant.apps import api
+    from liftquant.quantize.methods import load_checkpoint
+    from liftquant.util.log import setup_logging
 
     setup_logging()
     device = api.resolve_device(cfg.model.device)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if tok is None:
         parser.error("the model has no tokenizer files; evaluation needs one")
     result["device"] = str(device)
-    from liftquant.provenance import provenance
+    from liftquant.util.provenance import provenance
 
     result["provenance"] = provenance(device=device)  # commit, dirty, source hash, GPU, argv
     if ev.eval_ppl:

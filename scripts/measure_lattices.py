@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from liftquant import lattice as L
+from liftquant.core import lattice as L
 
 # The stream gaussian_mse (and so lattice_generator.py) measures on when given no seed.
 EVAL_SEED = inspect.signature(L.gaussian_mse).parameters["seed"].default

@@ -5,7 +5,7 @@
 
 Every main.py flag is accepted and applies to every run (--nsamples, --epochs, --group_size,
 --eval_max_windows, ...). Per config: LiftQuant lattice ``DtoD'`` or baseline ``rtn:B`` /
-``gptq:B`` -> liftquant.api.run_quantization (perplexity always on, lm-eval with --tasks) -> one
+``gptq:B`` -> liftquant.apps.api.run_quantization (perplexity always on, lm-eval with --tasks) -> one
 CSV row (COLUMNS, with commit, dirty flag, source hash, GPU, date, torch version, command)
 merged into --csv: a re-run replaces its own rows, rows of other commits and GPUs are kept. The FP
 model is evaluated first (--skip_fp to not).
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def run_fp(ns, *, model_name: str, tasks_note: str, gpu: str, commit: str) -> dict:
     """The FP reference row (bits = the linear weights' dtype width)."""
-    from liftquant import api
-    from liftquant.checkpoint import bits_report
-    from liftquant.config import RunConfig, apply_demo_defaults
-    from liftquant.pareto import csv_row
+    from liftquant.apps import api
+    from liftquant.cli.config import RunConfig, apply_demo_defaults
+    from liftquant.evaluation.pareto import csv_row
+    from liftquant.io.checkpoint import bits_report
 
     ns = copy.copy(ns)
     apply_demo_defaults(ns)
@@ -48,8 +48,8 @@ def run_fp(ns, *, model_name: str, tasks_note: str, gpu: str, commit: str) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    from liftquant.config import apply_demo_defaults, build_parser
-    from liftquant.pareto import append_rows, csv_row, parse_jobs, plot
+    from liftquant.cli.config import apply_demo_defaults, build_parser
+    from liftquant.evaluation.pareto import append_rows, csv_row, parse_jobs, plot
 
     parser = build_parser(__doc__.split("\n")[0])
     g = parser.add_argument_group("sweep")
@@ -66,17 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         jobs = parse_jobs(ns.configs, ns.baselines)
     except ValueError as exc:
         parser.error(str(exc))
-    from liftquant.api import run_quantization
-    from liftquant.config import RunConfig
-    from liftquant.log import setup_logging
-    from liftquant.provenance import record_fields
+    from liftquant.apps.api import run_quantization
+    from liftquant.cli.config import RunConfig
+    from liftquant.util.log import setup_logging
+    from liftquant.util.provenance import record_fields
 
     setup_logging()
     ns.eval_ppl = True
     root = Path(ns.save_dir or "out/pareto")
     name = ns.model_name or ("smollm2-135m" if ns.model in (None, "demo") else Path(ns.model).name)
     prov = record_fields(device="cpu" if ns.device == "cpu" else None)  # as the run starts
-    from liftquant.tasks import resolve_tasks
+    from liftquant.evaluation.tasks import resolve_tasks
 
     tasks_note = "+".join(resolve_tasks(ns.tasks)) if ns.tasks else ""
     if ns.tasks and ns.tasks_limit:

@@ -3,7 +3,7 @@
     python scripts/pipeline_report.py run1/report.json run2/report.json
 
 The commit (``+dirty`` for a modified tree; a copied tree without .git shows the first 12 digits
-of its ``source_sha256``, see ``python -m liftquant.provenance match``) and the GPU come from
+of its ``source_sha256``, see ``python -m liftquant.util.provenance match``) and the GPU come from
 each report's ``provenance``.
 """
 

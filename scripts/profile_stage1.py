@@ -39,16 +39,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_scale import build_model
-from liftquant.blocktrain import GRAD_CLIP
-from liftquant.calibrate import _groups_stage1, _to_lift
-from liftquant.config import RunConfig, build_parser
-from liftquant.lattice import LatticeSpec
-from liftquant.plan import MemoryPlan
-from liftquant.provenance import RECORD_KEY, record_fields
-from liftquant.records import merge_json_rows
-from liftquant.stream import forward_block
 
+from liftquant.cli.config import RunConfig, build_parser
+from liftquant.core.lattice import LatticeSpec
 from liftquant.models import get_adapter
+from liftquant.quantize.blocktrain import GRAD_CLIP
+from liftquant.quantize.calibrate import _groups_stage1, _to_lift
+from liftquant.quantize.plan import MemoryPlan
+from liftquant.quantize.stream import forward_block
+from liftquant.util.provenance import RECORD_KEY, record_fields
+from liftquant.util.records import merge_json_rows
 
 
 def timed(fn, *, repeats: int, device: torch.device) -> float:

@@ -32,4 +32,4 @@ for c in $CONFIGS; do run "$c" --skip_fp --resume --configs "$c"; done
 [ -z "$RTN_BITS" ] || run "rtn${RTN_BITS//,/}" --skip_fp --baselines "rtn:$RTN_BITS"
 [ -z "$GPTQ_BITS" ] || run "gptq${GPTQ_BITS//,/}" --skip_fp --baselines "gptq:$GPTQ_BITS"
 wait
-python -m liftquant.pareto merge "$OUT"/*-*.csv --out "$OUT/quality.csv" --plot "$OUT/quality.png"
+python -m liftquant.evaluation.pareto merge "$OUT"/*-*.csv --out "$OUT/quality.csv" --plot "$OUT/quality.png"

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from liftquant.checkpoint import bits_report, load_quantized, save_quantized
+from liftquant.io.checkpoint import bits_report, load_quantized, save_quantized
 from liftquant.kernels.int8_head import quantize_lm_head
 
 

@@ -16,8 +16,8 @@ import triton.language as tl
 from bench_kernels import graph_bench, random_packed_layer
 
 from liftquant.kernels import triton_int1 as ti
-from liftquant.provenance import RECORD_KEY, record_fields
-from liftquant.records import merge_json_rows
+from liftquant.util.provenance import RECORD_KEY, record_fields
+from liftquant.util.records import merge_json_rows
 
 KEY = ("n", "members", "tile_rows", "chunk", "warps", "pairs", *RECORD_KEY)
 

@@ -61,7 +61,7 @@ def make_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_lattice_dir(tmp_path_factory):
     """A quickly trained 8to4 lattice (2 bits) in its own folder."""
-    from liftquant.lattice_train import train_projection
+    from liftquant.core.lattice_train import train_projection
 
     folder = tmp_path_factory.mktemp("lattices")
     res = train_projection("8to4", steps=120, batch=256, restarts=1, progress=False,

@@ -21,9 +21,12 @@ import torch
 from conftest import make_corpus, make_tokenizer
 
 import main as main_script
-from liftquant import assets, cache, data, errors
-from liftquant.log import get_logger
-from liftquant.rate import BITS_TOLERANCE, lattice_for_bits, select_lattice
+from liftquant.demo import assets
+from liftquant.evaluation import data
+from liftquant.quantize import cache
+from liftquant.quantize.rate import BITS_TOLERANCE, lattice_for_bits, select_lattice
+from liftquant.util import errors
+from liftquant.util.log import get_logger
 
 NO_MODEL = "/nonexistent/model"  # never read by a run refused at parse level
 
@@ -267,9 +270,9 @@ def test_read_only_save_dir_refused_before_the_model_loads(tmp_path, tiny_model_
                                                           tiny_lattice_dir, monkeypatch, capsys):
     """Monkeypatched probe: works as root, where chmod does not stop writes."""
     _unwritable(monkeypatch)
-    import liftquant.api
+    import liftquant.apps.api
 
-    monkeypatch.setattr(liftquant.api, "load_model_for_run", lambda cfg: pytest.fail("loaded"))
+    monkeypatch.setattr(liftquant.apps.api, "load_model_for_run", lambda cfg: pytest.fail("loaded"))
     line = _refused(capsys, _model_argv(tiny_model_dir, tiny_lattice_dir), tmp_path / "ro" / "o",
                     code=2)
     assert f"--save_dir {tmp_path / 'ro' / 'o'}: cannot write in {tmp_path}" in line

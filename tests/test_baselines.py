@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liftquant import baselines as B
-from liftquant.checkpoint import bits_report, save_quantized
-from liftquant.config import LatticeArgs, RunConfig
+from liftquant.cli.config import LatticeArgs, RunConfig
+from liftquant.io.checkpoint import bits_report, save_quantized
 from liftquant.models import get_adapter, tiny_llama
+from liftquant.quantize import baselines as B
 
 torch.set_num_threads(1)
 
@@ -182,8 +182,8 @@ def test_gptq_model_closer_to_fp_than_rtn():
 def test_pipeline_hessian_is_the_weighted_gram_of_the_linear_inputs():
     """The Hessian the block loop hands to GPTQ is sum_t c_t x_t x_t^T / n of the inputs the
     group's first linear really sees (c = first_token_weight at position 0, 1 elsewhere)."""
-    from liftquant.cache import ActivationCache
-    from liftquant.capture import capture_block_inputs
+    from liftquant.quantize.cache import ActivationCache
+    from liftquant.quantize.capture import capture_block_inputs
 
     model = tiny_llama(seed=0)
     adapter = get_adapter(model.config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from liftquant.cache import ActivationCache, batch_indices, choose_mode
+from liftquant.quantize.cache import ActivationCache, batch_indices, choose_mode
 
 SHAPE = (6, 5, 8)  # (N, L, H)
 

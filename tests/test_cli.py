@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import main as main_script
-from liftquant.config import RunConfig, apply_demo_defaults, build_parser
+from liftquant.cli.config import RunConfig, apply_demo_defaults, build_parser
 from tests import seed_readme
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def test_main_end_to_end_on_tiny_model(tiny_model_dir, tiny_lattice_dir, tmp_pat
     assert report["summary"]["ppl_quantized"] > 1 and len(report["blocks"]) == 2
     assert (out / "liftquant_run.json").is_file() and (out / "quantize.log").is_file()
     assert not (out / "blocks").exists()
-    from liftquant.checkpoint import load_quantized
+    from liftquant.io.checkpoint import load_quantized
 
     model, tok = load_quantized(out)
     assert tok is not None

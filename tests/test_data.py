@@ -11,7 +11,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from liftquant import assets, data
+from liftquant.demo import assets
+from liftquant.evaluation import data
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "over", "green",
          "hills", "and", "birds", "sang", "songs", "about", "rivers", "stones", "clouds"]

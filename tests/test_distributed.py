@@ -1,4 +1,4 @@
-"""torchrun (liftquant.distributed): two gloo ranks on CPU give a checkpoint bit-identical to
+"""torchrun (liftquant.quantize.distributed): two gloo ranks on CPU give a checkpoint bit-identical to
 one process; a rank that dies leaves its finished blocks, which --resume picks up to the same
 checkpoint; the block assignment is optimal among contiguous ranges; sequential propagation and
 other unsplittable runs are refused up front in one line."""
@@ -17,8 +17,8 @@ import torch
 from conftest import make_corpus, make_tokenizer
 from safetensors.torch import load_file
 
-from liftquant import distributed
-from liftquant.distributed import assign_blocks, force_multicast_off, from_env, rank_time
+from liftquant.quantize import distributed
+from liftquant.quantize.distributed import assign_blocks, force_multicast_off, from_env, rank_time
 
 ROOT = Path(__file__).resolve().parent.parent
 N_LAYERS = 4  # two blocks per rank, so a rank can die after its first one
@@ -179,7 +179,7 @@ def test_two_ranks_are_bit_identical_to_one_process_and_resume_after_a_dead_rank
 
 
 def test_readme_torchrun_commands_parse():
-    from liftquant.config import RunConfig, apply_demo_defaults, build_parser
+    from liftquant.cli.config import RunConfig, apply_demo_defaults, build_parser
 
     text = (ROOT / "README.md").read_text()
     found = 0
@@ -227,8 +227,8 @@ def test_a_failed_rank_stops_the_others_with_one_line_naming_resume(monkeypatch,
 
 
 def test_host_ram_share_is_split_between_the_ranks_of_a_host():
-    from liftquant.cache import DEFAULT_BUDGET_FRACTION, available_host_bytes
-    from liftquant.config import RunConfig
+    from liftquant.cli.config import RunConfig
+    from liftquant.quantize.cache import DEFAULT_BUDGET_FRACTION, available_host_bytes
 
     cfg = RunConfig()
     ctx = from_env({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})

@@ -1,4 +1,4 @@
-"""e2efinetune.py / liftquant.finetune on a tiny quantized Llama (CPU): codes stay bit-identical,
+"""e2efinetune.py / liftquant.apps.finetune on a tiny quantized Llama (CPU): codes stay bit-identical,
 the loss goes down, the saved checkpoint reloads to the same logits, the seed command parses."""
 
 import json
@@ -8,18 +8,18 @@ import pytest
 import torch
 
 import e2efinetune
-from liftquant.calibrate import quantize_model
-from liftquant.checkpoint import (
+from liftquant.apps.finetune import E2EArgs, freeze_packed, make_trainable, train
+from liftquant.cli.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
+from liftquant.core.lattice import LatticeSpec, load_projection
+from liftquant.core.linear import PackedLiftLinear
+from liftquant.io.checkpoint import (
     load_quantized,
     packed_module_names,
     quantization_config,
     save_quantized,
 )
-from liftquant.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
-from liftquant.finetune import E2EArgs, freeze_packed, make_trainable, train
-from liftquant.lattice import LatticeSpec, load_projection
-from liftquant.linear import PackedLiftLinear
 from liftquant.models import get_adapter, tiny_llama
+from liftquant.quantize.calibrate import quantize_model
 from tests import seed_readme
 from tests.conftest import make_corpus, make_tokenizer
 
@@ -65,7 +65,7 @@ def trained(packed_ckpt):
     tok = make_tokenizer()
     orig, _ = load_quantized(packed_ckpt / "q")
     model, _ = load_quantized(packed_ckpt / "q", trainable=True)
-    from liftquant.data import load_calibration
+    from liftquant.evaluation.data import load_calibration
 
     cfg = _cfg(packed_ckpt)
     windows = load_calibration(tok, source=cfg.dataset, n_samples=4, seq_len=32, seed=0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from liftquant import eval as lq_eval
+from liftquant.evaluation import eval as lq_eval
 
 VOCAB = 128
 SEQ_LEN = 16

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import main as main_script
-from liftquant import pareto
+from liftquant.evaluation import pareto
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent

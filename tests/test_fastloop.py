@@ -15,7 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from liftquant.blocktrain import (
+from liftquant.cli.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
+from liftquant.core.lattice import LatticeSpec, load_projection
+from liftquant.core.linear import LiftLinear, adam_step_bound, flip_margin
+from liftquant.models import get_adapter, tiny_llama
+from liftquant.quantize.blocktrain import (
     ADAM_BETAS,
     GRAD_CLIP,
     BlockData,
@@ -23,14 +27,10 @@ from liftquant.blocktrain import (
     latent_flip_margin,
     train_block,
 )
-from liftquant.cache import ActivationCache
-from liftquant.calibrate import quantize_model
-from liftquant.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
-from liftquant.lattice import LatticeSpec, load_projection
-from liftquant.linear import LiftLinear, adam_step_bound, flip_margin
-from liftquant.models import get_adapter, tiny_llama
-from liftquant.plan import MemoryPlanError, plan_block
-from liftquant.stream import BlockStream
+from liftquant.quantize.cache import ActivationCache
+from liftquant.quantize.calibrate import quantize_model
+from liftquant.quantize.plan import MemoryPlanError, plan_block
+from liftquant.quantize.stream import BlockStream
 
 SPEC = LatticeSpec.parse("8to4")
 N, L, H, OUT = 12, 8, 64, 32
@@ -99,7 +99,7 @@ def _dense_reference(layer, x, y, *, lr_w, epochs, bs, seed):
     P = {k: nn.Parameter(getattr(layer, k).detach().clone())
          for k in ("scale_gain", "L", "R", "s1", "s2_act")}
     scale_base, bias = layer.scale_base, layer.bias
-    from liftquant.whiten import apply_fused
+    from liftquant.core.whiten import apply_fused
 
     def fwd(xb):
         xt = apply_fused(xb, s1=P["s1"], L=P["L"], R=P["R"], s2_act=P["s2_act"], d=d, D=D)
@@ -309,7 +309,7 @@ def test_refused_cap_leaves_nothing_behind(M, tmp_path):
 
 
 def test_deterministic_mode_scoped_and_gives_up_once(caplog):
-    from liftquant import blocktrain
+    from liftquant.quantize import blocktrain
 
     assert not torch.are_deterministic_algorithms_enabled()
     with blocktrain._Deterministic(True) as det:

@@ -1,4 +1,4 @@
-"""liftquant.baselines GPTQ against a textbook GPTQ written here from the paper alone.
+"""liftquant.quantize.baselines GPTQ against a textbook GPTQ written here from the paper alone.
 
 Reference: Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers", Algorithm 1. Nothing below imports the quantizer's helpers: the grid,
@@ -26,7 +26,7 @@ import math
 import pytest
 import torch
 
-from liftquant import baselines
+from liftquant.quantize import baselines
 
 torch.set_num_threads(1)
 

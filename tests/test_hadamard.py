@@ -1,4 +1,4 @@
-"""Hadamard constructions and orthogonal initialisations (liftquant.hadamard)."""
+"""Hadamard constructions and orthogonal initialisations (liftquant.core.hadamard)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from liftquant.hadamard import hadamard, has_hadamard, orthogonal_init
+from liftquant.core.hadamard import hadamard, has_hadamard, orthogonal_init
 
 SHIPPED_ORDERS = [1, 2, 4, 12, 20, 24, 28, 36, 40, 44, 48, 60, 64, 76, 96, 108, 128, 140, 148, 576]
 UNSUPPORTED_ORDERS = [3, 6, 7, 18, 52, 92, 100, 172]

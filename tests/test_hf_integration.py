@@ -5,8 +5,8 @@ import torch
 from test_chat import build_chat_checkpoint
 
 import liftquant
-from liftquant.checkpoint import load_quantized
-from liftquant.linear import PackedLiftLinear
+from liftquant.core.linear import PackedLiftLinear
+from liftquant.io.checkpoint import load_quantized
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def test_registered_for_quant_method():
         AUTO_QUANTIZER_MAPPING,
     )
 
-    from liftquant.integrations import hf
+    from liftquant.io import hf
 
     assert hf.register()  # idempotent
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["liftquant"] is hf.LiftQuantConfig

@@ -15,15 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import liftquant  # noqa: F401 - registers the transformers quantizer
-from liftquant.checkpoint import (
+from liftquant.core.lattice import LatticeSpec
+from liftquant.core.linear import PackedLiftLinear
+from liftquant.io.checkpoint import (
     CheckpointError,
     load_quantized,
     packed_module_names,
     quantization_config,
     save_quantized,
 )
-from liftquant.lattice import LatticeSpec
-from liftquant.linear import PackedLiftLinear
 from liftquant.models import tiny_llama
 from liftquant.models.adapters import set_module
 
@@ -95,7 +95,7 @@ def _flip_bytes(file: Path, name: str) -> None:
 def _rewrite(file: Path, edit) -> None:
     """Apply ``edit(state)`` and write the file back with valid checksums for its new content,
     so the structural / finiteness checks, not the hashes, must catch the damage."""
-    from liftquant.integrity import checksum_metadata
+    from liftquant.io.integrity import checksum_metadata
 
     state = load_file(str(file))
     edit(state)
@@ -163,9 +163,9 @@ def test_nan_scale_refused_at_load_and_at_save(ckpt, tmp_path):
 
 # ------------------------------------------------------------------------------ lattice
 def test_M_sha256_mismatch_refused(saved, tmp_path):
-    from liftquant.checkpoint import checkpoint_lattice, read_quantization_config
-    from liftquant.finetune import check_lattice
-    from liftquant.lattice import shipped_lattices
+    from liftquant.apps.finetune import check_lattice
+    from liftquant.core.lattice import shipped_lattices
+    from liftquant.io.checkpoint import checkpoint_lattice, read_quantization_config
 
     qc = read_quantization_config(saved[0])
     same = tmp_path / "same"
@@ -240,7 +240,7 @@ def test_failed_save_leaves_no_half_written_folder(saved, tmp_path):
 
 
 def test_save_replaces_an_existing_folder_as_a_whole(saved, tmp_path, monkeypatch):
-    from liftquant import integrity
+    from liftquant.io import integrity
 
     out = Path(shutil.copytree(saved[0], tmp_path / "run"))
     (out / "model-00002-of-00002.safetensors").write_bytes(b"stale shard")
@@ -284,8 +284,8 @@ def test_existing_run_folder_refused_without_overwrite(saved, tmp_path, capsys):
 
 
 def test_overwrite_and_resume_rules_of_write_run_config(saved, tmp_path):
-    from liftquant.api import write_run_config
-    from liftquant.config import RunArgs, RunConfig
+    from liftquant.apps.api import write_run_config
+    from liftquant.cli.config import RunArgs, RunConfig
 
     out = Path(shutil.copytree(saved[0], tmp_path / "run"))
     (out / "liftquant_run.json").write_text('{"old": 1}')

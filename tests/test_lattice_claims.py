@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from liftquant import lattice as L
+from liftquant.core import lattice as L
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX = json.loads((ROOT / "lattice" / "index.json").read_text())

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from liftquant import methods
-from liftquant.api import run_quantization
-from liftquant.baselines import BaselineSpec
-from liftquant.checkpoint import CheckpointError, strict_load
-from liftquant.config import CalibArgs, LatticeArgs, RunArgs, RunConfig, TrainArgs
-from liftquant.latticespec import LatticeSpec
+from liftquant.apps.api import run_quantization
+from liftquant.cli.config import CalibArgs, LatticeArgs, RunArgs, RunConfig, TrainArgs
+from liftquant.core.latticespec import LatticeSpec
+from liftquant.io.checkpoint import CheckpointError, strict_load
 from liftquant.models import tiny_llama
+from liftquant.quantize import methods
+from liftquant.quantize.baselines import BaselineSpec
 
 
 def test_names_and_config_types_find_their_handler():

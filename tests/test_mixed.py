@@ -6,8 +6,10 @@ import shutil
 import pytest
 import torch
 
-from liftquant.calibrate import quantize_model
-from liftquant.checkpoint import (
+from liftquant.cli.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
+from liftquant.core.lattice import LatticeSpec, load_projection
+from liftquant.core.linear import PackedLiftLinear
+from liftquant.io.checkpoint import (
     MIXED_FORMAT_VERSION,
     CheckpointError,
     load_quantized,
@@ -15,11 +17,9 @@ from liftquant.checkpoint import (
     quantization_config,
     save_quantized,
 )
-from liftquant.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
-from liftquant.lattice import LatticeSpec, load_projection
-from liftquant.linear import PackedLiftLinear
+from liftquant.io.size import estimate_file_bytes, quantized_linears
 from liftquant.models import get_adapter, tiny_llama
-from liftquant.size import estimate_file_bytes, quantized_linears
+from liftquant.quantize.calibrate import quantize_model
 
 A, B = LatticeSpec.parse("8to4"), LatticeSpec.parse("9to3")  # 2 and 3 bits, both cheap
 
@@ -126,7 +126,7 @@ def test_uniform_lattice_map_writes_a_version_1_checkpoint(tiny_lattice_dir):
 
 def test_cli_target_size_writes_a_mix_of_the_predicted_size(tiny_model_dir, tmp_path):
     import main as main_script
-    from liftquant.size import estimate_file_bytes
+    from liftquant.io.size import estimate_file_bytes
 
     model = tiny_llama(seed=0)
     adapter = get_adapter(model.config)
@@ -150,7 +150,7 @@ def test_cli_target_size_writes_a_mix_of_the_predicted_size(tiny_model_dir, tmp_
 
 def test_mixed_run_resumes_to_the_same_checkpoint_and_refuses_another_plan(tiny_lattice_dir,
                                                                         tmp_path):
-    from liftquant.blockstore import ResumeMismatch, run_fingerprint
+    from liftquant.quantize.blockstore import ResumeMismatch, run_fingerprint
 
     Ms = {A.name: load_projection(A, tiny_lattice_dir), B.name: load_projection(B)}
     cfg = RunConfig(calib=CalibArgs(nsamples=8, seqlen=32, batch_size=2, seed=0),

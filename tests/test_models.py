@@ -8,8 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from liftquant.cache import ActivationCache
-from liftquant.capture import capture_block_inputs, run_block
 from liftquant.models import (
     ModelAdapter,
     get_adapter,
@@ -21,6 +19,8 @@ from liftquant.models import (
     tiny_qwen2,
     tiny_qwen3,
 )
+from liftquant.quantize.cache import ActivationCache
+from liftquant.quantize.capture import capture_block_inputs, run_block
 
 N_SAMPLES, SEQ_LEN = 3, 12
 ATOL = 1e-5

@@ -12,19 +12,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from liftquant.calibrate import quantize_model
-from liftquant.checkpoint import (
+from liftquant.cli.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
+from liftquant.core.lattice import LatticeSpec, load_projection
+from liftquant.core.linear import PackedLiftLinear
+from liftquant.io.checkpoint import (
     load_quantized,
     packed_module_names,
     quantization_config,
     save_quantized,
 )
-from liftquant.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
-from liftquant.lattice import LatticeSpec, load_projection
-from liftquant.linear import PackedLiftLinear
 from liftquant.models import get_adapter
 from liftquant.models.adapters import UnsupportedFamilyError
 from liftquant.models.moe import ExpertList, unfuse_experts
+from liftquant.quantize.calibrate import quantize_model
 
 SPEC = LatticeSpec.parse("8to4")
 TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

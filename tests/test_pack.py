@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from liftquant.pack import pack_signs, packed_width, unpack_signs
+from liftquant.core.pack import pack_signs, packed_width, unpack_signs
 
 
 @pytest.mark.parametrize("shape", [(1, 8), (3, 13), (5, 1), (2, 3, 17), (4, 64), (7, 0)])

@@ -66,7 +66,7 @@ def test_installed_wheel_loads_shipped_lattice(wheel, tmp_path):
                     "--no-index", "-q", str(wheel)], check=True, capture_output=True, text=True,
                    timeout=300)
     probe = (
-        "import json, liftquant, liftquant.lattice as L\n"
+        "import json, liftquant, liftquant.core.lattice as L\n"
         "M = L.load_projection('20to8')\n"
         "print(json.dumps({'pkg': liftquant.__file__, 'dir': str(L.LATTICE_DIR),"
         " 'shape': list(M.shape), 'shipped': L.shipped_lattices(),"

@@ -4,8 +4,10 @@ import shutil
 import pytest
 import torch
 
-from liftquant.calibrate import quantize_model
-from liftquant.checkpoint import (
+from liftquant.cli.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
+from liftquant.core.lattice import LatticeSpec, load_projection
+from liftquant.core.linear import PackedLiftLinear
+from liftquant.io.checkpoint import (
     CheckpointError,
     bits_report,
     load_quantized,
@@ -13,10 +15,8 @@ from liftquant.checkpoint import (
     quantization_config,
     save_quantized,
 )
-from liftquant.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
-from liftquant.lattice import LatticeSpec, load_projection
-from liftquant.linear import PackedLiftLinear
 from liftquant.models import get_adapter, tiny_llama, tiny_qwen2
+from liftquant.quantize.calibrate import quantize_model
 
 SPEC = LatticeSpec.parse("8to4")
 
@@ -160,7 +160,7 @@ def test_quantized_propagation_mode(tiny_lattice_dir):
 
 
 def test_size_estimate_equals_quantized_model_bytes(quantized_llama):
-    from liftquant.rate import estimate_checkpoint_bytes
+    from liftquant.quantize.rate import estimate_checkpoint_bytes
 
     model, _, _ = quantized_llama
     fresh = tiny_llama(seed=0)
@@ -198,7 +198,7 @@ def test_checkpoints_rebuild_layers_with_their_block_shape_rule(tmp_path):
 
     from transformers import LlamaConfig
 
-    from liftquant.checkpoint import (
+    from liftquant.io.checkpoint import (
         BLOCK_SHAPE_RULE,
         CheckpointError,
         block_rule_of,

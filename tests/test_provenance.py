@@ -1,4 +1,4 @@
-"""liftquant.provenance (commit, dirty flag, source hash, match) and liftquant.records (merged
+"""liftquant.util.provenance (commit, dirty flag, source hash, match) and liftquant.util.records (merged
 benchmark rows that keep other commits' measurements)."""
 
 import csv
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from liftquant import provenance as prov
-from liftquant.records import merge_csv_rows, merge_json_rows
+from liftquant.util import provenance as prov
+from liftquant.util.records import merge_csv_rows, merge_json_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,21 +12,21 @@ import torch
 
 pytest.importorskip("transformers.models.qwen3_5")
 
-from liftquant.cache import ActivationCache
-from liftquant.calibrate import quantize_model
-from liftquant.capture import capture_block_inputs, kwargs_for_block, run_block
-from liftquant.checkpoint import (
+from liftquant.cli.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
+from liftquant.core.lattice import LatticeSpec, load_projection
+from liftquant.core.linear import PackedLiftLinear
+from liftquant.evaluation.eval import perplexity
+from liftquant.io.checkpoint import (
     bits_report,
     load_quantized,
     packed_module_names,
     quantization_config,
     save_quantized,
 )
-from liftquant.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
-from liftquant.eval import perplexity
-from liftquant.lattice import LatticeSpec, load_projection
-from liftquant.linear import PackedLiftLinear
 from liftquant.models import get_adapter
+from liftquant.quantize.cache import ActivationCache
+from liftquant.quantize.calibrate import quantize_model
+from liftquant.quantize.capture import capture_block_inputs, kwargs_for_block, run_block
 
 SPEC = LatticeSpec.parse("8to4")
 LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
@@ -254,7 +254,7 @@ def test_chat_hf_engine_matches_generate(quantized_text, tmp_path, tiny_lattice_
 def test_gptq_baseline_runs_and_liftquant_beats_rtn(quantized_text):
     """The baselines replay each block with its own kwargs too; at 2 bits/weight (codes) the
     LiftQuant model is closer to FP than per-channel RTN on the final logits."""
-    from liftquant import baselines as B
+    from liftquant.quantize import baselines as B
 
     model, _, _, ids = quantized_text
     ref = tiny_qwen3_5(attn="eager")

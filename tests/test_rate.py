@@ -1,17 +1,17 @@
 import pytest
 import torch
 
-from liftquant.lattice import LatticeSpec
-from liftquant.linear import LiftLinear
+from liftquant.core.lattice import LatticeSpec
+from liftquant.core.linear import LiftLinear
+from liftquant.io.size import estimate_file_bytes, quantized_linears
 from liftquant.models import get_adapter, tiny_llama
-from liftquant.rate import (
+from liftquant.quantize.rate import (
     layer_sensitivity,
     mix_candidates,
     plan_mix,
     quantized_linear_bytes,
     select_lattice,
 )
-from liftquant.size import estimate_file_bytes, quantized_linears
 
 
 def test_bits_picks_the_shipped_lattice_of_that_rate():

@@ -1,4 +1,4 @@
-"""--resume (liftquant.blockstore): block files of another run are refused with the differing
+"""--resume (liftquant.quantize.blockstore): block files of another run are refused with the differing
 settings named, broken block files are recomputed, and an interrupted run -- also one killed
 with SIGKILL -- continues to a checkpoint bit-identical to an uninterrupted run."""
 
@@ -16,17 +16,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from liftquant.blockstore import (
+from liftquant.cli.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
+from liftquant.core.lattice import LatticeSpec, load_projection
+from liftquant.models import get_adapter, tiny_llama
+from liftquant.quantize.blockstore import (
     ResumeMismatch,
     check_resume,
     is_finished,
     read_block_json,
     run_fingerprint,
 )
-from liftquant.calibrate import quantize_model
-from liftquant.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
-from liftquant.lattice import LatticeSpec, load_projection
-from liftquant.models import get_adapter, tiny_llama
+from liftquant.quantize.calibrate import quantize_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = LatticeSpec.parse("8to4")

@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from liftquant.checkpoint import (
+from liftquant.core.lattice import LatticeSpec
+from liftquant.core.linear import PackedLiftLinear, cast_unquantized
+from liftquant.io.checkpoint import (
     packed_module_names,
     quantization_config,
     save_quantized,
     unique_state,
 )
-from liftquant.lattice import LatticeSpec
-from liftquant.linear import PackedLiftLinear, cast_unquantized
+from liftquant.io.size import estimate_file_bytes, kv_cache_bytes, quantized_linears
 from liftquant.models import get_adapter, tiny_llama, tiny_qwen2
 from liftquant.models.adapters import set_module
-from liftquant.size import estimate_file_bytes, kv_cache_bytes, quantized_linears
 
 
 def _pack_in_place(model, adapter, specs, seed=0):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from liftquant import tasks as T
+from liftquant.evaluation import tasks as T
 
 torch.set_num_threads(1)
 
@@ -118,7 +118,7 @@ def test_name_mapping():
 
 
 def test_missing_lm_eval_names_the_install(monkeypatch):
-    from liftquant import lmeval
+    from liftquant.evaluation import lmeval
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match="pip install lm-eval"):
@@ -151,7 +151,7 @@ def test_evaluate_tasks_on_tiny_model(pack_dir):
     pytest.importorskip("lm_eval")
     from conftest import make_tokenizer
 
-    from liftquant.lmeval import evaluate_tasks, format_table
+    from liftquant.evaluation.lmeval import evaluate_tasks, format_table
     from liftquant.models import tiny_llama
 
     res = evaluate_tasks(tiny_llama(seed=0), make_tokenizer(), "boolq,piqa,mmlu", batch_size=4,

@@ -19,12 +19,12 @@ def _run(code: str) -> list[str]:
 
 
 def test_package_and_light_modules_do_not_import_transformers():
-    assert _run("import sys, liftquant, liftquant.pack, liftquant.lattice, liftquant.config\n"
+    assert _run("import sys, liftquant, liftquant.core.pack, liftquant.core.lattice, liftquant.cli.config\n"
                 "print('transformers' in sys.modules)") == ["False"]
 
 
 def test_main_parser_and_lattice_names_do_not_import_torch():
-    assert _run("import sys, main, liftquant.latticespec, liftquant.errors\n"
+    assert _run("import sys, main, liftquant.core.latticespec, liftquant.util.errors\n"
                 "main.build_parser('x').format_help()\n"
                 "print('torch' in sys.modules)") == ["False"]
 

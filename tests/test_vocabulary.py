@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import e2efinetune
-from liftquant.config import (
+from liftquant.apps.finetune import E2EArgs
+from liftquant.cli.config import (
     DeviceArgs,
     EvalArgs,
     KernelArgs,
@@ -23,7 +24,6 @@ from liftquant.config import (
     apply_demo_defaults,
     build_parser,
 )
-from liftquant.finetune import E2EArgs
 from tests import seed_readme
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close
 
-from liftquant.hadamard import has_hadamard
-from liftquant.whiten import (
+from liftquant.core.hadamard import has_hadamard
+from liftquant.core.whiten import (
     KronWhitening,
     apply_fused,
     block_shape,

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from liftquant.log import get_logger
 from liftquant.models.adapters import get_adapter
+from liftquant.util.log import get_logger
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -22,7 +22,7 @@ Consequences for LiftQuant (documented rule for rarely routed experts):
   stay in full precision; a shared expert (Qwen3.5-MoE ``mlp.shared_expert``) is a plain SwiGLU
   MLP and is quantized like a dense one.
 
-After packing, :class:`ExpertList` holds :class:`~liftquant.linear.PackedLiftLinear` layers: the
+After packing, :class:`ExpertList` holds :class:`~liftquant.core.linear.PackedLiftLinear` layers: the
 packed forward runs each routed expert's packed matmuls on its tokens, no dense expert weight is
 rebuilt beyond what the packed layer's own backend does per call.
 """

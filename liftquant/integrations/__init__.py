@@ -1,1 +1,0 @@
-"""Optional integrations with other libraries (transformers ``from_pretrained``)."""
