@@ -28,12 +28,12 @@ from itertools import cycle
 import torch
 import torch.nn.functional as F
 
+from liftquant.core.linear import PackedLiftLinear
 from liftquant.kernels import gemv_tuner, registry
 from liftquant.kernels import triton_int1 as ti
 from liftquant.kernels.gemv_splitk import SplitKConfig
-from liftquant.linear import PackedLiftLinear
-from liftquant.provenance import RECORD_KEY, record_fields
-from liftquant.records import merge_csv_rows, merge_json_rows
+from liftquant.util.provenance import RECORD_KEY, record_fields
+from liftquant.util.records import merge_csv_rows, merge_json_rows
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
 # Sibling groups run as one T* and one GEMV launch (liftquant.engine.groups): (name, member
@@ -41,6 +41,9 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192
 GROUPS = [("qkv", (4096, 1024, 1024), 4096), ("gate_up", (14336, 14336), 4096),
           ("qkv", (8192, 1024, 1024), 8192), ("gate_up", (28672, 28672), 8192)]
 LATTICES = ["16to8", "24to10", "20to8", "24to8"]
+# Lookup-table GEMV configurations timed per shape (kernels.gemv_lut.LutConfig: bytes per
+# K-slice, rows per step, rows per program, warps); the fastest is the triton-gemv-lut row.
+LUT_CONFIGS = None  # filled in main() (imports Triton-side modules lazily)
 ROTATE_BYTES = 200 * 2**20  # > 3x the H100's 50 MB L2
 COLUMNS = ["shape", "config", "backend", "time_us", "weight_gbps", "copy_gbps", "fraction_of_copy",
            "fp16_time_us", "speedup_vs_fp16", "gpu", "commit", "kernel"]
@@ -110,9 +113,13 @@ def bench_shape(N: int, n: int, spec: str, rows: list, sweep_log: dict, base: di
     from liftquant.kernels.gemv_lut import launch_gemv_lut
 
     plain = [ti.launch_transform(x, *s, d=d, D=D, pairs=False)[0] for x, s in zip(xs, side)]
-    kernel["triton-gemv-lut"] = graph_bench(  # the lookup-table GEMV (default LutConfig)
-        lambda xs_, ly: launch_gemv_lut(xs_, ly.packed_signs, ly.scale, None, dt),
-        list(zip(plain, layers)))
+    lut = {cfg: graph_bench(  # the lookup-table GEMV, its partials reduced by torch
+        lambda xs_, ly, c=cfg: launch_gemv_lut(xs_, ly.packed_signs, ly.scale, None, dt, cfg=c),
+        list(zip(plain, layers))) for cfg in LUT_CONFIGS}
+    best = min(lut, key=lut.get)
+    kernel["triton-gemv-lut"] = lut[best]
+    labels["triton-gemv-lut"] = best.label
+    sweep_log.setdefault(f"{N}x{n}/{spec}", {})["lut_us"] = {c.label: t for c, t in lut.items()}
     layer = {
         "triton-transform": graph_bench(lambda x, s: ti.launch_transform(x, *s, d=d, D=D,
                                                                          pairs=True),
@@ -212,6 +219,11 @@ def main() -> None:
                     help="also time the q/k/v and gate/up groups (liftquant.engine.groups)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    global LUT_CONFIGS
+    from liftquant.kernels.gemv_lut import LutConfig
+
+    LUT_CONFIGS = [LutConfig(32, 16, 256, 4), LutConfig(16, 16, 512, 4),
+                   LutConfig(64, 16, 256, 8), LutConfig(32, 32, 1024, 8)]
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x")))
                                              for s in args.shapes.split(",")]
     base = {**record_fields(device="cuda"), "copy_gbps": round(copy_gbps(), 1)}
