@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
-from liftquant.chat import main
+from liftquant.apps.chat import main
 
 if __name__ == "__main__":
     sys.exit(main())

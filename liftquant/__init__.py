@@ -5,7 +5,7 @@ are re-exported lazily (module ``__getattr__``), so ``liftquant.load_quantized``
 checkpoint code on first use and ``import liftquant.core.pack`` pulls in torch only.
 
 The package is layered (ARCHITECTURE.md): ``util`` < ``core`` / ``kernels`` / ``models`` <
-``cli`` / ``demo`` < ``io`` < ``quantize`` / ``evaluation`` < ``apps`` / ``chat`` / ``engine``.
+``cli`` / ``demo`` < ``io`` < ``quantize`` / ``evaluation`` < ``apps`` / ``engine``.
 The flat module paths of earlier releases (``liftquant.lattice``, ``liftquant.checkpoint``,
 ...) still import: a meta-path finder maps each to its new module and returns the very same
 module object (``liftquant.lattice is liftquant.core.lattice``), and ``python -m`` on an old
@@ -61,7 +61,7 @@ MOVED = {
                                     "blockstore", "calibrate", "rate", "distributed",
                                     "baselines")},
     **{m: f"evaluation.{m}" for m in ("data", "eval", "lmeval", "tasks", "pareto")},
-    **{m: f"apps.{m}" for m in ("api", "finetune")},
+    **{m: f"apps.{m}" for m in ("api", "finetune", "chat")},
 }
 
 

@@ -23,7 +23,7 @@ import torch
 
 from liftquant.engine import build_engine
 from liftquant.kernels.dense import build_dense_cache, dense_cache_bytes, drop_dense_cache
-from liftquant.provenance import record_fields
+from liftquant.util.provenance import record_fields
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -34,7 +34,7 @@ def random_packed_model(fp_model: str, lattice: str, dtype: torch.dtype):
     """The FP model with every decoder linear replaced by a random-code packed layer."""
     from transformers import AutoModelForCausalLM
 
-    from liftquant.linear import PackedLiftLinear
+    from liftquant.core.linear import PackedLiftLinear
 
     model = AutoModelForCausalLM.from_pretrained(fp_model, dtype=dtype).eval()
     g = torch.Generator().manual_seed(0)
@@ -85,12 +85,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.checkpoint:
-        from liftquant.checkpoint import load_quantized
+        from liftquant.io.checkpoint import load_quantized
 
         model = load_quantized(args.checkpoint, device="cpu", dtype=dtype)[0]
         source = args.checkpoint
     else:
-        from liftquant.assets import hf_model_dir
+        from liftquant.demo.assets import hf_model_dir
 
         fp = args.fp_model or str(hf_model_dir())
         model = random_packed_model(fp, args.lattice, dtype)

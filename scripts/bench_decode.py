@@ -32,13 +32,13 @@ import torch
 from bench_kernels import fill_random_
 from torch import nn
 
+from liftquant.core.linear import PackedLiftLinear
 from liftquant.engine.graph import GraphedDecode
 from liftquant.engine.step import DecodeStep
 from liftquant.kernels import registry
 from liftquant.kernels.policy import KernelPolicy, default_policy
-from liftquant.linear import PackedLiftLinear
-from liftquant.provenance import RECORD_KEY, record_fields
-from liftquant.records import merge_csv_rows
+from liftquant.util.provenance import RECORD_KEY, record_fields
+from liftquant.util.records import merge_csv_rows
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -144,7 +144,7 @@ def build_model(config, lattice: str | None, backend: str, device: str = "cuda",
 
 def load_pair(checkpoint: str, fp_model: str, backend: str, policy: KernelPolicy | None = None):
     """(loader of the bf16 original, loader of the quantized model, lattice name)."""
-    from liftquant.checkpoint import load_quantized, read_quantization_config
+    from liftquant.io.checkpoint import load_quantized, read_quantization_config
 
     lattice = read_quantization_config(Path(checkpoint))["lattice"]
 
@@ -160,7 +160,7 @@ def load_pair(checkpoint: str, fp_model: str, backend: str, policy: KernelPolicy
         source = fp_model
         try:
             if fp_model == "demo":  # only an already converted copy: fetching or converting
-                from liftquant.assets import DEFAULT_MODEL, cache_root  # takes minutes
+                from liftquant.demo.assets import DEFAULT_MODEL, cache_root  # takes minutes
 
                 source = str(cache_root() / "hf" / DEFAULT_MODEL)  # assets.hf_model_dir's folder
             return load_fp_model(source, dtype=torch.bfloat16)[0].to("cuda"), "cublas"

@@ -26,8 +26,8 @@ from liftquant.engine.graph import GraphedDecode
 from liftquant.engine.step import DecodeStep
 from liftquant.kernels import registry
 from liftquant.kernels.policy import PDL_MAX_GEMV_BYTES, KernelPolicy, default_policy
-from liftquant.provenance import RECORD_KEY, record_fields
-from liftquant.records import merge_json_rows
+from liftquant.util.provenance import RECORD_KEY, record_fields
+from liftquant.util.records import merge_json_rows
 
 # switch -> (KernelPolicy field, its values for 0 and 1): PDL launches, the one-launch small
 # path, whether the transform lets its GEMV launch at its start (else once its loads are

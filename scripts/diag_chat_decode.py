@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from liftquant.chat import ChatSession, load_chat_model, parse_args
+from liftquant.apps.chat import ChatSession, load_chat_model, parse_args
 
 
 def rate(fn, n: int) -> float:

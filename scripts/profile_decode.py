@@ -22,8 +22,8 @@ from bench_decode import PROMPT, WARMUP, build_model, llama3_8b_config
 
 from liftquant.engine.graph import GraphedDecode
 from liftquant.engine.step import DecodeStep
-from liftquant.provenance import RECORD_KEY, record_fields
-from liftquant.records import merge_json_rows
+from liftquant.util.provenance import RECORD_KEY, record_fields
+from liftquant.util.records import merge_json_rows
 
 
 def shape_config(name: str):

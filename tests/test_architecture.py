@@ -16,7 +16,7 @@ LAYERS = {
     2: ("cli", "demo"),
     3: ("io",),
     4: ("quantize", "evaluation"),
-    5: ("apps", "chat", "engine"),
+    5: ("apps", "engine"),
 }
 
 

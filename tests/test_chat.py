@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
-from liftquant.calibrate import quantize_model
-from liftquant.checkpoint import packed_module_names, quantization_config, save_quantized
-from liftquant.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
-from liftquant.lattice import LatticeSpec, load_projection
+from liftquant.cli.config import CalibArgs, LatticeArgs, RunConfig, TrainArgs
+from liftquant.core.lattice import LatticeSpec, load_projection
+from liftquant.io.checkpoint import packed_module_names, quantization_config, save_quantized
 from liftquant.models import get_adapter, tiny_llama
+from liftquant.quantize.calibrate import quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "chat" / "chat_bitblas_compile.py"
@@ -46,7 +46,7 @@ def chat_ckpt(tmp_path_factory, tiny_lattice_dir):
 
 
 def _session(ckpt, *extra):
-    from liftquant.chat import ChatSession, load_chat_model, parse_args
+    from liftquant.apps.chat import ChatSession, load_chat_model, parse_args
 
     args, _ = parse_args(["--quant_model_path", str(ckpt), "--device", "cpu",
                           "--backend", "torch", "--max_cache_len", "128", *extra])
@@ -107,7 +107,7 @@ def test_fp_model_path_gives_only_the_tokenizer(chat_ckpt, tiny_model_dir):
 
 
 def test_missing_or_bad_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
-    from liftquant.chat import main
+    from liftquant.apps.chat import main
 
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--quant_model_path", str(tmp_path / "nowhere"), "--prompt", "hi"])
@@ -156,7 +156,7 @@ def test_step_engine_matches_hf_engine_greedy(chat_ckpt):
 def test_engine_auto_and_unsupported_architecture(chat_ckpt, monkeypatch):
     s, _ = _session(chat_ckpt)
     assert s.engine == "hf"  # auto on CPU: the HF forward
-    from liftquant.chat import ChatSession, load_chat_model, parse_args
+    from liftquant.apps.chat import ChatSession, load_chat_model, parse_args
 
     args, _ = parse_args(["--quant_model_path", str(chat_ckpt), "--device", "cpu",
                           "--backend", "torch", "--engine", "step"])

@@ -158,7 +158,7 @@ def test_grouped_model_saves_and_reloads(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from liftquant.checkpoint import _state_for_saving
+    from liftquant.io.checkpoint import _state_for_saving
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=50)

@@ -40,7 +40,7 @@ def test_int8_linear_matches_the_dense_head():
 def test_checkpoint_round_trip_and_exact_bits(tmp_path, tiny_lattice_dir):
     from test_chat import build_chat_checkpoint
 
-    from liftquant.checkpoint import bits_report, load_quantized
+    from liftquant.io.checkpoint import bits_report, load_quantized
 
     ckpt = build_chat_checkpoint(tmp_path / "ckpt", tiny_lattice_dir)
     sys.path.insert(0, str(ROOT / "scripts"))

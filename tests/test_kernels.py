@@ -23,8 +23,8 @@ import pytest
 import torch
 from torch import nn
 
+from liftquant.core.linear import PackedLiftLinear
 from liftquant.kernels import registry, torch_ref
-from liftquant.linear import PackedLiftLinear
 
 CUDA = torch.cuda.is_available()
 ROOT = Path(__file__).resolve().parent.parent

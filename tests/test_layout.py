@@ -16,12 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 OLD = sorted(liftquant.MOVED)
 CALLS = {"import_module", "setattr", "patch", "find_spec", "__import__", "delattr", "setitem"}
 DASH_M = re.compile(r"-m\s+(liftquant(?:\.\w+)+)")
-# files of the decode work (issue 15) still being edited when the layout moved; their import
-# lines move to the new paths once that work lands, and this list goes
-PENDING = re.compile(r"^(liftquant/(chat\.py|kernels/|engine/)|chat/|scripts/(bench_decode|bench_kernels"
-                     r"|bench_cpu_chat|bench_variants|diag_chat_decode|profile_decode)\.py|tests/test_"
-                     r"(chat|engine|fused_small|gemv_lut|gemv_splitk|groups|int8_head|kernels|pdl|"
-                     r"policy|prologue|benchmarks)\.py)")
 
 
 def _old(dotted: str) -> bool:
@@ -35,8 +29,7 @@ def _repo_files(*suffixes: str) -> list[Path]:
         files = [ROOT / f for f in out]
     except (OSError, subprocess.SubprocessError):  # a source tree without git
         files = [p for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts]
-    return [p for p in files if p.suffix in suffixes and p.is_file()
-            and not PENDING.match(p.relative_to(ROOT).as_posix())]
+    return [p for p in files if p.suffix in suffixes and p.is_file()]
 
 
 def test_every_old_path_is_the_new_module():

@@ -224,7 +224,7 @@ def test_chat_hf_engine_matches_generate(quantized_text, tmp_path, tiny_lattice_
 
     from conftest import make_tokenizer
 
-    from liftquant.chat import ChatSession, load_chat_model, parse_args
+    from liftquant.apps.chat import ChatSession, load_chat_model, parse_args
 
     model, _, _, _ = quantized_text
     tok = make_tokenizer()

@@ -68,7 +68,7 @@ def test_seed_e2e_placeholder_lattice_is_refused_in_one_line(capsys):
 
 
 def test_seed_chat_command_parses_verbatim():
-    from liftquant.chat import parse_args
+    from liftquant.apps.chat import parse_args
 
     args, prompts = parse_args(seed_readme.argv_of(
         seed_readme.CHAT, "chat/chat_bitblas_compile.py",

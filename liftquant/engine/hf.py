@@ -13,7 +13,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from liftquant.log import get_logger
+from liftquant.util.log import get_logger
 
 logger = get_logger("engine")
 

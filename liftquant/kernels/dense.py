@@ -23,7 +23,7 @@ from torch import nn
 
 from liftquant.kernels.policy import KernelPolicy, default_policy
 from liftquant.kernels.registry import is_packed
-from liftquant.log import get_logger
+from liftquant.util.log import get_logger
 
 logger = get_logger("kernels.dense")
 

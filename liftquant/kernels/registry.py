@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from liftquant.kernels.cache import KernelCache
 from liftquant.kernels.policy import KernelPolicy, LayerShape, Plan, Target, default_policy, plan
-from liftquant.log import get_logger
+from liftquant.util.log import get_logger
 
 logger = get_logger("kernels")
 

@@ -102,7 +102,7 @@ def search_pinv_triton(z: Tensor, M: Tensor, offsets: Tensor) -> tuple[Tensor, T
     """Same contract as ``lattice._search_pinv``: ``(codes (B, D) +-1, pre_sign (B, D))``."""
     if not HAS_TRITON or not (z.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise RuntimeError("search_pinv_triton needs CUDA tensors and Triton; use method='pinv'")
-    from liftquant.lattice import null_space
+    from liftquant.core.lattice import null_space
 
     d, D = M.shape
     M = M.float()
@@ -186,7 +186,7 @@ _Q_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
 def _code_norms(M: Tensor) -> Tensor:
-    from liftquant.lattice import codes_from_index
+    from liftquant.core.lattice import codes_from_index
 
     key = (M.device, M.data_ptr(), M._version, tuple(M.shape))
     if key not in _Q_CACHE:
@@ -207,7 +207,7 @@ def search_exhaustive_triton(z: Tensor, M: Tensor) -> Tensor:
     """Exact nearest code for rows of z (B, d): (B, D) float +-1 (same as the torch oracle)."""
     if not HAS_TRITON or not (z.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise RuntimeError("search_exhaustive_triton needs CUDA tensors and Triton")
-    from liftquant.lattice import codes_from_index
+    from liftquant.core.lattice import codes_from_index
 
     d, D = M.shape
     DP = _pow2_at_least(D)

@@ -25,8 +25,8 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
-from liftquant.config import _f, add_dataclass_args
-from liftquant.log import get_logger
+from liftquant.cli.config import _f, add_dataclass_args
+from liftquant.util.log import get_logger
 
 logger = get_logger("chat")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -88,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChatArgs, list[str] | Non
 def load_chat_model(args: ChatArgs) -> tuple[Any, Any, torch.device]:
     from transformers import AutoTokenizer
 
-    from liftquant.api import resolve_device
-    from liftquant.checkpoint import load_quantized, read_quantization_config
+    from liftquant.apps.api import resolve_device
+    from liftquant.io.checkpoint import load_quantized, read_quantization_config
 
     path = Path(args.quant_model_path)
     if not path.is_dir():
@@ -105,8 +105,8 @@ def load_chat_model(args: ChatArgs) -> tuple[Any, Any, torch.device]:
     if args.fp_model_path:
         tok = AutoTokenizer.from_pretrained(args.fp_model_path)
     if device.type == "cuda":
-        from liftquant.checkpoint import WEIGHTS_NAME
-        from liftquant.log import peak_memory_gib
+        from liftquant.io.checkpoint import WEIGHTS_NAME
+        from liftquant.util.log import peak_memory_gib
 
         logger.info("loaded %s: peak GPU memory %.2f GiB, checkpoint %.2f GiB", path,
                     peak_memory_gib(device), (path / WEIGHTS_NAME).stat().st_size / 2**30)
@@ -266,7 +266,7 @@ class ChatSession:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from liftquant.log import setup_logging
+    from liftquant.util.log import setup_logging
 
     setup_logging()
     args, prompts = parse_args(argv)
