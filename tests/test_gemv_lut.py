@@ -5,15 +5,13 @@ sm_90 (the table gather goes through shared memory)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from helpers import run_sm90_build
 
 from liftquant.kernels.int1_words import HAS_TRITON
-from tests.test_gemv_splitk import ROOT, _run_interpreted
+from tests.test_gemv_splitk import _run_interpreted
 
 LUT_CHECK = textwrap.dedent("""
     import torch
@@ -57,22 +55,7 @@ def test_lut_gemv_matches_reference_in_interpreter():
     _run_interpreted(LUT_CHECK)
 
 
-SM90_BUILD = textwrap.dedent("""
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class StandIn:  # enough of a CUDA driver for JITFunction.warmup to compile, not launch
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
-        def get_current_target(self): return GPUTarget("cuda", 90, 32)
-        def get_device_interface(self): return torch.cuda
-        def get_active_torch_device(self): return torch.device("cpu")
-
-    try:
-        driver.set_active(StandIn())
-    except Exception as err:
-        print("skip", err); raise SystemExit(0)
+SM90_BUILD = """
     from liftquant.kernels import gemv_lut as gl
     XS, P = torch.zeros(4096, dtype=torch.bfloat16), torch.zeros(64, dtype=torch.uint8)
     for G, BN, warps in [(32, 16, 4), (64, 16, 8)]:
@@ -80,23 +63,13 @@ SM90_BUILD = textwrap.dedent("""
                                   RPP=256, num_warps=warps, grid=(1,))
         assert "ld.shared" in k.asm["ptx"]
     print("ok")
-""")
+"""
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_lut_gemv_builds_for_sm90():
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-c", SM90_BUILD], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240, check=False)
-    if proc.stdout.startswith("skip"):
-        pytest.skip(proc.stdout)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
+    run_sm90_build(SM90_BUILD)
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")

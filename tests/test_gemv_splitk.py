@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_sm90_build
 
 from liftquant.kernels import gemv_tuner
 from liftquant.kernels.gemv_rowtile import GemvConfig
@@ -176,22 +177,7 @@ def test_gemv_kind_from_the_policy():
     assert backend.tuner.workspaces is backend.workspaces
 
 
-SM90_BUILD = textwrap.dedent("""
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class StandIn:  # enough of a CUDA driver for JITFunction.warmup to compile, not launch
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
-        def get_current_target(self): return GPUTarget("cuda", 90, 32)
-        def get_device_interface(self): return torch.cuda
-        def get_active_torch_device(self): return torch.device("cpu")
-
-    try:
-        driver.set_active(StandIn())
-    except Exception as err:
-        print("skip", err); raise SystemExit(0)
+SM90_BUILD = """
     from liftquant.kernels import gemv_rowtile as gr, gemv_splitk as gs, gemv_tuner as gt
     from liftquant.kernels import triton_int1 as ti
 
@@ -233,22 +219,12 @@ SM90_BUILD = textwrap.dedent("""
     ptx = k.asm["ptx"]
     assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
     print("ok", built)
-""")
+"""
 
 
 @needs_triton
 def test_inline_ptx_kernels_build_for_sm90():
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-c", SM90_BUILD], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240, check=False)
-    if proc.stdout.startswith("skip"):
-        pytest.skip(proc.stdout)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
+    run_sm90_build(SM90_BUILD)
 
 
 def test_split_k_needs_a_clear_win_over_the_row_tile():
