@@ -126,9 +126,14 @@ def test_merge_json_rows_and_legacy_files(tmp_path):
                     ("shape", "gpu", "commit"))
     assert json.loads(f.read_text()) == [{"gpu": "H100", "commit": "c0", "shape": "s", "us": 1},
                                          {"shape": "s", "us": 3, "gpu": "H100", "commit": "c1"}]
-    f.write_text('{"a": {"b": 1}}')
-    with pytest.raises(ValueError, match="no list of records"):
-        merge_json_rows(f, [{"shape": "s"}], ("shape",))
+    # an older {name: entry} file (the GEMV sweep) becomes one record per entry
+    f.write_text('{"a": {"b": 1}, "c": {"b": 2}}')
+    merge_json_rows(f, [{"name": "c", "b": 3}], ("name",))
+    assert json.loads(f.read_text()) == [{"name": "a", "b": 1}, {"name": "c", "b": 3}]
+    for bad in ('{"a": 1}', '[1, 2]', '{"a": {"b": 1}, "n": 2}'):
+        f.write_text(bad)
+        with pytest.raises(ValueError, match="no list of records"):
+            merge_json_rows(f, [{"shape": "s"}], ("shape",))
 
 
 def test_bench_script_rerun_keeps_rows_of_other_commits(tmp_path, monkeypatch):

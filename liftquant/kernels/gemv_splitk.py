@@ -29,6 +29,8 @@ run concurrently on different streams. It is allocated outside CUDA-graph captur
 
 from __future__ import annotations
 
+import threading
+
 from dataclasses import dataclass
 
 import torch
@@ -341,16 +343,29 @@ def _allocate(device: torch.device, n_part: int, n_cnt: int) -> tuple[Tensor, Te
     if device.type != "cuda":
         return (torch.empty(n_part, device=device, dtype=torch.float32),
                 torch.zeros(n_cnt, device=device, dtype=torch.int32))
-    # Allocated on a side stream: torch.compile's CUDA-graph warm-up routes the current
-    # stream's allocations into its graph pool, whose state it later rewinds, which could
-    # hand this (never freed) memory to other tensors.
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        part = torch.empty(n_part, device=device, dtype=torch.float32)
-        cnt = torch.zeros(n_cnt, device=device, dtype=torch.int32)
-    torch.cuda.current_stream(device).wait_stream(side)  # the counters are zero before use
-    return part, cnt
+    # Allocated from a helper thread on a side stream: torch.compile's CUDA-graph warm-up
+    # routes the allocations of the calling thread (torch 2.11: the thread, not only the
+    # stream) into its graph pool, whose state it later rewinds and checks for leaks; this
+    # never-freed pair must live outside that pool.
+    made: dict[str, tuple[Tensor, Tensor] | BaseException] = {}
+
+    def work() -> None:
+        try:
+            torch.cuda.set_device(device)
+            side = torch.cuda.Stream(device)
+            with torch.cuda.stream(side):
+                made["ws"] = (torch.empty(n_part, device=device, dtype=torch.float32),
+                              torch.zeros(n_cnt, device=device, dtype=torch.int32))
+            side.synchronize()  # the counters are zero before any use
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+            made["ws"] = err
+
+    worker = threading.Thread(target=work, name="liftquant-workspace")
+    worker.start()
+    worker.join()
+    if isinstance(made["ws"], BaseException):
+        raise made["ws"]
+    return made["ws"]
 
 
 WORKSPACES = Workspaces()  # used by direct launches; backends own theirs

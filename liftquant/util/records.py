@@ -74,12 +74,15 @@ def merge_csv_rows(path: str | Path, rows: Sequence[dict], key: Sequence[str], *
 
 def _legacy_rows(data: Any, path: Path) -> list[dict]:
     """A JSON list of records; an older ``{"gpu": .., "commit": .., "rows": [..]}`` file is
-    read as its rows with the top-level scalars copied into each."""
+    read as its rows with the top-level scalars copied into each, and an older ``{name: {..}}``
+    file (e.g. the GEMV sweep) as one record per entry with its key as ``name``."""
     if isinstance(data, list) and all(isinstance(r, dict) for r in data):
         return data
     if isinstance(data, dict) and isinstance(data.get("rows"), list):
         shared = {k: v for k, v in data.items() if k != "rows" and not isinstance(v, dict | list)}
         return [{**shared, **r} for r in data["rows"]]
+    if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        return [{"name": k, **v} for k, v in data.items()]
     raise ValueError(f"{path} holds no list of records: write the results to a new file")
 
 
