@@ -10,6 +10,9 @@ repeat:
   the floor a stage-1 step cannot beat;
 * ``proxy_weights``: forming every layer's proxy weight ``T^-1 Q(W T)`` (forward only);
 * ``proxy_weights_fwd_bwd``: the same plus its backward (a unit gradient);
+* ``proxy_weights_fwd_bwd_compiled`` (``--compiled``, default on CUDA): the same with each
+  layer's ``proxy_weight`` under ``torch.compile``, its first-call time and its deviation from
+  the eager weights;
 * ``step``: one full stage-1 step (forward + backward of the block with proxy weights, clip,
   Adam), the thing ``train_block`` repeats;
 * ``rotate_<variant>``: the Kronecker rotation ``P1^T X P2`` over all of the block's weight rows
@@ -108,6 +111,36 @@ def rotate_variants(layers, *, device) -> dict[str, tuple]:
     return res
 
 
+def compiled_proxy(layers, opt, *, repeats: int, device) -> dict:
+    """The proxy weights (forward + backward) with each layer's ``proxy_weight`` under
+    ``torch.compile`` (one fused elementwise chain around the rotations): seconds, the first
+    (compiling) call's seconds, and how far the compiled weights are from the eager ones
+    (largest deviation and the fraction of entries that differ: a reordered float sum can move
+    a value across a rounding level of the proxy)."""
+    fns = {name: torch.compile(layer.proxy_weight) for name, layer in layers.items()}
+
+    def fwd_bwd():
+        total = sum(fn().sum() for fn in fns.values())
+        total.backward()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    fwd_bwd()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first = time.perf_counter() - t0
+    t = timed(fwd_bwd, repeats=repeats, device=device)
+    dev, frac = 0.0, 0.0
+    with torch.no_grad():
+        for name, layer in layers.items():
+            a, b = layer.proxy_weight(), fns[name]()
+            dev = max(dev, float((a - b).abs().max()))
+            frac = max(frac, float((a != b).float().mean()))
+    return {"proxy_weights_fwd_bwd_compiled": round(t, 5),
+            "proxy_weights_compile_first_call": round(first, 2),
+            "proxy_weights_compiled_max_dev": dev, "proxy_weights_compiled_frac_diff": frac}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--shape", default="llama3-8b")
@@ -117,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--checkpoint_proxy", action="store_true",
                    help="recompute proxy weights in backward (the 70B memory plan's setting)")
+    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the proxy weights under torch.compile (default: on CUDA)")
     p.add_argument("--out", default=str(ROOT / "bench" / "profile_stage1.json"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -184,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
            "proxy_weights_fwd_bwd": round(timed(proxy_fwd_bwd, repeats=args.repeats,
                                                 device=device), 5),
            "step": round(timed(step, repeats=args.repeats, device=device), 5)}
+    if args.compiled if args.compiled is not None else device.type == "cuda":
+        row.update(compiled_proxy(layers, opt, repeats=args.repeats, device=device))
     for name, (t, err) in rotate_variants(layers, device=device).items():
         row[f"rotate_{name}"] = round(t, 5)
         row[f"rotate_{name}_max_err"] = err
