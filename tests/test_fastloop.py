@@ -326,3 +326,37 @@ def test_deterministic_mode_scoped_and_gives_up_once(caplog):
     assert not torch.are_deterministic_algorithms_enabled()
     with blocktrain._Deterministic(False):
         assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_compile_proxy_matches_eager_and_shares_one_graph_per_shape():
+    """--compile_proxy: the compiled stage-1 proxy weight equals the eager one, its gradients
+    agree to float32 rounding (also through the checkpointed path), layers of one shape share
+    a graph, and the command-line flag sets the config (off by default)."""
+    from torch._dynamo.utils import counters
+
+    from liftquant.cli.config import build_parser
+    from liftquant.core import linear as lin_mod
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    lin_mod._COMPILED_PROXY = None
+    counters.clear()
+    layers = [LiftLinear(torch.randn(o, 128), None, spec="20to8") for o in (64, 64, 96)]
+    for i, layer in enumerate(layers):
+        with torch.no_grad():  # move off the initialisation so s1/s2 and P1 matter
+            layer.whiten.s1.mul_(torch.rand_like(layer.whiten.s1) + 0.5)
+            layer.whiten.P1_skew.normal_(0, 0.05)
+        params = [layer.proxy.clip, layer.whiten.P1_skew, layer.whiten.s1]
+        eager = layer.proxy_weight()
+        g_eager = torch.autograd.grad(eager.square().sum(), params)
+        layer.compile_proxy, layer.checkpoint_proxy = True, i == 1
+        comp = layer._proxy_weight_for_step()
+        g_comp = torch.autograd.grad(comp.square().sum(), params)
+        assert torch.equal(eager, comp)
+        for a, b in zip(g_eager, g_comp, strict=True):
+            assert float((a - b).norm() / a.norm()) < 1e-4
+    assert counters["stats"]["unique_graphs"] <= 4  # two shapes (+ the checkpointed call)
+    args = ["--model", "demo", "--expc", "20to8"]
+    assert RunConfig.from_args(build_parser("t").parse_args(args)).train.compile_proxy is False
+    cfg = RunConfig.from_args(build_parser("t").parse_args(args + ["--compile_proxy"]))
+    assert cfg.train.compile_proxy is True

@@ -211,6 +211,9 @@ class TrainArgs:
     deterministic: bool = _f(True, "deterministic CUDA kernels in block training, so the same "
                              "seed gives the same checkpoint (False: atomics allowed, a little "
                              "faster)")
+    compile_proxy: bool = _f(False, "stage 1: form the proxy weights T^-1 Q(W T) through "
+                             "torch.compile (fused elementwise chain; compiles once per layer "
+                             "shape; needs a C++ compiler on CPU)")
     holdout: int = _f(0, "calibration sequences held out for the reported error (0: 1/32 of "
                       "nsamples, at least 1)")
     propagate: str = _f("fp", "inputs of block i: 'fp' = FP model outputs (authors' default), "

@@ -77,6 +77,23 @@ def flip_margin(lrs: list[float], betas: tuple[float, float] = (0.9, 0.999)) -> 
     return float(sum(lr * adam_step_bound(t + 1, betas) for t, lr in enumerate(lrs)))
 
 
+_COMPILED_PROXY = None
+
+
+def _compiled_proxy_weight():
+    """``LiftLinear.proxy_weight`` under ``torch.compile``, built once per process.
+
+    The unbound method is compiled, so every layer of one shape shares one graph (its
+    parameters are graph inputs, not guarded constants); the elementwise chain around the
+    two rotations (s1/s2 scaling, |w| max, STE round, clamp, and their backward) becomes a few
+    fused kernels. Forward values equal the eager ones; gradients agree to float32 rounding.
+    """
+    global _COMPILED_PROXY
+    if _COMPILED_PROXY is None:
+        _COMPILED_PROXY = torch.compile(LiftLinear.proxy_weight)
+    return _COMPILED_PROXY
+
+
 class _CandidateSignMatmul(torch.autograd.Function):
     """``xt @ signs^T`` with straight-through gradients (Eq. 5) delivered to the flip candidates.
 
@@ -133,6 +150,8 @@ class LiftLinear(nn.Module):
         # Stage 1: recompute the proxy weight in backward instead of keeping its graph
         # (set by the block memory plan); stage 2: whether latent gradients are formed.
         self.checkpoint_proxy = False
+        # Stage 1: form the proxy weight through torch.compile (``--compile_proxy``).
+        self.compile_proxy = False
         self.track_latent_grad = True
         self.accumulate_latent_grad = False
         self._latent_sq: Tensor | None = None
@@ -158,9 +177,10 @@ class LiftLinear(nn.Module):
             return self.whiten.inverse_weight(self.proxy(self.whiten.forward_weight(W)))
 
     def _proxy_weight_for_step(self) -> Tensor:
+        fn = (lambda: _compiled_proxy_weight()(self)) if self.compile_proxy else self.proxy_weight
         if self.checkpoint_proxy and torch.is_grad_enabled():
-            return checkpoint(self.proxy_weight, use_reentrant=False)
-        return self.proxy_weight()
+            return checkpoint(fn, use_reentrant=False)
+        return fn()
 
     def stage1_parameters(self) -> dict[str, list[nn.Parameter]]:
         w = self.whiten

@@ -150,6 +150,7 @@ def _to_lift(block, adapter, stats, spec, cfg, plan: MemoryPlan,
             layer = LiftLinear.from_linear(lin, spec=own, init=init,
                                            proxy_bits=cfg.lattice.wbits).to(lin.weight.device)
             layer.checkpoint_proxy = plan.checkpoint_proxy
+            layer.compile_proxy = cfg.train.compile_proxy
             if s1 is not None:
                 layer.set_s1(s1.to(layer.weight.device))
             adapter.set_module(block, name, layer)
