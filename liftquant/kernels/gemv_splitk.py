@@ -30,7 +30,6 @@ run concurrently on different streams. It is allocated outside CUDA-graph captur
 from __future__ import annotations
 
 import threading
-
 from dataclasses import dataclass
 
 import torch
