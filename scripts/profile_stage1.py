@@ -112,15 +112,16 @@ def rotate_variants(layers, *, device) -> dict[str, tuple]:
 
 
 def compiled_proxy(layers, opt, *, repeats: int, device) -> dict:
-    """The proxy weights (forward + backward) with each layer's ``proxy_weight`` under
-    ``torch.compile`` (one fused elementwise chain around the rotations): seconds, the first
-    (compiling) call's seconds, and how far the compiled weights are from the eager ones
-    (largest deviation and the fraction of entries that differ: a reordered float sum can move
-    a value across a rounding level of the proxy)."""
-    fns = {name: torch.compile(layer.proxy_weight) for name, layer in layers.items()}
+    """The proxy weights (forward + backward) as the pipeline forms them with
+    ``--compile_proxy`` (``LiftLinear._proxy_weight_for_step``: one compiled graph per layer
+    shape): seconds, the first (compiling) call's seconds, and how far the compiled weights are
+    from the eager ones (largest deviation and the fraction of entries that differ: a reordered
+    float sum can move a value across a rounding level of the proxy)."""
+    for layer in layers.values():
+        layer.compile_proxy = True
 
     def fwd_bwd():
-        total = sum(fn().sum() for fn in fns.values())
+        total = sum(layer._proxy_weight_for_step().sum() for layer in layers.values())
         total.backward()
         opt.zero_grad(set_to_none=True)
 
@@ -132,10 +133,11 @@ def compiled_proxy(layers, opt, *, repeats: int, device) -> dict:
     t = timed(fwd_bwd, repeats=repeats, device=device)
     dev, frac = 0.0, 0.0
     with torch.no_grad():
-        for name, layer in layers.items():
-            a, b = layer.proxy_weight(), fns[name]()
+        for layer in layers.values():
+            a, b = layer.proxy_weight(), layer._proxy_weight_for_step()
             dev = max(dev, float((a - b).abs().max()))
             frac = max(frac, float((a != b).float().mean()))
+            layer.compile_proxy = False
     return {"proxy_weights_fwd_bwd_compiled": round(t, 5),
             "proxy_weights_compile_first_call": round(first, 2),
             "proxy_weights_compiled_max_dev": dev, "proxy_weights_compiled_frac_diff": frac}
