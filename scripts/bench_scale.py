@@ -244,7 +244,8 @@ def run_one(args, extra: list[str]) -> tuple[dict, dict] | None:
     prov = provenance(device=torch.device("cuda") if torch.cuda.is_available() else None)
     row = {"shape": args.shape, "lattice": args.expc, "nsamples": args.nsamples,
            "seqlen": args.seqlen, "max_gpu_memory": args.max_gpu_memory or "",
-           "max_host_memory": args.max_host_memory or "", "blocks_run": run,
+           "max_host_memory": args.max_host_memory or "",
+           "flags": " ".join(a for a in extra if not a.startswith("--max_")), "blocks_run": run,
            "blocks_total": total_blocks, "gpus": gpus,
            "wall_seconds": summary.get("quantize_seconds", ""),
            "first_block_seconds": round(secs[0], 2),
@@ -267,7 +268,7 @@ def run_one(args, extra: list[str]) -> tuple[dict, dict] | None:
     return row, detail
 
 
-KEY = ("shape", "lattice", "nsamples", "seqlen", "max_gpu_memory", "max_host_memory",
+KEY = ("shape", "lattice", "nsamples", "seqlen", "max_gpu_memory", "max_host_memory", "flags",
        "projected", "gpu", "gpus", "commit", "source_sha256")
 
 
