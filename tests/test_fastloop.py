@@ -331,7 +331,7 @@ def test_deterministic_mode_scoped_and_gives_up_once(caplog):
 def test_compile_proxy_matches_eager_and_shares_one_graph_per_shape():
     """--compile_proxy: the compiled stage-1 proxy weight equals the eager one, its gradients
     agree to float32 rounding (also through the checkpointed path), layers of one shape share
-    a graph, and the command-line flag sets the config (off by default)."""
+    a graph, and the command-line flag sets the config (unset: on for CUDA only)."""
     from torch._dynamo.utils import counters
 
     from liftquant.cli.config import build_parser
@@ -357,6 +357,14 @@ def test_compile_proxy_matches_eager_and_shares_one_graph_per_shape():
             assert float((a - b).norm() / a.norm()) < 1e-4
     assert counters["stats"]["unique_graphs"] <= 4  # two shapes (+ the checkpointed call)
     args = ["--model", "demo", "--expc", "20to8"]
-    assert RunConfig.from_args(build_parser("t").parse_args(args)).train.compile_proxy is False
+    assert RunConfig.from_args(build_parser("t").parse_args(args)).train.compile_proxy is None
     cfg = RunConfig.from_args(build_parser("t").parse_args(args + ["--compile_proxy"]))
     assert cfg.train.compile_proxy is True
+    from liftquant.quantize.calibrate import compile_proxy_on
+
+    auto = RunConfig.from_args(build_parser("t").parse_args(args))
+    off = RunConfig.from_args(build_parser("t").parse_args(args + ["--compile_proxy", "False"]))
+    assert compile_proxy_on(auto, torch.device("cuda")) and not compile_proxy_on(
+        auto, torch.device("cpu"))
+    assert compile_proxy_on(cfg, torch.device("cpu")) and not compile_proxy_on(
+        off, torch.device("cuda"))

@@ -91,9 +91,70 @@ def test_sensitivity_pass_measures_input_energy():
     model = tiny_llama()
     adapter = get_adapter(model.config)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    sens = layer_sensitivity(model, adapter, ids)
-    assert set(sens) == set(quantized_linears(model, adapter))
-    assert all(v > 0 for v in sens.values())
+    sens = layer_sensitivity(model, adapter, ids, proxy="energy")
+    lins = quantized_linears(model, adapter)
+    assert set(sens) == set(lins)
+    name = next(iter(lins))
+    inputs = []
+    h = lins[name].register_forward_pre_hook(lambda _m, a: inputs.append(a[0].square().mean()))
+    with torch.no_grad():
+        for row in ids:
+            model(row[None], use_cache=False)
+    h.remove()
+    brute = float(lins[name].weight.detach().square().sum()) * float(torch.stack(inputs).mean())
+    assert sens[name] == pytest.approx(brute, rel=1e-5)
+
+
+def _fisher_brute_force(model, name, ids):
+    """sum over sequences and tokens of mean_i(y_ti^2) * ||dL/dy_t||^2 for one linear, with the
+    gradient taken by autograd against a zero perturbation added to its output."""
+    lin = dict(model.named_modules())[name]
+    total = 0.0
+    for row in ids:
+        box = {}
+
+        def hook(_m, _a, out, box=box):
+            box["y"] = out.detach()
+            box["delta"] = torch.zeros_like(out, requires_grad=True)
+            return out + box["delta"]
+
+        h = lin.register_forward_hook(hook)
+        logits = model(row[None], use_cache=False).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 row[1:])
+        (g,) = torch.autograd.grad(loss, box["delta"])
+        h.remove()
+        total += float((box["y"].square().mean(-1) * g.square().sum(-1)).sum())
+    return total
+
+
+def test_fisher_sensitivity_matches_autograd_brute_force_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    adapter = get_adapter(model.config)
+    ids = torch.randint(0, model.config.vocab_size, (3, 16))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    sens = layer_sensitivity(model, adapter, ids, n_samples=2)  # fisher is the default
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    lins = list(quantized_linears(model, adapter))
+    assert set(sens) == set(lins)
+    for name in (lins[0], lins[len(lins) // 2], lins[-1]):  # first, middle, last block
+        assert sens[name] == pytest.approx(_fisher_brute_force(model, name, ids[:2]), rel=1e-4)
+    # fisher is not the energy proxy under another name: the two rank layers differently
+    energy = layer_sensitivity(model, adapter, ids, n_samples=2, proxy="energy")
+    ratio = [sens[n] / energy[n] for n in lins]
+    assert max(ratio) / min(ratio) > 2
+
+
+def test_sensitivity_without_data_is_weight_energy_and_a_bad_proxy_is_refused():
+    model = tiny_llama()
+    adapter = get_adapter(model.config)
+    sens = layer_sensitivity(model, adapter, None)
+    for name, lin in quantized_linears(model, adapter).items():
+        assert sens[name] == pytest.approx(float(lin.weight.square().sum()))
+    with pytest.raises(ValueError, match="unknown sensitivity proxy 'hessian'"):
+        layer_sensitivity(model, adapter, torch.zeros(1, 4, dtype=torch.long), proxy="hessian")
 
 
 def test_cpu_mix_candidates_have_cheap_search():

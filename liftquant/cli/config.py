@@ -167,6 +167,10 @@ class LatticeArgs:
     mix_lattices: str | None = _f(None, "comma-separated lattices a per-layer mix may use "
                                   "(e.g. 12to6,9to3; default: one per shipped rate, on CPU "
                                   "only those whose search is cheap there)")
+    mix_proxy: str = _f("fisher", "per-layer mix: how a layer's lattice error is weighed; "
+                        "fisher = its output error times the loss gradient there (a short FP "
+                        "forward + backward), energy = its output error alone",
+                        choices=("fisher", "energy"))
     lattice_dir: str | None = _f(None, "folder with <D>to<d>.pt lattices (default: shipped)")
     search: str = _f("auto", "nearest-code search", choices=("auto", "exhaustive", "pinv"))
     wbits: int | None = _f(None, "bits of the stage-1 uniform proxy (default floor(D/d))")
@@ -211,9 +215,10 @@ class TrainArgs:
     deterministic: bool = _f(True, "deterministic CUDA kernels in block training, so the same "
                              "seed gives the same checkpoint (False: atomics allowed, a little "
                              "faster)")
-    compile_proxy: bool = _f(False, "stage 1: form the proxy weights T^-1 Q(W T) through "
-                             "torch.compile (fused elementwise chain; compiles once per layer "
-                             "shape; needs a C++ compiler on CPU)")
+    compile_proxy: bool | None = _f(None, "stage 1: form the proxy weights T^-1 Q(W T) through "
+                                    "torch.compile (fused elementwise chain; compiles once per "
+                                    "layer shape; needs a C++ compiler on CPU); unset: on for "
+                                    "CUDA, off on CPU")
     holdout: int = _f(0, "calibration sequences held out for the reported error (0: 1/32 of "
                       "nsamples, at least 1)")
     propagate: str = _f("fp", "inputs of block i: 'fp' = FP model outputs (authors' default), "

@@ -15,15 +15,19 @@ that the predicted ``model.safetensors`` (:mod:`liftquant.io.size`, exact dtypes
 ``<= X`` GB and the unspent budget is less than one layer's next step.
 
 The per-layer mix (documented proxy, issue 19). Layer ``l`` quantized with lattice ``k`` is
-expected to add output error ``E_l(k) = mse_k * ||W_l||_F^2 * mean(x_l^2)``: whitened,
-RMS-normalised rows make the weight error about ``mse_k`` (the lattice's Gaussian MSE from
-``index.json``) per unit of row energy, and for roughly isotropic inputs the output error is
-that weight error times the layer's mean input energy ``mean(x_l^2)``, measured by hooks on a
-short FP forward of a few calibration sequences (:func:`layer_sensitivity`; without data the
-input energy is taken as 1). All layers start at the cheapest candidate lattice; a greedy pass
-repeatedly takes the one-step upgrade (next higher rate) with the largest error reduction per
-extra byte that still fits, dropping upgrades that do not fit (EXL3/Q-Palette-style budget
-spending, without their measured per-layer curves).
+expected to add loss ``E_l(k) = mse_k * s_l``: whitened, RMS-normalised rows make the weight
+error about ``mse_k`` (the lattice's Gaussian MSE from ``index.json``) per unit of row energy,
+so the layer's output error per token is about ``mse_k * mean_i(y_i^2)``, and the layer's
+sensitivity ``s_l`` says how much such an error costs (:func:`layer_sensitivity`, measured on
+a few calibration sequences). ``--mix_proxy fisher`` (default) weighs the output error by the
+squared loss gradient at that output (diagonal empirical Fisher: a loss increase, comparable
+across layers); ``--mix_proxy energy`` uses the output error alone, ``||W||_F^2 * mean(x^2)``,
+which measured on the demo model (bench/quality.csv) spends the budget on late layers, whose
+larger residual stream hides their error, and loses to the uniform lattice at equal size.
+All layers start at the cheapest candidate lattice; a greedy pass repeatedly takes the
+one-step upgrade (next higher rate) with the largest error reduction per extra byte that
+still fits, dropping upgrades that do not fit (EXL3/Q-Palette-style budget spending, without
+their measured per-layer curves).
 """
 
 from __future__ import annotations
@@ -246,7 +250,7 @@ def check_lattice_request(cfg) -> None:
 # weight (exhaustive: 2^D / d; pinv: 2^(D-d) x bases / d). 9to3 costs 171 and quantizes a
 # SmolLM2 block in ~2 s on 2 cores; 24to8 (8192) did not finish a block in 2 min.
 CPU_MIX_SEARCH_COST = 2048
-# Calibration sequences of the FP forward that measures per-layer input energy.
+# Calibration sequences of the FP pass that measures per-layer sensitivity.
 SENSITIVITY_SAMPLES = 4
 
 
@@ -353,42 +357,129 @@ class LatticePlan:
                 "module_lattices": {k: s.name for k, s in self.specs.items()}}
 
 
-@torch.no_grad()
+SENSITIVITY_PROXIES = ("fisher", "energy")
+
+
 def layer_sensitivity(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor | None,
                       *, device: torch.device | str = "cpu",
-                      n_samples: int = SENSITIVITY_SAMPLES) -> dict[str, float]:
-    """``||W||_F^2 * mean(x^2)`` per quantized linear (the mix's error weight; module doc).
+                      n_samples: int = SENSITIVITY_SAMPLES,
+                      proxy: str = "fisher") -> dict[str, float]:
+    """Per quantized linear, the weight ``s_l`` of its lattice error in the mix (module doc).
 
-    ``mean(x^2)`` comes from forward pre-hooks during one FP forward of the first ``n_samples``
-    calibration sequences on ``device``; with ``calib_ids`` None, or a model that does not fit
-    half the free memory of a CUDA device (a 70B quantized block by block), it is 1.
+    ``proxy="fisher"`` (default): ``s_l = sum_t mean_i(y_ti^2) * ||dL/dy_t||^2`` over the tokens
+    ``t`` of the first ``n_samples`` calibration sequences, ``y`` the layer's FP output and ``L``
+    each sequence's mean next-token loss: the expected loss increase of an output error whose
+    energy per token is ``mse * mean_i(y_ti^2)`` (diagonal empirical Fisher in the layer's
+    output space). ``proxy="energy"``: ``||W||_F^2 * mean(x^2)``, the layer's own output error
+    with no regard for how much of it reaches the loss (late layers write into a larger
+    residual stream and are over-weighted by it). Without ``calib_ids``, or for a model that
+    does not fit half the free memory of a CUDA device (a 70B quantized block by block), both
+    fall back to ``||W||_F^2``.
     """
+    if proxy not in SENSITIVITY_PROXIES:
+        raise ValueError(f"unknown sensitivity proxy {proxy!r}; use one of {SENSITIVITY_PROXIES}")
     linears = quantized_linears(model, adapter)
-    energy = {n: 1.0 for n in linears}
     if calib_ids is not None and len(calib_ids) and not _fits(model, device):
         logger.warning("the FP model does not fit %s for the sensitivity pass; the per-layer mix "
                        "weighs layers by ||W||_F^2 alone", device)
         calib_ids = None
-    if calib_ids is not None and len(calib_ids):
-        sums: dict[str, float] = {}
-        handles = []
-        for name, lin in linears.items():
-            def hook(_m, args, _name=name):
-                x = args[0].detach().float()
-                sums[_name] = sums.get(_name, 0.0) + float(x.square().mean())
-            handles.append(lin.register_forward_pre_hook(hook))
-        model.to(device)
-        try:
-            for row in calib_ids[:n_samples]:
-                model(row[None].to(device), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-            model.to("cpu")
-        k = min(n_samples, len(calib_ids))
-        energy = {n: sums.get(n, 0.0) / k for n in linears}
-    return {n: float(lin.weight.detach().float().square().sum()) * energy[n]
+    if calib_ids is None or not len(calib_ids):
+        return {n: float(lin.weight.detach().float().square().sum()) for n, lin in linears.items()}
+    rows = calib_ids[:n_samples]
+    if proxy == "energy":
+        return _energy_sensitivity(model, linears, rows, device)
+    return _fisher_sensitivity(model, linears, rows, device)
+
+
+@torch.no_grad()
+def _energy_sensitivity(model, linears, rows, device) -> dict[str, float]:
+    sums: dict[str, float] = {}
+
+    def hook(_m, args, _name):
+        sums[_name] = sums.get(_name, 0.0) + float(args[0].detach().float().square().mean())
+
+    with _hooks(linears, pre=hook), _on(model, device):
+        for row in rows:
+            model(row[None].to(device), use_cache=False)
+    return {n: float(lin.weight.detach().float().square().sum()) * sums.get(n, 0.0) / len(rows)
             for n, lin in linears.items()}
+
+
+def _fisher_sensitivity(model, linears, rows, device) -> dict[str, float]:
+    sums = {n: 0.0 for n in linears}
+    seen: set[str] = set()
+
+    def hook(_m, _args, out, _name):
+        if not out.requires_grad:
+            return
+        energy = out.detach().float().square().mean(-1)  # (batch, tokens): mean_i y_ti^2
+        seen.add(_name)
+
+        def on_grad(g, _name=_name, energy=energy):
+            sums[_name] += float((energy * g.float().square().sum(-1)).sum())
+
+        out.register_hook(on_grad)
+
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    emb = model.get_input_embeddings()
+    start = emb.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True))
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with _hooks(linears, post=hook), _on(model, device), torch.enable_grad():
+            for row in rows:
+                ids = row[None].to(device)
+                logits = model(ids, use_cache=False).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+                loss.backward()
+    finally:
+        start.remove()
+        for p, req in frozen:
+            p.requires_grad_(req)
+    missing = [n for n in linears if n not in seen]
+    if missing:  # e.g. experts that no calibration token reached: their own output energy
+        logger.warning("%d quantized linears saw no gradient in the sensitivity pass (e.g. %s); "
+                       "the per-layer mix weighs them by the median of the others", len(missing),
+                       missing[0])
+        vals = sorted(v for n, v in sums.items() if n in seen) or [1.0]
+        for n in missing:
+            sums[n] = vals[len(vals) // 2]
+    return {n: max(v, 1e-30) for n, v in sums.items()}
+
+
+class _hooks:
+    """Context: forward (``pre``) or forward-output (``post``) hooks on every linear."""
+
+    def __init__(self, linears: dict[str, nn.Module], *, pre=None, post=None):
+        self.linears, self.pre, self.post, self.handles = linears, pre, post, []
+
+    def __enter__(self):
+        for name, lin in self.linears.items():
+            if self.pre is not None:
+                self.handles.append(lin.register_forward_pre_hook(
+                    lambda m, a, _n=name: self.pre(m, a, _n)))
+            if self.post is not None:
+                self.handles.append(lin.register_forward_hook(
+                    lambda m, a, o, _n=name: self.post(m, a, o, _n)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+class _on:
+    """Context: ``model`` on ``device``, back on the CPU afterwards."""
+
+    def __init__(self, model: nn.Module, device):
+        self.model, self.device = model, device
+
+    def __enter__(self):
+        self.model.to(self.device)
+
+    def __exit__(self, *exc):
+        self.model.to("cpu")
 
 
 def _fits(model: nn.Module, device: torch.device | str) -> bool:
@@ -433,7 +524,7 @@ def _greedy(names: list[str], cost: dict[str, list[float]], err: dict[str, list[
 def plan_mix(model: nn.Module, adapter: ModelAdapter, request: dict, *,
              sensitivity: dict[str, float] | None = None,
              lattice_dir: str | Path | None = None,
-             save_dtype: torch.dtype | None = None) -> LatticePlan:
+             save_dtype: torch.dtype | None = None, proxy: str = "given") -> LatticePlan:
     """Fill ``request`` (``info["mix"]`` of :func:`select_lattice`) with a lattice per linear.
 
     ``kind == "bytes"``: the predicted ``model.safetensors`` (:mod:`liftquant.io.size`) is at most
@@ -469,7 +560,7 @@ def plan_mix(model: nn.Module, adapter: ModelAdapter, request: dict, *,
     expected = estimate_file_bytes(model, adapter, specs, save_dtype=save_dtype)
     steps = [cost[n][level[n] + 1] - cost[n][level[n]] for n in names
              if level[n] + 1 < len(levels)]
-    info = {"proxy": "mse(lattice) * ||W||_F^2 * mean(x^2), greedy per byte",
+    info = {"proxy": f"mse(lattice) * sensitivity ({proxy}), greedy per byte",
             "candidates": [s.name for s in levels],
             "expected_bytes": expected, "expected_size_gb": round(expected / 1e9, 6),
             "expected_error": sum(err[n][level[n]] for n in names),
