@@ -15,13 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture()
 def scripts(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import bench_cpu_chat
+    import bench_chat
     import bench_decode
     import bench_kernels
     import bench_variants
 
-    yield bench_decode, bench_kernels, bench_variants, bench_cpu_chat
-    for name in ("bench_decode", "bench_kernels", "bench_variants", "bench_cpu_chat",
+    yield bench_decode, bench_kernels, bench_variants, bench_chat
+    for name in ("bench_decode", "bench_kernels", "bench_variants", "bench_chat",
                  "profile_decode"):
         sys.modules.pop(name, None)
 
@@ -95,3 +95,23 @@ def test_bench_decode_int8_head_halves_the_head_bytes(scripts):
     model = bench_decode.head8(model, 8)
     assert isinstance(model.lm_head, Int8Linear)
     assert before - bench_decode.weight_bytes(model) == 500 * 64 - 500 * 2  # bf16 -> int8 + fp16
+
+
+def test_bench_chat_times_both_engines_and_merges_rows(scripts, tiny_model_dir, tmp_path):
+    import csv
+
+    bench_chat = scripts[3]
+    out = tmp_path / "chat.csv"
+    argv = ["--device", "cpu", "--fp_model", str(tiny_model_dir), "--lattice", "8to4",
+            "--prompt", "3,5", "--tokens", "2", "--repeats", "1", "--dense", "0,1",
+            "--threads", "1", "--out", str(out)]
+    assert bench_chat.main(argv) == 0
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert {(r["engine"], r["dense_cache"], r["prompt"]) for r in rows} == {
+        (e, d, p) for e in ("hf", "step") for d in ("off", "on") for p in ("3", "5")}
+    assert all(float(r["decode_tokens_per_s"]) > 0 and r["commit"] for r in rows)
+    assert bench_chat.main(argv) == 0  # same source: rows replaced, not appended
+    assert len(list(csv.DictReader(out.read_text().splitlines()))) == len(rows)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device; use --device cpu"):
+            bench_chat.main(["--device", "cuda", "--out", ""])
