@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
-from liftquant.cli.config import _f, add_dataclass_args
+from liftquant.cli.config import DeviceArgs, KernelArgs, _f, add_dataclass_args
 from liftquant.util.log import get_logger
 
 logger = get_logger("chat")
@@ -33,14 +33,15 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 
 @dataclass
-class ChatArgs:
+class ChatArgs(DeviceArgs, KernelArgs):
+    """The chat flags; ``--device`` and ``--backend`` are the shared groups of
+    :mod:`liftquant.cli.config` (one definition with ``main.py``, ``e2efinetune.py`` and
+    ``scripts/eval.py``)."""
+
     quant_model_path: str = _f("", "required: LiftQuant checkpoint folder (main.py "
                                 "--save_dir)")
     fp_model_path: str | None = _f(None, "optional and not needed (checkpoints are "
                                    "self-contained); if given, only its tokenizer is used")
-    backend: str = _f("auto", "kernel backend of packed layers (auto: triton on CUDA, else torch)",
-                      choices=("auto", "torch", "triton", "bitblas"))
-    device: str = _f("auto", "auto|cpu|cuda[:i]")
     dtype: str = _f("auto", "activation dtype (auto: the checkpoint's)",
                     choices=("auto", "float16", "bfloat16", "float32"))
     max_new_tokens: int = _f(256, "tokens generated per answer at most")
