@@ -4,10 +4,11 @@ its FP original through the same engines.
 
 * ``--checkpoint DIR``: a LiftQuant checkpoint (``main.py --save_dir``); ``--fp_model`` (a
   folder, or ``demo`` for the converted demo model) is timed alongside in ``--dtype``;
-* no checkpoint: the demo's shape with random codes: SmolLM2-135M with every decoder linear
+* no checkpoint: the demo's shape with random codes: SmolLM2-135M (or ``--fp_model``; a folder
+  with only a config.json gives random weights of its shape) with every decoder linear
   replaced by a packed layer of ``--lattice`` (default the CPU demo's 9to3) holding random
-  codes. Decode speed depends on shapes only, so this times what the demo checkpoint would,
-  without its quantization.
+  codes (``--with_fp``: the FP model timed beside it). Decode speed depends on shapes only, so
+  this times what the demo checkpoint would, without its quantization.
 
 Each run: a ``--prompt`` token prompt prefilled in one pass (median of ``--repeats``), then
 ``--tokens`` greedy decode steps. On the CPU each run is timed with the dense weight cache off
@@ -22,16 +23,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
 from liftquant.engine import build_engine
 from liftquant.kernels.dense import build_dense_cache, dense_cache_bytes, drop_dense_cache
 from liftquant.util.provenance import record_fields
 
-ROOT = Path(__file__).resolve().parents[1]
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 KEY = ("model", "engine", "dense_cache", "dtype", "device", "prompt", "tokens", "threads",
@@ -41,11 +45,10 @@ KEY = ("model", "engine", "dense_cache", "dtype", "device", "prompt", "tokens", 
 @torch.no_grad()
 def random_packed_model(fp_model: str, lattice: str, dtype: torch.dtype):
     """The FP model with every decoder linear replaced by a random-code packed layer."""
-    from transformers import AutoModelForCausalLM
 
     from liftquant.core.linear import PackedLiftLinear
 
-    model = AutoModelForCausalLM.from_pretrained(fp_model, dtype=dtype).eval()
+    model = _fp_model(fp_model, dtype)
     g = torch.Generator().manual_seed(0)
     for block in model.model.layers:
         for name in LINEARS:
@@ -62,6 +65,17 @@ def random_packed_model(fp_model: str, lattice: str, dtype: torch.dtype):
             layer.R.copy_(torch.randn(*layer.R.shape, generator=g) / n2**0.5)
             setattr(parent, attr, layer)
     return model
+
+
+def _fp_model(path: str, dtype: torch.dtype):
+    """The model in folder ``path``; a folder holding only a config.json gives random weights
+    of that shape (speed depends on shapes only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if any(Path(path).glob("*.safetensors")):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype).eval()
 
 
 def _sync(device: torch.device) -> None:
@@ -112,11 +126,9 @@ def _load(args, dtype, device):
         fp = args.fp_model if args.fp_model not in (None, "demo") else str(hf_model_dir())
         out.append((f"demo shape, random {args.lattice}",
                     random_packed_model(fp, args.lattice, dtype).to(device)))
-    if args.checkpoint and args.fp_model:
-        from transformers import AutoModelForCausalLM
-
+    if args.fp_model and (args.checkpoint or args.with_fp):
         fp = args.fp_model if args.fp_model != "demo" else str(hf_model_dir())
-        model = AutoModelForCausalLM.from_pretrained(fp, dtype=dtype).eval().to(device)
+        model = _fp_model(fp, dtype).to(device)
         out.append((f"{Path(fp).name} ({args.dtype})", model))
     return out
 
@@ -128,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="FP original (folder or 'demo'): timed beside --checkpoint; without a "
                          "checkpoint, the model whose shape gets random codes (default demo)")
     ap.add_argument("--lattice", default="9to3")
+    ap.add_argument("--with_fp", action="store_true",
+                    help="without --checkpoint: also time --fp_model itself")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                     help="default: bfloat16 on CUDA, float32 on the CPU")
