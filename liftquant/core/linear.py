@@ -174,7 +174,9 @@ class LiftLinear(nn.Module):
         """
         with torch.autocast(self.weight.device.type, enabled=False):
             W = self.weight.float()
-            return self.whiten.inverse_weight(self.proxy(self.whiten.forward_weight(W)))
+            f = self.whiten.factors()  # one Cayley solve per factor for both transforms
+            return self.whiten.inverse_weight(self.proxy(self.whiten.forward_weight(W, factors=f)),
+                                              factors=f)
 
     def _proxy_weight_for_step(self) -> Tensor:
         fn = (lambda: _compiled_proxy_weight()(self)) if self.compile_proxy else self.proxy_weight

@@ -126,12 +126,14 @@ def cayley(P0: Tensor, S: Tensor) -> Tensor:
     """``P0 (I - A)(I + A)^{-1}`` with ``A = S - S^T``: orthogonal for every ``S`` if P0 is.
 
     ``I + A`` is always invertible (eigenvalues ``1 + i lambda``) and ``(I - A)`` commutes with
-    ``(I + A)^{-1}``, so the product is computed as one solve ``(I + A)^{-1} (I - A)``.
+    ``(I + A)^{-1}``, so the product is computed as one solve ``(I + A)^{-1} (I - A)``. The solve
+    is ``solve_ex`` (same LU, no error check): ``solve`` would wait on the device for its
+    singularity flag in every call, hundreds of times per step in an MoE block.
     """
     work = torch.float32 if S.dtype in (torch.float16, torch.bfloat16) else S.dtype  # no half LU
     A = (S - S.T).to(work)
     eye = torch.eye(S.shape[0], dtype=work, device=S.device)
-    return (P0.to(work) @ torch.linalg.solve(eye + A, eye - A)).to(S.dtype)
+    return (P0.to(work) @ torch.linalg.solve_ex(eye + A, eye - A)[0]).to(S.dtype)
 
 
 def apply_fused(
@@ -220,6 +222,10 @@ class KronWhitening(nn.Module):
         """Current right factor (n2, n2), exactly orthogonal."""
         return cayley(self.P2_init, self.P2_skew)
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(P1, P2)``, to pass to several transforms of one step instead of re-solving them."""
+        return self.P1(), self.P2()
+
     @torch.no_grad()
     def set_s1(self, s1: Tensor) -> None:
         """Set the per-input-channel scale (e.g. from activation statistics); must be nonzero."""
@@ -234,9 +240,10 @@ class KronWhitening(nn.Module):
         return self.s2.unsqueeze(-1)
 
     # ----------------------------------------------------------------------- transforms
-    def _rotate(self, X: Tensor, *, inverse: bool) -> Tensor:
+    def _rotate(self, X: Tensor, *, inverse: bool,
+                factors: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(..., n_pad) -> (..., n_pad): ``P1^T X P2`` (or ``P1 X P2^T``) on the n1 x n2 view."""
-        P1, P2 = self.P1(), self.P2()
+        P1, P2 = factors if factors is not None else self.factors()
         if inverse:
             P1, P2 = P1.T, P2.T
         lead = X.shape[:-1]
@@ -254,17 +261,19 @@ class KronWhitening(nn.Module):
         if x.shape[-1] != size:
             raise ValueError(f"{what} must have last dim {size}, got shape {tuple(x.shape)}")
 
-    def forward_weight(self, W: Tensor) -> Tensor:
-        """``W_t = pad(W) @ T``: (..., n) -> (..., n1 n2). Pad, * s1, P1^T X P2, * s2."""
+    def forward_weight(self, W: Tensor, *, factors: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``W_t = pad(W) @ T``: (..., n) -> (..., n1 n2). Pad, * s1, P1^T X P2, * s2.
+        ``factors``: :meth:`factors` computed once for several transforms (default: now)."""
         self._check_in(W, self.in_features, "W")
         n_pad = self.padded_in_features
         X = F.pad(W, (0, n_pad - self.in_features)) * _pad_ones(self.s1, n_pad)
-        return self._scale_chunks(self._rotate(X, inverse=False), divide=False)
+        return self._scale_chunks(self._rotate(X, inverse=False, factors=factors), divide=False)
 
-    def inverse_weight(self, W_t: Tensor) -> Tensor:
+    def inverse_weight(self, W_t: Tensor, *,
+                       factors: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Exact inverse of :meth:`forward_weight`: (..., n1 n2) -> (..., n)."""
         self._check_in(W_t, self.padded_in_features, "W_t")
-        X = self._rotate(self._scale_chunks(W_t, divide=True), inverse=True)
+        X = self._rotate(self._scale_chunks(W_t, divide=True), inverse=True, factors=factors)
         return (X / _pad_ones(self.s1, self.padded_in_features))[..., : self.in_features]
 
     def forward_input(self, x: Tensor) -> Tensor:
