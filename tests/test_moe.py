@@ -187,3 +187,25 @@ def test_qwen3_5_moe_with_vision_tower_round_trip(tiny_lattice_dir, tmp_path):
         assert torch.equal(value, visual[key]), key
     with torch.no_grad():
         assert torch.equal(loaded(ids[:2]).logits, model(ids[:2]).logits)
+
+
+def test_expert_routing_equals_the_per_expert_mask_loop():
+    """ExpertList's one-sync routing (stable sort by expert) gives bit-identically the output of
+    the per-expert mask loop it replaced, dropped tokens (index E) and empty experts included."""
+    from torch import nn
+
+    from liftquant.models.moe import ExpertList, ExpertMLP
+
+    torch.manual_seed(0)
+    E, H, inter, T, k = 9, 16, 8, 50, 3
+    experts = ExpertList([ExpertMLP(H, inter, nn.SiLU()) for _ in range(E)])
+    x, w = torch.randn(T, H), torch.rand(T, k)
+    idx = torch.randint(0, E + 1, (T, k))
+    idx[idx == 4] = 5  # expert 4 receives no token
+    ref = torch.zeros_like(x)
+    mask = nn.functional.one_hot(idx, num_classes=E + 1).permute(2, 1, 0)
+    with torch.no_grad():
+        for e in range(E):
+            pos, tok = torch.where(mask[e])
+            ref.index_add_(0, tok, experts[e](x[tok]) * w[tok, pos, None])
+        assert torch.equal(experts(x, idx, w), ref)

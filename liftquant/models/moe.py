@@ -57,14 +57,17 @@ class ExpertList(nn.ModuleList):
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)
-        n = len(self)
-        with torch.no_grad():
-            mask = nn.functional.one_hot(top_k_index, num_classes=n + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
-        for e in hit:
-            if e == n:  # index n marks dropped tokens in some routers
+        n, T = len(self), top_k_index.shape[0]
+        with torch.no_grad():  # one host sync for the routing (not one per expert)
+            flat = top_k_index.T.reshape(-1)  # slot j = pos * T + tok
+            order = torch.argsort(flat, stable=True)  # by expert, then (pos, tok) ascending
+            counts = torch.bincount(flat, minlength=n + 1).tolist()
+        start = 0
+        for e, c in enumerate(counts):
+            sel, start = order[start:start + c], start + c
+            if c == 0 or e >= n:  # index n marks dropped tokens in some routers
                 continue
-            pos, tok = torch.where(mask[e])
+            pos, tok = sel // T, sel % T
             y = self[e](hidden_states[tok]) * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
