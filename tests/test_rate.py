@@ -152,7 +152,7 @@ def test_sensitivity_without_data_is_weight_energy_and_a_bad_proxy_is_refused():
     adapter = get_adapter(model.config)
     sens = layer_sensitivity(model, adapter, None)
     for name, lin in quantized_linears(model, adapter).items():
-        assert sens[name] == pytest.approx(float(lin.weight.square().sum()))
+        assert sens[name] == pytest.approx(float(lin.weight.detach().square().sum()))
     with pytest.raises(ValueError, match="unknown sensitivity proxy 'hessian'"):
         layer_sensitivity(model, adapter, torch.zeros(1, 4, dtype=torch.long), proxy="hessian")
 
