@@ -137,11 +137,14 @@ def init_s1(mean_abs: Tensor, alpha: float) -> Tensor:
 
 
 def compile_proxy_on(cfg: RunConfig, device: torch.device) -> bool:
-    """``--compile_proxy`` as given, else on for CUDA (measured on an H200: stage 1 of an 8B
-    block 12.6 -> 6.6 s, bench/scale.csv) and off on the CPU (compiling costs more than a small
-    model's whole block there)."""
-    return cfg.train.compile_proxy if cfg.train.compile_proxy is not None else (
-        device.type == "cuda")
+    """``--compile_proxy`` as given, else on for CUDA (stage 1 about twice as fast on the 8B
+    shape, bench/scale.md) and off on the CPU (compiling costs more than a small model's whole
+    block there). Unset without Triton (inductor's CUDA code generator): off."""
+    if cfg.train.compile_proxy is not None:
+        return cfg.train.compile_proxy
+    import importlib.util
+
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def _to_lift(block, adapter, stats, spec, cfg, plan: MemoryPlan,
