@@ -12,7 +12,7 @@ its FP original through the same engines.
 
 Each run: a ``--prompt`` token prompt prefilled in one pass (median of ``--repeats``), then
 ``--tokens`` greedy decode steps. On the CPU each run is timed with the dense weight cache off
-and on (``--dense``). Rows merge into ``bench/chat.csv`` (provenance recorded by the script);
+and on (``--dense``). Rows merge into ``bench/chat/chat.csv`` (provenance recorded by the script);
 a markdown table is printed last.
 
     python scripts/bench_chat.py --device cpu --threads 2
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="dense cache settings to time (default: 0,1 on the CPU, 0 on CUDA)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="graph/compile the engines (default: on CUDA)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "chat.csv"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "chat" / "chat.csv"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""Greedy decode tokens/s, bf16 vs LiftQuant, batch 1 and more -> bench/decode.csv.
+"""Greedy decode tokens/s, bf16 vs LiftQuant, batch 1 and more -> bench/decode/decode.csv.
 
 * ``--models llama3-8b-shape,llama3-70b-shape``: ``LlamaConfig`` of Llama-3-8B's / 70B's shape
   with random weights (no checkpoint, no calibration): bf16 everywhere (8B only: a bf16 70B does
@@ -19,7 +19,7 @@ models. ``--policy pdl=0,fused_small=1`` runs the packed models under that ``Ker
 = batch x the measured copy bandwidth (read + write, as ``bench_kernels.copy_gbps``) over the
 bytes of every weight a step reads (packed codes and side tensors, dense layers, the head);
 ``kv_gb`` is the static KV cache the step reads per step (it attends over the masked cache).
-``python scripts/bench_decode.py --out bench/decode.csv``
+``python scripts/bench_decode.py --out bench/decode/decode.csv``
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def main() -> None:
     from bench_kernels import copy_gbps
 
     ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    ap.add_argument("--out", default="bench/decode.csv")
+    ap.add_argument("--out", default="bench/decode/decode.csv")
     ap.add_argument("--models", default="llama3-8b-shape",
                     help=f"random-weight shapes ('' skips): {', '.join(SHAPE_MODELS)}")
     ap.add_argument("--lattices", default="24to10,20to8", help="packed runs ('' skips)")

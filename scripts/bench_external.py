@@ -2,7 +2,7 @@
 
     pip install auto-round            # optional; only this script imports it
     python scripts/bench_external.py --model demo --bits 2,3,4 --group_size 128 \
-        --nsamples 128 --seqlen 1024 --iters 200 --csv bench/quality.csv
+        --nsamples 128 --seqlen 1024 --iters 200 --csv bench/quality/quality.csv
 
 Per bit width: fresh FP model -> the external quantizer (weights fake-quantized in place) ->
 a check that every group really holds at most 2^b distinct values -> perplexity with

@@ -1,4 +1,4 @@
-"""Batch-1 int1 GEMV / fused-layer microbenchmarks on the GPU -> bench/kernels.csv (SPEC §8).
+"""Batch-1 int1 GEMV / fused-layer microbenchmarks on the GPU -> bench/kernels/kernels.csv (SPEC §8).
 
 For every Llama-3 8B/70B weight shape and lattice, with random packed weights:
 
@@ -16,7 +16,7 @@ For every Llama-3 8B/70B weight shape and lattice, with random packed weights:
 
 Inputs rotate over enough weight copies (> 3x L2) that weights never stay in L2.
 ``fraction_of_copy`` = packed-weight bytes / time over the measured device-to-device copy rate
-(bytes read + written). ``python scripts/bench_kernels.py --out bench/kernels.csv``
+(bytes read + written). ``python scripts/bench_kernels.py --out bench/kernels/kernels.csv``
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def tune_gemv(gemv_args: list, dt: torch.dtype, sweep_log: dict, name: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    ap.add_argument("--out", default="bench/kernels.csv")
+    ap.add_argument("--out", default="bench/kernels/kernels.csv")
     ap.add_argument("--sweep-json", default=None, help="also write the GEMV config sweep here")
     ap.add_argument("--lattices", default=",".join(LATTICES))
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,28672x8192 (out x in)")

@@ -1,4 +1,4 @@
-"""Benchmark nearest-code search per 10^6 Gaussian weights (writes bench/lattice.csv).
+"""Benchmark nearest-code search per 10^6 Gaussian weights (writes bench/lattice/lattice.csv).
 
 Methods measured in one run, same lattices and inputs:
   * ``pinv_torch_baseline``: a straightforward batched torch version of the published heuristic
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from liftquant.core import lattice as L  # noqa: E402
+from liftquant.core import lattice as L
 from liftquant.util.provenance import RECORD_KEY, record_fields
 from liftquant.util.records import merge_csv_rows
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n_weights", type=int, default=1_000_000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output", type=Path, default=Path("bench/lattice.csv"))
+    p.add_argument("--output", type=Path, default=Path("bench/lattice/lattice.csv"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
     prov = record_fields(device=device)  # commit, dirty, source hash, gpu, date, torch

@@ -8,14 +8,14 @@ checkpoint writing) with the authors' recipe flags, random calibration tokens, a
 requested lattice and calibration size. Writes, merging with earlier rows (keyed by
 configuration, GPU, commit and source hash):
 
-* ``bench/scale.csv``: one row per run (``shape, lattice, nsamples, seqlen, blocks_run,
+* ``bench/scale/scale.csv``: one row per run (``shape, lattice, nsamples, seqlen, blocks_run,
   blocks_total, seconds_per_block, total_seconds, projected, peak_gpu_gib, peak_host_gib, gpu,
   commit`` ...). ``total_seconds`` is measured (``projected`` 0) when every block ran, else
   projected as capture + first block + (blocks_total - 1) x mean of the later blocks
   (``projected`` 1). ``--project_nsamples N`` adds a row for N calibration samples projected
   from runs of this shape and lattice at two or more measured sample counts (per-block time
   fitted linearly in the sample count);
-* ``bench/scale.json``: the same runs with the per-block time split (to_device, targets,
+* ``bench/scale/scale.json``: the same runs with the per-block time split (to_device, targets,
   stage1, holdout, search, stage2, pack, offload), the memory plan and the command.
 
 Example (one H200)::
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_dir", default=None, help="keep the checkpoint here (default: temp)")
     p.add_argument("--project_nsamples", type=int, default=None)
-    p.add_argument("--out", default=str(ROOT / "bench" / "scale.csv"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "scale" / "scale.csv"))
     p.add_argument("--nproc", type=int, default=1,
                    help="ranks (GPUs) of one torchrun job on this host (liftquant.quantize.distributed)")
     args, extra = p.parse_known_args(argv)

@@ -4,7 +4,7 @@
 # settings (lr 2e-5, factor_a 100, factor_t 10, clip 0.3, bf16); perplexity and the offline
 # task pack before and after land in $OUT/e2e_report_<spec>.json. A checkpoint already at
 # $SCR/pareto/smollm2-135m-<spec> (a checkpoint that scripts/quality_sweep.sh keeps under
-# $OUT/checkpoints) is used as it is; that is how bench/e2e.md was produced.
+# $OUT/checkpoints) is used as it is; that is how bench/e2e/README.md was produced.
 #   SCR=/tmp/lq_scratch OUT=/tmp/lq_out bash scripts/e2e_demo.sh
 set -u
 OUT=${OUT:-/tmp/lq_out}; SCR=${SCR:-/tmp/lq_scratch}; mkdir -p "$OUT/logs"

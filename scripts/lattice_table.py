@@ -1,4 +1,4 @@
-"""Render lattice/README.md from lattice/index.json and bench/lattice.csv.
+"""Render lattice/README.md from lattice/index.json and bench/lattice/lattice.csv.
 
     python scripts/lattice_table.py
 """
@@ -71,14 +71,14 @@ to 0.08194 +- 0.00011 (8 bases; 0.08197 with 6, 0.08207 with 4), 0.5 SE under th
 0.082: within noise, confirmed by the re-check (0.08194 +- 0.00011). The same 8 iterations
 (4 bases, H100) also lowered 30to14 0.06885 -> 0.06857, 24to10 0.05139 -> 0.05123, 20to8
 0.04685 -> 0.04673 and 24to8 0.02467 -> 0.02444. Those matrices are not shipped yet, because
-`bench/quality.csv` was measured with the current ones; 16to8 (exhaustive search) gained
+`bench/quality/quality.csv` was measured with the current ones; 16to8 (exhaustive search) gained
 nothing then, measured through the Triton search, whose per-matrix code-norm cache can serve
 a new matrix stale values; on the torch path it gains 0.06 % (above).
 
 ## All lattices
 
 Effective bits = 1/2 log2(1/MSE); the Gaussian rate-distortion bound is D(R) = 2^(-2R).
-Search times are seconds per 10^6 Gaussian weights on the GPU named in `bench/lattice.csv`
+Search times are seconds per 10^6 Gaussian weights on the GPU named in `bench/lattice/lattice.csv`
 (commit per row there; `scripts/bench_lattice.py`); "-" = not benchmarked. The 4-basis
 search costs 3.3-4.5x the 1-basis time, the 8-basis search of 32to16 7.7x.
 
@@ -128,7 +128,7 @@ def _time(bench: dict, name: str, method: str) -> str:
 def main() -> int:
     rows = json.loads((ROOT / "lattice" / "index.json").read_text())
     bench = {}
-    bench_file = ROOT / "bench" / "lattice.csv"
+    bench_file = ROOT / "bench" / "lattice" / "lattice.csv"
     if bench_file.is_file():
         for r in csv.DictReader(bench_file.open()):
             bench[(r["lattice"], r["method"])] = r

@@ -1,7 +1,7 @@
 """Bits-vs-quality sweep (the paper's Figure 1 for any model): quantize, evaluate, CSV, plot.
 
     python scripts/pareto.py --model demo --configs 16to8,24to10,20to8,24to8 \
-        --baselines rtn:2,3,4 gptq:2,3,4 --tasks pack --csv bench/quality.csv --budget_gb 0.1
+        --baselines rtn:2,3,4 gptq:2,3,4 --tasks pack --csv bench/quality/quality.csv --budget_gb 0.1
 
 Every main.py flag is accepted and applies to every run (--nsamples, --epochs, --group_size,
 --eval_max_windows, ...). Per config: LiftQuant lattice ``DtoD'`` or baseline ``rtn:B`` /
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     g = parser.add_argument_group("sweep")
     g.add_argument("--configs", default=None, help="LiftQuant lattices, e.g. 16to8,24to10")
     g.add_argument("--baselines", nargs="*", default=[], help="e.g. rtn:2,3,4 gptq:2,3,4")
-    g.add_argument("--csv", default="bench/quality.csv", help="CSV to append rows to")
+    g.add_argument("--csv", default="bench/quality/quality.csv", help="CSV to append rows to")
     g.add_argument("--plot", default=None, help="PNG path (default: CSV path with .png)")
     g.add_argument("--budget_gb", type=float, default=None, help="memory budget line (GB)")
     g.add_argument("--model_name", default=None, help="model label in the CSV")

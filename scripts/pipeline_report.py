@@ -1,4 +1,4 @@
-"""Summarise main.py report.json files as a Markdown table (for bench/pipeline.md).
+"""Summarise main.py report.json files as a Markdown table (for bench/pipeline/README.md).
 
     python scripts/pipeline_report.py run1/report.json run2/report.json
 
@@ -20,7 +20,7 @@ def row(path: Path) -> str:
     s, b, cfg = r["summary"], r["bits"], r["config"]
     q = b["quantized_linears"]
     blocks = r["blocks"]
-    mean = lambda key: sum(x[key] for x in blocks) / len(blocks)  # noqa: E731
+    mean = lambda key: sum(x[key] for x in blocks) / len(blocks)
     return (f"| {path.stem.removeprefix('report_')} | {s['lattice']} | {q['bpw_codes']:.3f} | {q['bpw_total']:.3f} | "
             f"{b['total_bytes'] / 2**20:.1f} | {s.get('ppl_fp', float('nan')):.3f} | "
             f"{s.get('ppl_quantized', float('nan')):.3f} | {cfg['calib']['nsamples']}x"

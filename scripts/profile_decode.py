@@ -8,7 +8,7 @@ transform T*, the int1 GEMV, cuBLAS, torch.compile's generated kernels and the r
 ``step - busy`` is the time the GPU waits between kernels.
 
     python scripts/profile_decode.py --shapes llama3-8b,smollm2-135m --lattices 20to8 \
-        --json $OUT/profile.json
+        --json bench/decode/profile_decode.json
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def shape_config(name: str):
 def category(kernel: str) -> str:
     """Kernel name -> category. Our Triton kernels are named ``_<name>_kernel``; cuBLAS's own
     GEMV kernels (``gemv2T_kernel...``, ``gemvx...``) must not count as int1 GEMVs (the runs
-    recorded before this fix did count them: see bench/kernels.md)."""
+    recorded before this fix did count them: see bench/kernels/README.md)."""
     k = kernel.lower()
     if k.startswith("_transform_kernel"):
         return "T*"

@@ -1,5 +1,5 @@
 """Where a stage-1 training step of one block spends its time (the largest cost of the scale
-benchmark: 9.8 of 22.3 s per Llama-3-8B block on an H200, see bench/scale.md).
+benchmark: 9.8 of 22.3 s per Llama-3-8B block on an H200, see bench/scale/README.md).
 
 Builds the first decoder block of a random-weight model of a real shape
 (``bench_scale.build_model``), swaps its linears for stage-1 ``LiftLinear`` layers exactly as
@@ -21,7 +21,7 @@ repeat:
   maximal deviation from the float64 result is recorded beside the time.
 
 Rows (one per shape, batch and sequence length; provenance recorded) merge into
-``bench/profile_stage1.json``. Examples::
+``bench/scale/profile_stage1.json``. Examples::
 
     python scripts/profile_stage1.py --shape llama3-8b --batch 2 --seqlen 2048
     python scripts/profile_stage1.py --shape llama3-70b --batch 2 --seqlen 2048 --checkpoint_proxy
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="recompute proxy weights in backward (the 70B memory plan's setting)")
     p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the proxy weights under torch.compile (default: on CUDA)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "profile_stage1.json"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "scale" / "profile_stage1.json"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bits-vs-quality sweep of one model (bench/quality.md, SPEC §8): the FP model, LiftQuant at
+# Bits-vs-quality sweep of one model (bench/quality/README.md, SPEC §8): the FP model, LiftQuant at
 # each lattice of CONFIGS, and the RTN / GPTQ baselines at RTN_BITS / GPTQ_BITS, all on the same
 # calibration and evaluation data; rows go to $OUT/<label>-<job>.csv and are merged into
 # $OUT/quality.csv and $OUT/quality.png. Runs on any machine that has the model locally (or the

@@ -3,7 +3,7 @@
 For decode-sized inputs the transform is latency bound: a handful of programs, tiny dots.
 This times tile rows, column chunk, warps, pair-layout vs plain output and stacked members
 over rotating side tensors (HBM, not L2), next to a trivial Triton kernel as the floor.
-    python scripts/sweep_transform.py --json $OUT/transform_sweep.json
+    python scripts/sweep_transform.py --json bench/kernels/transform_sweep.json
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ BITS_RANGE = (2, 8)
 SCALE_MIN = 1e-6  # float16 keeps it (subnormal); all-zero groups get this scale and code = zero
 BLOCK_SIZE = 128  # GPTQ lazy-batch width (IST-DASLab/gptq default)
 # Hessian weight of each calibration window's first token (the attention sink; see
-# liftquant.quantize.baselines). 1 = textbook GPTQ. Chosen on SmolLM2 (bench/quality.md): 64
+# liftquant.quantize.baselines). 1 = textbook GPTQ. Chosen on SmolLM2 (bench/quality/README.md): 64
 # brings the sink's q/k/v error to 0.1-0.3x RTN's while the other tokens' stays within ~5 % of
 # textbook GPTQ's; w4g128 perplexity (CPU, 6 windows) 17.83 -> 15.54, RTN 17.42.
 FIRST_TOKEN_WEIGHT = 64.0

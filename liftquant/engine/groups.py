@@ -1,7 +1,7 @@
 """Sibling packed layers that read the same input (q/k/v, gate/up) as one T* and one GEMV launch.
 
 At batch 1 each packed linear costs two kernel launches (``fused_transform`` then the GEMV),
-and on an H100 both are latency bound (``bench/kernels.md``). A :class:`PackedGroup` keeps each
+and on an H100 both are latency bound (``bench/kernels/README.md``). A :class:`PackedGroup` keeps each
 member's own transform and codes (no quantization change) but runs them together:
 
 * the members' side tensors are stacked, ``s1`` (M, n), ``L`` (M, n1, n1), ``R`` (M, n2, C),

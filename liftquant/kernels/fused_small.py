@@ -2,7 +2,7 @@
 
 On 0.1-0.5B models every matrix is small, and a decode step is paid in kernel launches: T* then
 the GEMV is two latency-bound launches per linear (or per q/k/v, gate/up group), where the bf16
-model pays one cuBLAS GEMV (``bench/kernels.md``). Here each program owns ``RB`` output rows of
+model pays one cuBLAS GEMV (``bench/kernels/README.md``). Here each program owns ``RB`` output rows of
 one layer (or group member) and computes that member's whole transform itself, ``H = (L Xs) R *
 s2`` in 16-row chunks of H (two ``tl.dot`` each, the reference's roundings to the activation
 dtype), then multiplies it with its rows' signs, unpacked from the packed bytes at the lifted
@@ -15,7 +15,7 @@ When this path runs is the planner's decision (``policy.plan``, ``KernelPolicy.f
 ``LIFTQUANT_FUSED_SMALL``): ``auto`` (default) takes it where it fits and the kernels launch
 without PDL: with PDL the GEMV's launch and weight loads already hide under T*, and on the H100
 the two kernels then decoded SmolLM2's shape faster (623 against 598 tok/s,
-``bench/kernels.md``); without PDL this path was the faster (604 against 570). It also takes a
+``bench/kernels/README.md``); without PDL this path was the faster (604 against 570). It also takes a
 finished input, so the decode step's norm / SiLU prologues skip these layers. ``1`` uses it
 wherever it fits, ``0`` never.
 """
@@ -34,7 +34,7 @@ from liftquant.kernels.policy import fits_fused_small as fits
 
 # Largest padded H tile (rows x columns, N1P x CP) and padded Xs tile (N1P x N2P) a program
 # recomputes (MAX_H_TILE, MAX_X_TILE, kept in ``policy``). Measured on the H100
-# (bench/kernels.md): with every SmolLM2 and Qwen2.5-0.5B layer up to 64 x 128 on this path,
+# (bench/kernels/README.md): with every SmolLM2 and Qwen2.5-0.5B layer up to 64 x 128 on this path,
 # SmolLM2 decoded 4 % faster (676 against 648 tok/s) but Qwen 7 % slower (590 against 635):
 # the kernel's per-sign cost outweighs the saved launch once H is 32 x 128. So only the smallest tiles take it (SmolLM2's 576-wide inputs).
 ROWS_PER_PROGRAM = 8

@@ -38,7 +38,7 @@ KINDS = ("auto", "splitk", "rowtile")
 # Split-K kernel variants (block_w words per slice, block_n rows per step, warps, word loop).
 # block_w = 4 words x lanes along K, so the warps of a program sit along rows and share one
 # activation slice; 64-word slices keep the last slice's waste small for 8B shapes (KW 256-
-# 1344). 2 and 4 rows per thread per step; v1 is the shift-flip-add loop of bench/kernels.md.
+# 1344). 2 and 4 rows per thread per step; v1 is the shift-flip-add loop of bench/kernels/README.md.
 SPLITK_VARIANTS = ((64, 16, 4, "v2"), (64, 32, 4, "v2"), (128, 8, 4, "v2"), (128, 16, 4, "v2"),
                    (64, 8, 1, "v2"), (128, 8, 4, "v1"))
 # Rows per program are set per shape so that the grid holds this many warps per SM: fewer,
@@ -50,14 +50,14 @@ HEURISTIC_SPLITK = (64, 16, 4, "v2", 16)
 # Frobenius norm) is rejected: both round the same sums in fp16, so real results agree to ~1e-3.
 VERIFY_RTOL = 2e-2
 # Split-K must beat the best row tile by this factor in the tuner's timing to be chosen. On the
-# H100 sweep of commit c63a032 (bench/kernels.md), split-K winners within 5 % of the row tile
+# H100 sweep of commit c63a032 (bench/kernels/README.md), split-K winners within 5 % of the row tile
 # in the tuner's timing ran 1.6x slower than the row tile in the benchmark on 2 of 5 shapes.
 SPLITK_MARGIN = 0.95
 # The tuner times each candidate over rotating weight copies totalling this many bytes (more
 # than the H100's 50 MB L2; 2 to 16 copies, so layers under 8 MB rotate through less), in a
 # CUDA graph as the decode step runs it. Timing one copy
 # with do_bench (L2 flushed between runs) picked split-K configurations that then ran up to 2.8x
-# slower than the row tile in the benchmark (bench/kernels.md).
+# slower than the row tile in the benchmark (bench/kernels/README.md).
 ROTATE_BYTES = 128 * 2**20
 
 

@@ -15,7 +15,7 @@ full precision, exactly as for LiftQuant). For GPTQ the Hessian of a linear is
 groups: the Hessian of a group is collected with the block's earlier groups already quantized,
 and the next block's inputs are the quantized block's outputs.
 
-**Why the first token is weighted** (bench/quality.md, "GPTQ vs RTN"): the first position of
+**Why the first token is weighted** (bench/quality/README.md, "GPTQ vs RTN"): the first position of
 every window becomes an attention sink (SmolLM2: residual activations of ~10^3 there). GPTQ moves
 rounding error into input directions that carry little calibration energy; the sink's
 (normalised) input is such a direction, as it is 1 token in L. With ``c_t = 1`` its q/k/v error

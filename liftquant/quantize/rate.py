@@ -22,7 +22,7 @@ sensitivity ``s_l`` says how much such an error costs (:func:`layer_sensitivity`
 a few calibration sequences). ``--mix_proxy fisher`` (default) weighs the output error by the
 squared loss gradient at that output (diagonal empirical Fisher: a loss increase, comparable
 across layers); ``--mix_proxy energy`` uses the output error alone, ``||W||_F^2 * mean(x^2)``,
-which measured on the demo model (bench/quality.csv) spends the budget on late layers, whose
+which measured on the demo model (bench/quality/quality.csv) spends the budget on late layers, whose
 larger residual stream hides their error, and loses to the uniform lattice at equal size.
 All layers start at the cheapest candidate lattice; a greedy pass repeatedly takes the
 one-step upgrade (next higher rate) with the largest error reduction per extra byte that
