@@ -76,7 +76,8 @@ def graph_bench(fn, args: list, min_calls: int = 16) -> float:
     """Per-call time (us) of back-to-back calls over rotating args captured in one CUDA graph
     (``gemv_tuner.graph_time``, the tuner's method): what a graphed decode step pays, launch
     gaps included, no host overhead. Kernel rows use it too since commit 1f3e136: do_bench with
-    L2 cleared per run gave one configuration 21 and 234 us within one run."""
+    L2 cleared per run gave one configuration times an order of magnitude apart within one run
+    (bench/kernels/README.md, fourth run)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up: builds kernels, tunes GEMV shapes

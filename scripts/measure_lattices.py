@@ -43,8 +43,9 @@ EVAL_BATCH = inspect.signature(L.gaussian_mse).parameters["batch"].default
 REPRODUCE_RTOL = 1e-3
 # Prefix lengths measured; the recorded check uses the largest one check_size allows.
 CHECK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-# pinv candidate elements (candidates x D) the CI check may spend per lattice: 2^28 is about
-# 2-8 s of single-threaded CPU search on the 2-core CI machine for every shipped pinv lattice.
+# pinv candidate elements (candidates x D) the CI check may spend per lattice: 2^28 keeps
+# it to seconds of single-threaded CPU search on the 2-core CI machine for every shipped pinv
+# lattice.
 CHECK_BUDGET = 1 << 28
 
 

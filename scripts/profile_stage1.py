@@ -1,5 +1,5 @@
 """Where a stage-1 training step of one block spends its time (the largest cost of the scale
-benchmark: 9.8 of 22.3 s per Llama-3-8B block on an H200, see bench/scale/README.md).
+benchmark; its share of a Llama-3-8B block is measured in bench/scale/README.md).
 
 Builds the first decoder block of a random-weight model of a real shape
 (``bench_scale.build_model``), swaps its linears for stage-1 ``LiftLinear`` layers exactly as

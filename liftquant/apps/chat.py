@@ -7,7 +7,7 @@ fixed shapes and addresses and ``torch.compile(mode="reduce-overhead")`` capture
 graph (``--compile``, on by default on CUDA; the first answer pays the compilation). After each
 answer the prefill and decode throughput is printed::
 
-    [prefill 23 tok 812.4 tok/s | decode 64 tok 41.2 tok/s | 1.63 s]
+    [prefill <n> tok <rate> tok/s | decode <n> tok <rate> tok/s | <seconds> s]
 
 Checkpoints are self-contained (config, packed weights, tokenizer), so ``--fp_model_path`` is not
 needed; if given, only the tokenizer is read from it.

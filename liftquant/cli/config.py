@@ -436,9 +436,9 @@ class RunConfig:
 
 # Demo run (``python main.py`` with no model): sized to finish within ~15 minutes on a 2-core
 # CPU (and well within 2 minutes on a GPU). Only fills values the user did not give.
-# The CPU demo uses float32 (CPUs without bf16 units run bf16 ~5x slower) and 9to3 (3 bits),
-# whose exact search is one (B, 9) x (9, 512) matmul per chunk; 2-bit lattices lose too much
-# with this little calibration (8to4: wiki-offline ppl 12.7 -> 136 on 8 x 512 tokens).
+# The CPU demo uses float32 (CPUs without bf16 units run bf16 several times slower) and 9to3
+# (3 bits), whose exact search is one (B, 9) x (9, 512) matmul per chunk; 2-bit lattices lose
+# too much with this little calibration (8to4 against 9to3: bench/demo/README.md).
 DEMO_DEFAULTS_CPU = {"expc": "9to3", "dtype": "float32", "save_dtype": "bfloat16",
                      "nsamples": 32, "seqlen": 256, "batch_size": 4, "epochs": 2,
                      "eval_ppl": True, "eval_seqlen": 512, "eval_max_windows": 8}

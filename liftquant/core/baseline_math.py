@@ -50,9 +50,9 @@ BITS_RANGE = (2, 8)
 SCALE_MIN = 1e-6  # float16 keeps it (subnormal); all-zero groups get this scale and code = zero
 BLOCK_SIZE = 128  # GPTQ lazy-batch width (IST-DASLab/gptq default)
 # Hessian weight of each calibration window's first token (the attention sink; see
-# liftquant.quantize.baselines). 1 = textbook GPTQ. Chosen on SmolLM2 (bench/quality/README.md): 64
-# brings the sink's q/k/v error to 0.1-0.3x RTN's while the other tokens' stays within ~5 % of
-# textbook GPTQ's; w4g128 perplexity (CPU, 6 windows) 17.83 -> 15.54, RTN 17.42.
+# liftquant.quantize.baselines). 1 = textbook GPTQ. Chosen on SmolLM2 (bench/quality/README.md,
+# "GPTQ vs RTN"): 64 brings the sink's q/k/v error well below RTN's while the other tokens' stays
+# close to textbook GPTQ's, and takes w4g128 perplexity from above RTN's to below it.
 FIRST_TOKEN_WEIGHT = 64.0
 DAMP_RETRIES = 5  # Cholesky failures: damping x10 per retry before giving up
 SCALE_BITS, GIDX_BITS = 16, 32

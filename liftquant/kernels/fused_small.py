@@ -14,10 +14,10 @@ layers keep the two-kernel path.
 When this path runs is the planner's decision (``policy.plan``, ``KernelPolicy.fused_small``,
 ``LIFTQUANT_FUSED_SMALL``): ``auto`` (default) takes it where it fits and the kernels launch
 without PDL: with PDL the GEMV's launch and weight loads already hide under T*, and on the H100
-the two kernels then decoded SmolLM2's shape faster (623 against 598 tok/s,
-``bench/kernels/README.md``); without PDL this path was the faster (604 against 570). It also takes a
-finished input, so the decode step's norm / SiLU prologues skip these layers. ``1`` uses it
-wherever it fits, ``0`` never.
+the two kernels then decoded SmolLM2's shape faster; without PDL this path was the faster
+(both measured in ``bench/kernels/README.md``, fifth run). It also takes a finished input, so
+the decode step's norm / SiLU prologues skip these layers. ``1`` uses it wherever it fits,
+``0`` never.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from liftquant.kernels.policy import fits_fused_small as fits
 # Largest padded H tile (rows x columns, N1P x CP) and padded Xs tile (N1P x N2P) a program
 # recomputes (MAX_H_TILE, MAX_X_TILE, kept in ``policy``). Measured on the H100
 # (bench/kernels/README.md): with every SmolLM2 and Qwen2.5-0.5B layer up to 64 x 128 on this path,
-# SmolLM2 decoded 4 % faster (676 against 648 tok/s) but Qwen 7 % slower (590 against 635):
-# the kernel's per-sign cost outweighs the saved launch once H is 32 x 128. So only the smallest tiles take it (SmolLM2's 576-wide inputs).
+# SmolLM2 decoded faster but Qwen slower: the kernel's per-sign cost outweighs the saved
+# launch once H is 32 x 128. So only the smallest tiles take it (SmolLM2's 576-wide inputs).
 ROWS_PER_PROGRAM = 8
 H_CHUNK = 16  # rows of H per step (tl.dot's smallest M)
 __all__ = ["MAX_H_TILE", "MAX_X_TILE", "fits", "fused_small_linear", "launch_fused_small"]

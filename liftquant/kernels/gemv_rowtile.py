@@ -180,14 +180,14 @@ class GemvConfig:
 # K and 4 words per thread, so the activations load straight into the threads that use them.
 # Unaligned rows hold 8 words per step and spill registers beyond 4 rows.
 GEMV_CANDIDATES = ((2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (4, 4), (8, 4))
-# The subset the runtime tuner times: the fastest v2 tiles of bench/kernels/README.md (2x1 won 20 of
-# 24 shapes; 4x1 and 4x2 the rest).
+# The subset the runtime tuner times: the fastest v2 tiles of bench/kernels/README.md (2x1 won most
+# shapes; 4x1 and 4x2 the rest).
 TUNER_CANDIDATES = ((2, 1), (4, 1), (4, 2))
 UNALIGNED_MAX_BLOCK_N = 4
 
 
 def pick_gemv_config(N: int, KW: int, n_sm: int, *, aligned: bool = True) -> GemvConfig:
-    """2 rows x 128 words per one-warp program was the fastest candidate for 20 of the 24
+    """2 rows x 128 words per one-warp program was the fastest candidate for most of the
     Llama-3 8B/70B shapes x lattices on an H100 (bench/kernels/README.md); 4-row tiles only pay off
     when 2-row tiles would leave SMs with too many tiny programs."""
     del KW, aligned  # kept for callers that pass the full problem description

@@ -51,8 +51,8 @@ GEMV_MAX_TOKENS = 1
 # already well shaped.
 TRANSFORM_MAX_TOKENS = 16
 # GEMVs with more packed weight bytes, and the transforms that feed them, launch without PDL.
-# On the H100 PDL cost the 8B shape (GEMVs of 5-37 MB) about 2 % of its decode speed, while the
-# 0.1-0.5B shapes (GEMVs of at most 2.7 MB) decoded 5-9 % faster with it (bench/kernels/README.md).
+# On the H100 PDL cost the 8B shape (GEMVs of 5-37 MB) a little decode speed, while the 0.1-0.5B
+# shapes (GEMVs of at most 2.7 MB) decoded faster with it (measured in bench/kernels/README.md).
 PDL_MAX_GEMV_BYTES = 4 << 20
 # The dense CPU cache is used when its bytes fit in this fraction of the available memory.
 DENSE_CACHE_FRACTION = 0.5

@@ -29,8 +29,8 @@ except ImportError:  # pragma: no cover - exercised on CPU-only installs
 
 
 # The autotuner times every config several times on the launch that first meets a new key. On
-# a 4M-row chunk one launch takes about a second (H200), so tuning there cost about a minute
-# per block; the first TUNE_ROWS rows are therefore launched (and tuned) on their own.
+# a 4M-row chunk one launch is long, so tuning there cost far more than the search itself per
+# block; the first TUNE_ROWS rows are therefore launched (and tuned) on their own.
 TUNE_ROWS = 1 << 16
 
 

@@ -19,9 +19,9 @@ and the next block's inputs are the quantized block's outputs.
 every window becomes an attention sink (SmolLM2: residual activations of ~10^3 there). GPTQ moves
 rounding error into input directions that carry little calibration energy; the sink's
 (normalised) input is such a direction, as it is 1 token in L. With ``c_t = 1`` its q/k/v error
-ends up 1.2-2x *larger* than round-to-nearest's in blocks 2-5 while every other token's halves,
+ends up *larger* than round-to-nearest's in blocks 2-5 while every other token's shrinks,
 and since every later query attends to the sink, the perplexity of textbook GPTQ at 4 bits fell
-behind RTN's (19.26 vs 17.71 on SmolLM2). ``first_token_weight = 1`` is textbook GPTQ.
+behind RTN's on SmolLM2 (numbers in that section). ``first_token_weight = 1`` is textbook GPTQ.
 """
 
 from __future__ import annotations

@@ -137,9 +137,9 @@ def init_s1(mean_abs: Tensor, alpha: float) -> Tensor:
 
 
 def compile_proxy_on(cfg: RunConfig, device: torch.device) -> bool:
-    """``--compile_proxy`` as given, else on for CUDA (stage 1 about twice as fast on the 8B
-    shape, bench/scale/README.md) and off on the CPU (compiling costs more than a small model's whole
-    block there). Unset without Triton (inductor's CUDA code generator): off."""
+    """``--compile_proxy`` as given, else on for CUDA (stage 1 faster on the 8B shape, measured
+    in bench/scale/README.md) and off on the CPU (compiling costs more than a small model's
+    whole block there). Unset without Triton (inductor's CUDA code generator): off."""
     if cfg.train.compile_proxy is not None:
         return cfg.train.compile_proxy
     import importlib.util

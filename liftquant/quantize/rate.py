@@ -5,10 +5,11 @@ budget"), uniform or as a per-layer mix of shipped lattices.
 for every layer (:func:`lattice_for_bits`). Among lattices of equal rate (9to3 and 24to8 are
 both 3 bits) the one practical on the device is taken: on CUDA the best Gaussian MSE recorded
 in ``lattice/index.json``; on CPU the smallest D, because the search cost grows as 2^D or
-2^(D-d) (measured on the 2-core CPU: 9to3 quantizes a SmolLM2 block in ~2 s, 24to8 did not
-finish one block in 2 min). An ``X`` strictly between the lowest and highest shipped rates
-that no lattice has exactly is met as an *average* by a per-layer mix; values outside the
-shipped range are refused with the range in the message.
+2^(D-d) (on the 2-core CPU 9to3, the CPU demo's lattice, quantizes the whole demo model in
+the time of bench/demo/README.md, while 24to8 did not finish a single SmolLM2 block). An ``X``
+strictly between the lowest and highest shipped rates that no lattice has exactly is met as an
+*average* by a per-layer mix; values outside the shipped range are refused with the range in
+the message.
 
 ``--target_size_gb X`` always chooses a lattice per quantized linear (:func:`plan_mix`) so
 that the predicted ``model.safetensors`` (:mod:`liftquant.io.size`, exact dtypes and header) is
@@ -247,8 +248,8 @@ def check_lattice_request(cfg) -> None:
 
 # ------------------------------------------------------------------------- per-layer mixes
 # On CPU a mix uses only lattices whose search costs at most this many candidate codes per
-# weight (exhaustive: 2^D / d; pinv: 2^(D-d) x bases / d). 9to3 costs 171 and quantizes a
-# SmolLM2 block in ~2 s on 2 cores; 24to8 (8192) did not finish a block in 2 min.
+# weight (exhaustive: 2^D / d; pinv: 2^(D-d) x bases / d). 9to3 costs 171 and is the CPU
+# demo's lattice (times in bench/demo/README.md); 24to8 (8192) did not finish a SmolLM2 block.
 CPU_MIX_SEARCH_COST = 2048
 # Calibration sequences of the FP pass that measures per-layer sensitivity.
 SENSITIVITY_SAMPLES = 4
