@@ -364,10 +364,9 @@ def test_compile_proxy_matches_eager_and_shares_one_graph_per_shape():
 
     auto = RunConfig.from_args(build_parser("t").parse_args(args))
     off = RunConfig.from_args(build_parser("t").parse_args(args + ["--compile_proxy", "False"]))
-    import importlib.util
+    from liftquant.kernels.search import HAS_TRITON
 
-    has_triton = importlib.util.find_spec("triton") is not None
-    assert compile_proxy_on(auto, torch.device("cuda")) == has_triton
+    assert compile_proxy_on(auto, torch.device("cuda")) == HAS_TRITON
     assert not compile_proxy_on(auto, torch.device("cpu"))
     assert compile_proxy_on(cfg, torch.device("cpu")) and not compile_proxy_on(
         off, torch.device("cuda"))

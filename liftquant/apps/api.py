@@ -152,14 +152,14 @@ def _plan_mix(cfg: RunConfig, model, adapter, calib, device, rate_info: dict):
     from the sensitivities of a short FP pass (``--mix_proxy``); returns (spec, M, mix) where
     ``mix`` is None when every layer got the same lattice (a plain uniform checkpoint) and
     spec/M are the widest lattice."""
-    from liftquant.quantize.rate import layer_sensitivity, plan_mix
+    from liftquant.quantize.rate import effective_proxy, layer_sensitivity, plan_mix
 
     lat = cfg.lattice
     t0 = time.time()
     sens = layer_sensitivity(model, adapter, calib, device=device, proxy=lat.mix_proxy)
     plan = plan_mix(model, adapter, rate_info["mix"], sensitivity=sens,
                     lattice_dir=lat.lattice_dir, save_dtype=_save_dtype(cfg),
-                    proxy=lat.mix_proxy if calib is not None and len(calib) else "||W||^2")
+                    proxy=effective_proxy(model, calib, device=device, proxy=lat.mix_proxy))
     rate_info["plan"] = {**plan.summary(), "plan_seconds": round(time.time() - t0, 1)}
     logger.info("per-layer lattices (%s): %s = %.4f bits/weight on average, expected "
                 "checkpoint %.4f GB%s", rate_info["rule"], plan.counts, plan.bits_per_weight,

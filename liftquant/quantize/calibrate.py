@@ -142,9 +142,11 @@ def compile_proxy_on(cfg: RunConfig, device: torch.device) -> bool:
     whole block there). Unset without Triton (inductor's CUDA code generator): off."""
     if cfg.train.compile_proxy is not None:
         return cfg.train.compile_proxy
-    import importlib.util
+    if device.type != "cuda":
+        return False
+    from liftquant.kernels.search import HAS_TRITON
 
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return HAS_TRITON
 
 
 def _to_lift(block, adapter, stats, spec, cfg, plan: MemoryPlan,
@@ -153,6 +155,7 @@ def _to_lift(block, adapter, stats, spec, cfg, plan: MemoryPlan,
     """Group linears -> LiftLinear at ``spec``, or at ``lattices[name][0]`` when given."""
     layers = {}
     init = cfg.whiten.Rres_init.lower()
+    compiled = compile_proxy_on(cfg, next(block.parameters()).device)
     for group in adapter.block_groups(block):
         s1 = init_s1(stats[group[0]], cfg.whiten.s1_alpha) if group[0] in stats else None
         for name in group:
@@ -161,7 +164,7 @@ def _to_lift(block, adapter, stats, spec, cfg, plan: MemoryPlan,
             layer = LiftLinear.from_linear(lin, spec=own, init=init,
                                            proxy_bits=cfg.lattice.wbits).to(lin.weight.device)
             layer.checkpoint_proxy = plan.checkpoint_proxy
-            layer.compile_proxy = compile_proxy_on(cfg, layer.weight.device)
+            layer.compile_proxy = compiled
             if s1 is not None:
                 layer.set_s1(s1.to(layer.weight.device))
             adapter.set_module(block, name, layer)

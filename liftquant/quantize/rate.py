@@ -33,6 +33,7 @@ their measured per-layer curves).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import math
@@ -361,6 +362,20 @@ class LatticePlan:
 SENSITIVITY_PROXIES = ("fisher", "energy")
 
 
+WEIGHT_ONLY = "||W||^2"  # the sensitivity without data (or a model too big for the pass)
+
+
+def effective_proxy(model: nn.Module, calib_ids: torch.Tensor | None, *,
+                    device: torch.device | str, proxy: str) -> str:
+    """The proxy :func:`layer_sensitivity` applies: ``proxy``, or :data:`WEIGHT_ONLY` without
+    calibration data or when the FP model does not fit the device for the pass."""
+    if proxy not in SENSITIVITY_PROXIES:
+        raise ValueError(f"unknown sensitivity proxy {proxy!r}; use one of {SENSITIVITY_PROXIES}")
+    if calib_ids is None or not len(calib_ids) or not _fits(model, device):
+        return WEIGHT_ONLY
+    return proxy
+
+
 def layer_sensitivity(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.Tensor | None,
                       *, device: torch.device | str = "cpu",
                       n_samples: int = SENSITIVITY_SAMPLES,
@@ -377,14 +392,12 @@ def layer_sensitivity(model: nn.Module, adapter: ModelAdapter, calib_ids: torch.
     does not fit half the free memory of a CUDA device (a 70B quantized block by block), both
     fall back to ``||W||_F^2``.
     """
-    if proxy not in SENSITIVITY_PROXIES:
-        raise ValueError(f"unknown sensitivity proxy {proxy!r}; use one of {SENSITIVITY_PROXIES}")
     linears = quantized_linears(model, adapter)
-    if calib_ids is not None and len(calib_ids) and not _fits(model, device):
-        logger.warning("the FP model does not fit %s for the sensitivity pass; the per-layer mix "
-                       "weighs layers by ||W||_F^2 alone", device)
-        calib_ids = None
-    if calib_ids is None or not len(calib_ids):
+    used = effective_proxy(model, calib_ids, device=device, proxy=proxy)
+    if used == WEIGHT_ONLY:
+        if calib_ids is not None and len(calib_ids):
+            logger.warning("the FP model does not fit %s for the sensitivity pass; the per-layer "
+                           "mix weighs layers by ||W||_F^2 alone", device)
         return {n: float(lin.weight.detach().float().square().sum()) for n, lin in linears.items()}
     rows = calib_ids[:n_samples]
     if proxy == "energy":
@@ -399,7 +412,10 @@ def _energy_sensitivity(model, linears, rows, device) -> dict[str, float]:
     def hook(_m, args, _name):
         sums[_name] = sums.get(_name, 0.0) + float(args[0].detach().float().square().mean())
 
-    with _hooks(linears, pre=hook), _on(model, device):
+    def register(lin, name):
+        return lin.register_forward_pre_hook(lambda m, a: hook(m, a, name))
+
+    with _hooked(linears, register), _on(model, device):
         for row in rows:
             model(row[None].to(device), use_cache=False)
     return {n: float(lin.weight.detach().float().square().sum()) * sums.get(n, 0.0) / len(rows)
@@ -421,13 +437,16 @@ def _fisher_sensitivity(model, linears, rows, device) -> dict[str, float]:
 
         out.register_hook(on_grad)
 
+    def register(lin, name):
+        return lin.register_forward_hook(lambda m, a, o: hook(m, a, o, name))
+
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     emb = model.get_input_embeddings()
     start = emb.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True))
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
-        with _hooks(linears, post=hook), _on(model, device), torch.enable_grad():
+        with _hooked(linears, register), _on(model, device), torch.enable_grad():
             for row in rows:
                 ids = row[None].to(device)
                 logits = model(ids, use_cache=False).logits[:, :-1].float()
@@ -439,7 +458,7 @@ def _fisher_sensitivity(model, linears, rows, device) -> dict[str, float]:
         for p, req in frozen:
             p.requires_grad_(req)
     missing = [n for n in linears if n not in seen]
-    if missing:  # e.g. experts that no calibration token reached: their own output energy
+    if missing:  # e.g. experts that no calibration token reached
         logger.warning("%d quantized linears saw no gradient in the sensitivity pass (e.g. %s); "
                        "the per-layer mix weighs them by the median of the others", len(missing),
                        missing[0])
@@ -449,38 +468,25 @@ def _fisher_sensitivity(model, linears, rows, device) -> dict[str, float]:
     return {n: max(v, 1e-30) for n, v in sums.items()}
 
 
-class _hooks:
-    """Context: forward (``pre``) or forward-output (``post``) hooks on every linear."""
-
-    def __init__(self, linears: dict[str, nn.Module], *, pre=None, post=None):
-        self.linears, self.pre, self.post, self.handles = linears, pre, post, []
-
-    def __enter__(self):
-        for name, lin in self.linears.items():
-            if self.pre is not None:
-                self.handles.append(lin.register_forward_pre_hook(
-                    lambda m, a, _n=name: self.pre(m, a, _n)))
-            if self.post is not None:
-                self.handles.append(lin.register_forward_hook(
-                    lambda m, a, o, _n=name: self.post(m, a, o, _n)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
+@contextlib.contextmanager
+def _hooked(linears: dict[str, nn.Module], register):
+    """Context: ``register(linear, name)`` (returning a hook handle) on every linear."""
+    handles = [register(lin, name) for name, lin in linears.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
             h.remove()
 
 
-class _on:
+@contextlib.contextmanager
+def _on(model: nn.Module, device):
     """Context: ``model`` on ``device``, back on the CPU afterwards."""
-
-    def __init__(self, model: nn.Module, device):
-        self.model, self.device = model, device
-
-    def __enter__(self):
-        self.model.to(self.device)
-
-    def __exit__(self, *exc):
-        self.model.to("cpu")
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
 
 
 def _fits(model: nn.Module, device: torch.device | str) -> bool:
