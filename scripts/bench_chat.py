@@ -96,14 +96,12 @@ def time_engine(model, kind: str, *, prompt: int, tokens: int, compile: bool = F
     with torch.inference_mode():
         pre = []
         for _ in range(max(repeats, 1)):
-            if hasattr(engine, "reset"):
-                engine.reset()
+            engine.reset()
             _sync(device)
             t0 = time.perf_counter()
             token = engine.prefill(ids).argmax(-1)
             _sync(device)
             pre.append(time.perf_counter() - t0)
-        _sync(device)
         t1 = time.perf_counter()
         for _ in range(tokens):
             token = engine.next(token).argmax(-1)
@@ -116,6 +114,9 @@ def _load(args, dtype, device):
     """[(model name, model)] to time: the checkpoint (or random codes) and the FP original."""
     from liftquant.demo.assets import hf_model_dir
 
+    def fp_path() -> str:
+        return str(hf_model_dir()) if args.fp_model in (None, "demo") else args.fp_model
+
     out = []
     if args.checkpoint:
         from liftquant.io.checkpoint import load_quantized
@@ -123,11 +124,10 @@ def _load(args, dtype, device):
         out.append((Path(args.checkpoint).name or args.checkpoint,
                     load_quantized(args.checkpoint, device=device, dtype=dtype)[0]))
     else:
-        fp = args.fp_model if args.fp_model not in (None, "demo") else str(hf_model_dir())
         out.append((f"demo shape, random {args.lattice}",
-                    random_packed_model(fp, args.lattice, dtype).to(device)))
+                    random_packed_model(fp_path(), args.lattice, dtype).to(device)))
     if args.fp_model and (args.checkpoint or args.with_fp):
-        fp = args.fp_model if args.fp_model != "demo" else str(hf_model_dir())
+        fp = fp_path()
         model = _fp_model(fp, dtype).to(device)
         out.append((f"{Path(fp).name} ({args.dtype})", model))
     return out
