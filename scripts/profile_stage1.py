@@ -15,6 +15,12 @@ repeat:
   the eager weights;
 * ``step``: one full stage-1 step (forward + backward of the block with proxy weights, clip,
   Adam), the thing ``train_block`` repeats;
+* ``stage2_step`` (``--stage2``): after a real lattice search of the block (the pipeline's
+  ``round_block_to_lattice`` with its flip margin), one stage-2 step (forward + backward of the
+  block in lattice mode, the straight-through latent gradients, clip, Adam), under deterministic
+  kernels as the pipeline runs it and (``stage2_step_nondet``) without them;
+* ``--torch_profile``: a ``torch.profiler`` table of the heaviest CUDA ops of one step of each
+  stage, printed (not recorded);
 * ``rotate_<variant>``: the Kronecker rotation ``P1^T X P2`` over all of the block's weight rows
   in three formulations (``broadcast``: today's ``P1.T @ X @ P2``; ``two_gemm``: two large
   GEMMs with a transpose; ``einsum``) and, on CUDA, ``broadcast`` with TF32 allowed; their
@@ -46,8 +52,14 @@ from bench_scale import build_model
 from liftquant.cli.config import RunConfig, build_parser
 from liftquant.core.lattice import LatticeSpec
 from liftquant.models import get_adapter
-from liftquant.quantize.blocktrain import GRAD_CLIP
-from liftquant.quantize.calibrate import _groups_stage1, _to_lift
+from liftquant.quantize import blocktrain
+from liftquant.quantize.blocktrain import GRAD_CLIP, latent_flip_margin
+from liftquant.quantize.calibrate import (
+    _groups_stage1,
+    _groups_stage2,
+    _to_lift,
+    round_block_to_lattice,
+)
 from liftquant.quantize.plan import MemoryPlan
 from liftquant.quantize.stream import forward_block
 from liftquant.util.provenance import RECORD_KEY, record_fields
@@ -143,6 +155,56 @@ def compiled_proxy(layers, opt, *, repeats: int, device) -> dict:
             "proxy_weights_compiled_max_dev": dev, "proxy_weights_compiled_frac_diff": frac}
 
 
+def torch_profile(fn, label: str, device) -> None:
+    """Print the heaviest ops of one call of ``fn`` (after a warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"--- torch.profiler: {label} ---")
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+
+
+def stage2_timings(block, layers, run_block, cfg, args, device) -> dict:
+    """Search the block's layers onto the lattice as the pipeline does, then time stage-2
+    steps (deterministic kernels on and off)."""
+    from liftquant.core.lattice import load_projection
+
+    spec = LatticeSpec.parse(args.expc)
+    t = cfg.train
+    margin = latent_flip_margin(t.lw_lr, n_train=args.train_samples, epochs=t.epochs,
+                                batch_size=args.batch)
+    M = load_projection(spec).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    st = round_block_to_lattice(layers, M, method=cfg.lattice.search, margin=margin)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    search = time.perf_counter() - t0
+    _, opt_groups, dense, cands, lat = blocktrain._prepare(block, _groups_stage2(layers, cfg))
+    opt = torch.optim.Adam(opt_groups, betas=blocktrain.ADAM_BETAS)
+
+    def step():
+        run_block().backward()
+        blocktrain._clip_(dense, cands, lat)
+        opt.step()
+        blocktrain._reset_grads(dense + cands, lat)
+
+    out = {"search_seconds": round(search, 3), "candidate_fraction": st["candidate_fraction"]}
+    with blocktrain._Deterministic(device.type == "cuda"):
+        out["stage2_step"] = round(timed(step, repeats=args.repeats, device=device), 5)
+        if args.torch_profile:
+            torch_profile(step, "stage-2 step (deterministic)", device)
+    out["stage2_step_nondet"] = round(timed(step, repeats=args.repeats, device=device), 5)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--shape", default="llama3-8b")
@@ -154,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="recompute proxy weights in backward (the 70B memory plan's setting)")
     p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the proxy weights under torch.compile (default: on CUDA)")
+    p.add_argument("--stage2", action="store_true",
+                   help="also search the block onto the lattice and time a stage-2 step")
+    p.add_argument("--train_samples", type=int, default=115,
+                   help="training samples the stage-2 flip margin assumes (128 minus holdout)")
+    p.add_argument("--torch_profile", action="store_true",
+                   help="print a torch.profiler table of one step of each stage")
     p.add_argument("--out", default=str(ROOT / "bench" / "scale" / "profile_stage1.json"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -223,12 +291,18 @@ def main(argv: list[str] | None = None) -> int:
            "step": round(timed(step, repeats=args.repeats, device=device), 5)}
     if args.compiled if args.compiled is not None else device.type == "cuda":
         row.update(compiled_proxy(layers, opt, repeats=args.repeats, device=device))
+    if args.torch_profile:
+        with blocktrain._Deterministic(device.type == "cuda"):
+            torch_profile(step, "stage-1 step (deterministic)", device)
     for name, (t, err) in rotate_variants(layers, device=device).items():
         row[f"rotate_{name}"] = round(t, 5)
         row[f"rotate_{name}_max_err"] = err
+    row["stage2"] = args.stage2
+    if args.stage2:
+        row.update(stage2_timings(block, layers, run_block, cfg, args, device))
     row.update(record_fields(device=device if device.type == "cuda" else None))
     merge_json_rows(args.out, [row], ("shape", "lattice", "batch", "seqlen", "device",
-                                      "checkpoint_proxy", *RECORD_KEY))
+                                      "checkpoint_proxy", "stage2", *RECORD_KEY))
     width = max(len(k) for k in row)
     for k, v in row.items():
         print(f"{k:<{width}}  {v}")
