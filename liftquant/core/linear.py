@@ -152,6 +152,9 @@ class LiftLinear(nn.Module):
         self.checkpoint_proxy = False
         # Stage 1: form the proxy weight through torch.compile (``--compile_proxy``).
         self.compile_proxy = False
+        # Stage 1: a proxy weight formed for this call by a batch of same-shape layers
+        # (core.proxy_batch.supplied_proxy_weights sets it around one MoE experts forward).
+        self.step_weight: Tensor | None = None
         self.track_latent_grad = True
         self.accumulate_latent_grad = False
         self._latent_sq: Tensor | None = None
@@ -298,7 +301,8 @@ class LiftLinear(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.float()
         if self.mode == "proxy":
-            out = F.linear(x, self._proxy_weight_for_step(), self.bias)
+            w = self.step_weight if self.step_weight is not None else self._proxy_weight_for_step()
+            out = F.linear(x, w, self.bias)
         else:
             self.refresh_signs()
             xt = self.fused_input(x)  # (..., K)

@@ -20,6 +20,17 @@ def ste_round(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def uniform_proxy(w: Tensor, clip: Tensor, bits: int) -> Tensor:
+    """Quantize-dequantize the rows of ``w`` (..., rows, n) with clip ratios ``clip`` (..., rows)
+    (raw, clamped here to ``CLIP_RANGE``); leading dims are a batch of layers."""
+    half_levels = 2 ** (bits - 1)
+    clip = clip.clamp(*CLIP_RANGE)[..., None]
+    step = (clip * w.abs().amax(dim=-1, keepdim=True)).clamp_min(1e-8) / (half_levels - 0.5)
+    q = ste_round(w / step - 0.5) + 0.5  # mid-rise: levels at +-0.5, +-1.5, ...
+    q = q.clamp(-half_levels + 0.5, half_levels - 0.5)
+    return q * step
+
+
 class UniformProxy(nn.Module):
     """Per-row symmetric uniform quantizer with STE rounding and a learnable clip ratio."""
 
@@ -32,12 +43,7 @@ class UniformProxy(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         """Quantize-dequantize rows of ``w`` (rows, n)."""
-        half_levels = 2 ** (self.bits - 1)
-        clip = self.clip.clamp(*CLIP_RANGE)[:, None]
-        step = (clip * w.abs().amax(dim=1, keepdim=True)).clamp_min(1e-8) / (half_levels - 0.5)
-        q = ste_round(w / step - 0.5) + 0.5  # mid-rise: levels at +-0.5, +-1.5, ...
-        q = q.clamp(-half_levels + 0.5, half_levels - 0.5)
-        return q * step
+        return uniform_proxy(w, self.clip, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, rows={self.clip.numel()}"

@@ -128,11 +128,12 @@ def cayley(P0: Tensor, S: Tensor) -> Tensor:
     ``I + A`` is always invertible (eigenvalues ``1 + i lambda``) and ``(I - A)`` commutes with
     ``(I + A)^{-1}``, so the product is computed as one solve ``(I + A)^{-1} (I - A)``. The solve
     is ``solve_ex`` (same LU, no error check): ``solve`` would wait on the device for its
-    singularity flag in every call, hundreds of times per step in an MoE block.
+    singularity flag in every call, hundreds of times per step in an MoE block. Leading dims
+    of ``P0``/``S`` (..., k, k) are a batch (one batched solve for a stack of factors).
     """
     work = torch.float32 if S.dtype in (torch.float16, torch.bfloat16) else S.dtype  # no half LU
-    A = (S - S.T).to(work)
-    eye = torch.eye(S.shape[0], dtype=work, device=S.device)
+    A = (S - S.mT).to(work)
+    eye = torch.eye(S.shape[-1], dtype=work, device=S.device)
     return (P0.to(work) @ torch.linalg.solve_ex(eye + A, eye - A)[0]).to(S.dtype)
 
 

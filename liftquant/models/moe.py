@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from liftquant.core.proxy_batch import supplied_proxy_weights
 from liftquant.models.adapters import set_module
 
 
@@ -53,7 +54,14 @@ class ExpertMLP(nn.Module):
 
 class ExpertList(nn.ModuleList):
     """The experts of one MoE block, one :class:`ExpertMLP` per expert id; called like the
-    fused transformers experts module: ``(hidden (T, H), top_k_index (T, k), top_k_weights)``."""
+    fused transformers experts module: ``(hidden (T, H), top_k_index (T, k), top_k_weights)``.
+
+    In stage 1 the routed experts' proxy weights are formed per shape in one batched
+    computation (:func:`~liftquant.core.proxy_batch.supplied_proxy_weights`) before the
+    experts run; only experts that receive tokens take part, so the others get no gradient,
+    as in the per-layer path (``batch_proxy = False``, the reference)."""
+
+    batch_proxy = True
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)
@@ -62,14 +70,17 @@ class ExpertList(nn.ModuleList):
             flat = top_k_index.T.reshape(-1)  # slot j = pos * T + tok
             order = torch.argsort(flat, stable=True)  # by expert, then (pos, tok) ascending
             counts = torch.bincount(flat, minlength=n + 1).tolist()
-        start = 0
-        for e, c in enumerate(counts):
-            sel, start = order[start:start + c], start + c
-            if c == 0 or e >= n:  # index n marks dropped tokens in some routers
-                continue
-            pos, tok = sel // T, sel % T
-            y = self[e](hidden_states[tok]) * top_k_weights[tok, pos, None]
-            out.index_add_(0, tok, y.to(out.dtype))
+        routed = [self[e] for e in range(n) if counts[e]]  # index n: dropped tokens
+        layers = [m for mlp in routed for m in mlp.modules()] if self.batch_proxy else []
+        with supplied_proxy_weights(layers):
+            start = 0
+            for e, c in enumerate(counts):
+                sel, start = order[start:start + c], start + c
+                if c == 0 or e >= n:  # index n marks dropped tokens in some routers
+                    continue
+                pos, tok = sel // T, sel % T
+                y = self[e](hidden_states[tok]) * top_k_weights[tok, pos, None]
+                out.index_add_(0, tok, y.to(out.dtype))
         return out
 
 

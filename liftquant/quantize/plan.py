@@ -26,8 +26,10 @@ from torch import nn
 
 from liftquant.core.lattice import ENCODE_CHUNK_ROWS, LatticeSpec
 from liftquant.core.linear import lifted_width
+from liftquant.core.proxy_batch import CHECKPOINT_ELEMENTS
 from liftquant.core.whiten import padded_in_features
 from liftquant.models.adapters import ModelAdapter
+from liftquant.models.moe import ExpertList
 
 GIB = 2**30
 # Activation bytes kept per token for backward, as a multiple of the block's linear inputs and
@@ -83,8 +85,13 @@ def estimate_bytes(
     other_bytes: int,
     cand_fraction: float,
     checkpoint_proxy: bool,
+    proxy_chunk: int = 0,
 ) -> dict[str, int]:
-    """Accelerator bytes per phase for one block (see the module docstring)."""
+    """Accelerator bytes per phase for one block (see the module docstring).
+
+    ``proxy_chunk``: weights whose proxy graph is recomputed at once under checkpointing when
+    same-shape layers form their proxy weights batched (MoE experts,
+    ``core.proxy_batch.CHECKPOINT_ELEMENTS``); 0: one layer at a time."""
     d = spec.target_dim
     n_w = sum(o * i for o, i in shapes)
     n_pad = [o * padded_in_features(i, d) for o, i in shapes]
@@ -92,7 +99,8 @@ def estimate_bytes(
     io = sum(o + i for o, i in shapes)
     weights = n_w * weight_bytes + other_bytes
     acts1 = int(ACTIVATION_FACTOR * micro_tokens * io * compute_bytes)
-    proxy = (max(n_pad) if checkpoint_proxy else sum(n_pad)) * 4 * PROXY_GRAPH_TENSORS
+    ckpt_proxy = max(max(n_pad), min(proxy_chunk, sum(n_pad)))
+    proxy = (ckpt_proxy if checkpoint_proxy else sum(n_pad)) * 4 * PROXY_GRAPH_TENSORS
     stage1 = weights + n_w * compute_bytes + proxy + acts1
     rows = min(ENCODE_CHUNK_ROWS, sum(n_pad) // d)  # sub-vectors per search call
     search = weights + sum(n_pad) * 4 + sum(n_lat) + rows * spec.lifted_dim * 16
@@ -138,6 +146,8 @@ def plan_block(
     other = sum(p.numel() * p.element_size() for n, p in block.named_parameters()
                 if n.rsplit(".", 1)[0] not in lin_names)
     cb = torch.empty((), dtype=compute_dtype).element_size()
+    batched = any(isinstance(m, ExpertList) for m in block.modules())
+    chunk = CHECKPOINT_ELEMENTS if batched else 0
     options = []
     mb = batch_size
     while True:
@@ -150,7 +160,8 @@ def plan_block(
         est = estimate_bytes(shapes, spec=spec, tokens=batch_size * seq_len,
                              micro_tokens=mb * seq_len, compute_bytes=cb,
                              weight_bytes=weight_bytes, other_bytes=other,
-                             cand_fraction=cand_fraction, checkpoint_proxy=ckpt)
+                             cand_fraction=cand_fraction, checkpoint_proxy=ckpt,
+                             proxy_chunk=chunk)
         plan = MemoryPlan(micro_batch=mb, checkpoint_proxy=ckpt,
                           estimate_gib={k: v / GIB for k, v in est.items()},
                           budget_gib=None if budget_bytes is None else budget_bytes / GIB)
