@@ -185,22 +185,32 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_step_engine_graph_equals_eager_and_tracks_hf_cuda():
     """The graphed step (compiled regions, one CUDA graph, Triton decode kernels chosen by the
-    planner) replays exactly what the eager step computes, and stays close to the HF forward."""
+    planner) replays exactly what the same compiled step computes without the graph; compiled
+    and eager steps agree to bf16 rounding (inductor fuses the norms and rotary differently, so
+    bit equality between them is not a property of torch.compile: measured on the H200 they
+    differ in single bf16 ulps); all stay close to the HF forward."""
     model = packed_llama(spec="16to8").cuda().to(torch.bfloat16)
     registry.set_backend(model, "triton")
     prompt = torch.randint(0, 101, (1, 7), device="cuda",
                            generator=torch.Generator(device="cuda").manual_seed(3))
 
+    # the same next tokens for every engine, so a one-ulp difference cannot change the path
+    tokens = torch.randint(0, 101, (6, 1), device="cuda",
+                           generator=torch.Generator(device="cuda").manual_seed(4))
+
     def run(engine):
         logits = [engine.prefill(prompt)]
-        token = logits[0].argmax(-1)
-        for _ in range(6):
+        for token in tokens:
             logits.append(engine.next(token))
-            token = logits[-1].argmax(-1)
         return torch.cat(logits)
 
-    graphed = run(StepEngine(model, 32, compile=True))
+    engine = StepEngine(model, 32, compile=True)
+    graphed = run(engine)
+    assert engine.graph is not None  # the decode steps were graph replays
+    ungraphed = StepEngine(model, 32, compile=True)
+    ungraphed.use_graph = False
+    assert torch.equal(graphed, run(ungraphed))
     eager = run(StepEngine(model, 32, compile=False))
-    assert torch.equal(graphed, eager)
+    assert rel_err(graphed.float(), eager.float()) < 0.02
     hf = run(HFEngine(model, 32))
     assert rel_err(graphed.float(), hf.float()) < 0.15

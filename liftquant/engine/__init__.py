@@ -72,12 +72,13 @@ class StepEngine:
         self.step.pos.copy_(pos)
 
     def next(self, token: Tensor) -> Tensor:
-        """Feed ``token`` at the step's position: logits (1, V)."""
+        """Feed ``token`` at the step's position: logits (1, V), a fresh tensor (the graph's
+        static output buffer is copied, so earlier results are not overwritten by later steps)."""
         if self.use_graph and self.graph is None:
             self.capture()
         self.step.ids.copy_(token.reshape(1, 1))
         if self.use_graph:
-            return self.graph.replay()[:, -1, :]
+            return self.graph.replay()[:, -1, :].clone()
         return self.step()[:, -1, :]
 
     @torch.inference_mode()
