@@ -71,7 +71,9 @@ def _packed_llama(spec: str, hidden: int, inter: int):
                                                 (768, 2048, False)])
 def test_decode_graph_same_with_and_without_pdl_cuda(hidden, inter, fused, monkeypatch):
     """576-wide layers with and without the one-launch small path (q/k/v, o, gate/up; down
-    runs T* + split-K GEMV), 768-wide ones T* + split-K GEMV everywhere."""
+    runs T* + split-K GEMV), 768-wide ones T* + split-K GEMV everywhere. The small path is
+    forced on (``fused_small="1"``) in both runs: under ``auto`` the planner turns it off where
+    PDL launches, so the two runs would compare different kernels, not PDL on and off."""
     from liftquant.engine.graph import GraphedDecode
     from liftquant.engine.step import DecodeStep
     from liftquant.kernels import registry
@@ -81,7 +83,7 @@ def test_decode_graph_same_with_and_without_pdl_cuda(hidden, inter, fused, monke
     for pdl in (False, True):
         model = _packed_llama("20to8", hidden, inter)
         registry.set_backend(model, "triton", policy=default_policy().replace(
-            pdl=pdl, fused_small="auto" if fused else "0"))
+            pdl=pdl, fused_small="1" if fused else "0"))
         step = DecodeStep(model, max_len=96, compile_mode=None)
         step.ids.fill_(7)
         graphed = GraphedDecode(step, warmup=4)
