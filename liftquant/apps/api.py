@@ -201,10 +201,11 @@ def run_quantization(cfg: RunConfig, *, model=None, tokenizer=None,
     adapter = get_adapter(model.config, override=cfg.model.adapter)
     method = get_method(cfg.lattice.method)  # liftquant.quantize.methods: LiftQuant, RTN, GPTQ
     lift = method.config_type is LatticeSpec
-    if lift:  # size and plan the per-expert linears it quantizes
-        from liftquant.models.moe import unfuse_experts
+    from liftquant.models.moe import unfuse_experts
 
-        unfuse_experts(model)  # MoE fused 3-D experts -> linears (quantize_model's first step)
+    # MoE fused 3-D experts -> per-expert linears, for every method: the sizing, the plan and
+    # each method's block loop work on the linears the adapter names (no-op for dense models)
+    unfuse_experts(model)
     spec, M, rate_info = method.make_config(cfg, model, adapter)
     calib = calib_ids
     if calib is None and method.needs_calibration(cfg.lattice.method):

@@ -104,6 +104,9 @@ def load_baseline(path: str | Path, *, device: torch.device | str = "cpu",
     dtype = dtype or state[embed_key].dtype
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from liftquant.models.moe import unfuse_experts
+
+    unfuse_experts(model)  # MoE baselines store per-expert weights, as they were quantized
     for name in qc["quantized_modules"]:
         lin = model.get_submodule(name)
         qw = QuantizedWeight.from_state(state, name, in_features=lin.in_features,

@@ -150,6 +150,9 @@ def quantize_baseline(model: nn.Module, calib_ids: Tensor | None, *, spec: Basel
     """
     from tqdm.auto import tqdm
 
+    from liftquant.models.moe import unfuse_experts
+
+    unfuse_experts(model)  # MoE: every expert matrix is a linear the adapter names (as LiftQuant)
     blocks = adapter.get_blocks(model)
     model_dtype = next(model.parameters()).dtype
     X, block_kwargs = None, None
