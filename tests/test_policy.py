@@ -32,18 +32,20 @@ CPU_INTERP = Target("cpu", 0, True)
 H200 = Target("cuda", 9, True)
 A100 = Target("cuda", 8, True)
 # (out, in) of SmolLM2-135M's q_proj (one-launch size) and Llama-3-8B's down_proj at 20to8
-SMALL = LayerShape(576, 576, (24, 24), 60, 576 * 180)
-BIG = LayerShape(14336, 4096, (64, 64), 160, 4096 * 1792 * 4)
+SMALL = LayerShape(576, 576, (24, 24), 60, 576 * 180, 180)
+BIG = LayerShape(14336, 4096, (64, 64), 160, 4096 * 1792 * 4, 1792 * 4)
+ODD_ROWS = LayerShape(100, 24, (10, 10), 24, 24 * 30, 30)  # 30-byte rows: not whole words
 
 
 def test_defaults_and_every_variable():
     assert KernelPolicy.from_env({}) == KernelPolicy()
     env = {"LIFTQUANT_PDL": "0", "LIFTQUANT_FUSED_SMALL": " Auto ", "LIFTQUANT_GEMV": "rowtile",
            "LIFTQUANT_TUNE": "0", "LIFTQUANT_FUSE_PROLOGUES": "0", "LIFTQUANT_DENSE_CACHE": "1",
-           "TRITON_INTERPRET": "1"}
+           "LIFTQUANT_GEMM_SMALL": "0", "TRITON_INTERPRET": "1"}
     p = KernelPolicy.from_env(env)
     assert (p.pdl, p.fused_small, p.gemv_kind, p.tune, p.fuse_prologues, p.dense_cache,
-            p.interpret) == (False, "auto", "rowtile", False, False, "1", True)
+            p.gemm_small, p.interpret) == (False, "auto", "rowtile", False, False, "1", False,
+                                           True)
     assert KernelPolicy.from_env(env, tune=True).tune  # overrides win
     assert set(ENV_FIELDS) == {k for k in env if k.startswith("LIFTQUANT_")}
     with pytest.raises(AttributeError):
@@ -100,14 +102,22 @@ def test_planner_decisions():
     assert _path(BIG, 1, fused_small="1").path == "gemv"
     assert not _path(BIG, 1, fuse_prologues=False).prologue
     assert not _path(BIG, 1, pdl_early=False).pdl_early
-    # batches: fused T* then GEMM up to transform_max_tokens, then torch T* + GEMM
-    assert _path(BIG, 2) == Plan("gemm_fused_t")
-    assert _path(BIG, 16) == Plan("gemm_fused_t") and _path(BIG, 17) == Plan("gemm")
+    # batches: fused T* then the split-K GEMM up to 16 tokens (rows of whole words), else the
+    # byte-tile GEMM; beyond transform_max_tokens torch T* + GEMM
+    assert _path(BIG, 2) == Plan("gemm_small")
+    assert _path(BIG, 16) == Plan("gemm_small") and _path(BIG, 17) == Plan("gemm")
+    assert _path(BIG, 4, gemm_small=False) == Plan("gemm_fused_t")
+    assert _path(ODD_ROWS, 4) == Plan("gemm_fused_t")
+    unknown_rows = LayerShape(BIG.in_features, BIG.out_features, BIG.block_shape,
+                              BIG.lifted_cols, BIG.packed_bytes)  # row width not given
+    assert _path(unknown_rows, 4) == Plan("gemm_fused_t")
+    assert _path(BIG, 16, transform_max_tokens=32) == Plan("gemm_small")
+    assert _path(BIG, 20, transform_max_tokens=32) == Plan("gemm_fused_t")
     assert _path(BIG, 4, gemv_max_tokens=4).path == "gemv"
     # the lookup-table GEMV by choice (no PDL, no prologue: T* writes plain activations)
     assert _path(BIG, 1, gemv_kind="lut") == Plan("gemv_lut")
     assert _path(SMALL, 1, gemv_kind="lut", target=A100) == Plan("fused_small")
-    assert _path(BIG, 2, gemv_kind="lut").path == "gemm_fused_t"
+    assert _path(BIG, 2, gemv_kind="lut").path == "gemm_small"
     # the reference wherever the kernels cannot run
     assert _path(BIG, 1, dtype=torch.float32).path == "torch"
     assert _path(BIG, 1, grad=True).path == "torch"
@@ -174,7 +184,7 @@ PATHS_CHECK = textwrap.dedent("""
     assert backend.name == "triton" and backend.policy.interpret
     seen = set()
     for n, N, spec, bias in [(64, 16, "16to8", True), (100, 24, "24to10", False),
-                             (37, 9, "12to5", True)]:
+                             (37, 9, "12to5", True), (81, 24, "20to8", False)]:
         layer = rand_layer(n, N, spec, bias=bias, seed=n)
         registry.set_backend(layer, "triton")
         for batch in (1, 3, 20):
@@ -184,6 +194,7 @@ PATHS_CHECK = textwrap.dedent("""
             seen.add(chosen.path)
             assert rel_err(layer(x), dense) < 3e-3, (spec, batch, chosen)
             forced = (["gemv", "gemv_lut", "fused_small"] if batch == 1
+                      else ["gemm_small", "gemm_fused_t", "gemm"] if batch <= 16
                       else ["gemm_fused_t", "gemm"])
             for path in forced + ["torch"]:
                 out = backend.run(Plan(path), layer, x)
@@ -200,8 +211,8 @@ def test_every_triton_path_matches_the_reference_in_interpreter():
 
 
 def test_paths_are_listed():
-    assert set(PATHS) == {"torch", "dense", "fused_small", "gemv", "gemv_lut", "gemm_fused_t",
-                          "gemm"}
+    assert set(PATHS) == {"torch", "dense", "fused_small", "gemv", "gemv_lut", "gemm_small",
+                          "gemm_fused_t", "gemm"}
 
 
 def test_backends_without_a_planner_run_whole_layers():

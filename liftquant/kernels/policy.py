@@ -18,6 +18,8 @@ Paths (``PATHS``):
 * ``gemv``: fused T* (pair layout) then the int1 GEMV (split-K / row tile, tuned), batch 1;
 * ``gemv_lut``: fused T* (plain layout) then the lookup-table GEMV (``gemv_lut``), batch 1,
   when ``gemv_kind == "lut"``;
+* ``gemm_small``: fused T* (plain layout) then the split-K tensor-core GEMM for a few tokens
+  (``gemm_small``), batch 2-16, rows of whole 32-bit words;
 * ``gemm_fused_t``: fused T* (plain layout) then the int1 GEMM, a few tokens;
 * ``gemm``: T* as batched torch matmuls then the int1 GEMM (prefill).
 
@@ -31,6 +33,7 @@ Environment (each value refused with a one-line ``ValueError`` naming the allowe
 ``LIFTQUANT_TUNE``          time the GEMV candidates per shape (0: heuristic)           1
 ``LIFTQUANT_FUSE_PROLOGUES`` decode step computes add+RMSNorm / SiLU inside T* (0/1)    1
 ``LIFTQUANT_DENSE_CACHE``   CPU dense weight cache: auto (if it fits) / 0 / 1           auto
+``LIFTQUANT_GEMM_SMALL``    split-K tensor-core GEMM for 2-16 tokens (0/1)              1
 ==========================  =========================================================  =======
 """
 
@@ -43,13 +46,16 @@ from dataclasses import dataclass
 
 import torch
 
-PATHS = ("torch", "dense", "fused_small", "gemv", "gemv_lut", "gemm_fused_t", "gemm")
+PATHS = ("torch", "dense", "fused_small", "gemv", "gemv_lut", "gemm_small", "gemm_fused_t",
+         "gemm")
 # Tokens up to which the decode GEMV runs (one pass over the weights per token); larger
 # batches use the tensor-core GEMM.
 GEMV_MAX_TOKENS = 1
 # Tokens up to which T* runs as one fused Triton launch; beyond, batched torch matmuls are
 # already well shaped.
 TRANSFORM_MAX_TOKENS = 16
+# Tokens up to which the split-K tensor-core GEMM (``gemm_small``) runs: one MMA tile.
+GEMM_SMALL_MAX_TOKENS = 16
 # GEMVs with more packed weight bytes, and the transforms that feed them, launch without PDL.
 # On the H100 PDL cost the 8B shape (GEMVs of 5-37 MB) a little decode speed, while the 0.1-0.5B
 # shapes (GEMVs of at most 2.7 MB) decoded faster with it (measured in bench/kernels/README.md).
@@ -70,6 +76,7 @@ ENV_FIELDS = {
     "LIFTQUANT_TUNE": ("tune", _BOOL),
     "LIFTQUANT_FUSE_PROLOGUES": ("fuse_prologues", _BOOL),
     "LIFTQUANT_DENSE_CACHE": ("dense_cache", ("auto", "0", "1")),
+    "LIFTQUANT_GEMM_SMALL": ("gemm_small", _BOOL),
 }
 INTERPRET_ENV = "TRITON_INTERPRET"
 
@@ -100,6 +107,7 @@ class KernelPolicy:
     transform_max_tokens: int = TRANSFORM_MAX_TOKENS
     dense_cache: str = "auto"  # auto / 0 / 1
     dense_cache_fraction: float = DENSE_CACHE_FRACTION
+    gemm_small: bool = True  # batches of 2-16 tokens take the split-K tensor-core GEMM
     interpret: bool = False  # TRITON_INTERPRET=1: Triton kernels run on CPU tensors
 
     def __post_init__(self) -> None:
@@ -171,12 +179,14 @@ class LayerShape:
     block_shape: tuple[int, int]
     lifted_cols: int  # C: columns of R (lifted values per row of the (n1, n2) view)
     packed_bytes: int  # packed code bytes (all members of a group)
+    row_bytes: int = 0  # packed bytes per weight row (0: unknown)
 
     @classmethod
     def of(cls, layer, packed_bytes: int | None = None) -> LayerShape:
         return cls(layer.in_features, layer.out_features, tuple(layer.block_shape),
                    int(layer.R.shape[-1]),
-                   int(layer.packed_signs.numel() if packed_bytes is None else packed_bytes))
+                   int(layer.packed_signs.numel() if packed_bytes is None else packed_bytes),
+                   int(layer.packed_signs.shape[-1]))
 
 
 @dataclass(frozen=True)
@@ -233,5 +243,8 @@ def plan(shape: LayerShape, batch: int, dtype: torch.dtype, policy: KernelPolicy
         return Plan("gemv", pdl=gemv_pdl, pdl_early=policy.pdl_early,
                     prologue=policy.fuse_prologues)
     if batch <= policy.transform_max_tokens:
+        if (policy.gemm_small and batch <= GEMM_SMALL_MAX_TOKENS and shape.row_bytes
+                and shape.row_bytes % 4 == 0):
+            return Plan("gemm_small")
         return Plan("gemm_fused_t")
     return Plan("gemm")
