@@ -1,4 +1,5 @@
-"""Where a batch-1 decode step spends its GPU time: kernel time by category, per token.
+"""Where a decode step spends its GPU time: kernel time by category, per step (``--batch``
+sequences; batch 1 by default).
 
 Builds random-weight models of a few real shapes (``bench_decode.build_model``), runs the same
 compiled step as ``bench_decode.py``, and profiles replays of its CUDA graph with
@@ -55,6 +56,8 @@ def category(kernel: str) -> str:
         return "int1 GEMV"
     if k.startswith("_fused_small_kernel"):
         return "T* + int1 GEMV (one launch)"
+    if k.startswith(("_gemm_small_kernel", "_reduce_kernel", "_gemm_kernel")):
+        return "int1 GEMM (batch)"
     if "triton" in k:
         return "compiled (norm/attn/act)"
     if "gemv" in k or "gemm" in k or "cutlass" in k or "sm90" in k or "nvjet" in k:
@@ -62,9 +65,10 @@ def category(kernel: str) -> str:
     return "other"
 
 
-def profile(model, *, tokens: int, compile_mode: str | None) -> dict:
-    step = DecodeStep(model, PROMPT + WARMUP + 3 * tokens + 16, compile_mode=compile_mode)
-    step.prefill(torch.randint(0, model.config.vocab_size, (1, PROMPT), device="cuda"))
+def profile(model, *, tokens: int, compile_mode: str | None, batch: int = 1) -> dict:
+    step = DecodeStep(model, PROMPT + WARMUP + 3 * tokens + 16, compile_mode=compile_mode,
+                      batch=batch)
+    step.prefill(torch.randint(0, model.config.vocab_size, (batch, PROMPT), device="cuda"))
     graphed = GraphedDecode(step, warmup=WARMUP)
     graphed.tokens_per_s(tokens)
     tps = graphed.tokens_per_s(tokens)
@@ -88,7 +92,7 @@ def profile(model, *, tokens: int, compile_mode: str | None) -> dict:
         cats[category(name)] += t / tokens
         launches[category(name)] += n / tokens
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]
-    return {"tokens_per_s": tps, "step_us": 1e6 / tps, "busy_us": sum(cats.values()),
+    return {"tokens_per_s": tps * batch, "step_us": 1e6 / tps, "busy_us": sum(cats.values()),
             "category_us": dict(cats), "launches_per_token": dict(launches),
             "top_kernels": [{"kernel": k[:120], "us_per_token": t / tokens, "calls": n / tokens}
                             for k, (t, n) in top]}
@@ -101,6 +105,7 @@ def main() -> None:
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--compile_mode", default="default")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -110,19 +115,21 @@ def main() -> None:
         for lat in [None] + [x for x in args.lattices.split(",") if x]:
             torch.cuda.empty_cache()
             model = build_model(cfg, lat, args.backend if lat else "torch")
-            res = profile(model, tokens=args.tokens, compile_mode=args.compile_mode)
+            res = profile(model, tokens=args.tokens, compile_mode=args.compile_mode,
+                          batch=args.batch)
             del model
             res.update(shape=shape, config=lat or "bf16", backend=args.backend if lat else "torch",
-                       tokens=args.tokens, compile_mode=args.compile_mode, **prov)
+                       tokens=args.tokens, compile_mode=args.compile_mode, batch=args.batch,
+                       **prov)
             results.append(res)
             print(json.dumps(res, indent=1), flush=True)
             if args.json:  # rows of other commits and GPUs are kept
                 merge_json_rows(args.json, results, ("shape", "config", "backend", "tokens",
-                                                     "compile_mode", *RECORD_KEY))
+                                                     "compile_mode", "batch", *RECORD_KEY))
     cats = sorted({c for r in results for c in r["category_us"]})
-    print("\nshape config tok/s step_us busy_us " + " ".join(c.replace(" ", "_") for c in cats))
+    print("\nshape config batch tok/s step_us busy_us " + " ".join(c.replace(" ", "_") for c in cats))
     for r in results:
-        print(f"{r['shape']} {r['config']} {r['tokens_per_s']:.1f} {r['step_us']:.0f} "
+        print(f"{r['shape']} {r['config']} {r['batch']} {r['tokens_per_s']:.1f} {r['step_us']:.0f} "
               f"{r['busy_us']:.0f} " + " ".join(
                   f"{r['category_us'].get(c, 0):.0f}/{r['launches_per_token'].get(c, 0):.0f}"
                   for c in cats))

@@ -2,7 +2,8 @@
 
 CPU: under ``TRITON_INTERPRET=1`` (a subprocess) every operand order and sign expansion, split
 factors 1 / 2 / automatic, 1, 3 and 16 tokens, rows with and without bias, word counts that are
-and are not multiples of the tile, against the float64 dense layer; the split arithmetic; bad
+and are not multiples of the tile, rows read as words and byte by byte, against the float64
+dense layer; the split arithmetic; bad
 input refused. CUDA (skipped without a GPU): every candidate of the benchmark sweep on Llama-3
 8B-like rows, fp16 and bf16, eager and replayed in a CUDA graph, against the dense layer.
 """
@@ -29,10 +30,11 @@ INTERPRETED = textwrap.dedent("""
     from tests.test_kernels import rand_layer, rel_err
 
     # (n, N, lattice): 16-byte rows; 28-byte rows whose K (220) is not a multiple of 32;
-    # 20-byte rows; 48-byte rows (K 384 over 3 x 128 slices)
+    # 20-byte rows; 48-byte rows (K 384 over 3 x 128 slices); 30- and 9-byte rows (bytes)
     full = sys.argv[1] == "full"
-    shapes = [(64, 16, "16to8"), (81, 24, "20to8"), (61, 40, "12to5"), (160, 33, "24to10")]
-    for n, N, spec in shapes if full else shapes[1:2]:
+    shapes = [(64, 16, "16to8"), (81, 24, "20to8"), (61, 40, "12to5"), (160, 33, "24to10"),
+              (100, 24, "24to10"), (30, 11, "24to10")]
+    for n, N, spec in shapes if full else shapes[1:2] + shapes[4:5]:
         layer = rand_layer(n, N, spec, bias=N % 3 == 0, seed=n)
         for B in (1, 3, 16) if full else (3,):
             x = torch.randn(B, n)
@@ -92,17 +94,14 @@ def test_bad_configs_and_inputs_are_refused():
         gs.launch_gemm_small(xs.float(), *ok)
     with pytest.raises(ValueError, match="hold 224 signs"):
         gs.launch_gemm_small(torch.zeros(3, 256, dtype=torch.float16), *ok)
-    odd = rand_layer(100, 24, "24to10")  # 30-byte rows
-    with pytest.raises(ValueError, match="multiple of 4"):
-        gs.launch_gemm_small(torch.zeros(3, odd.lifted_width, dtype=torch.float16),
-                             odd.packed_signs, odd.scale, None)
-    assert not gs.supports(odd.packed_signs) and gs.supports(layer.packed_signs)
+    odd = rand_layer(100, 24, "24to10")  # 30-byte rows: read byte by byte
+    assert not gs.words_aligned(odd.packed_signs) and gs.words_aligned(layer.packed_signs)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,N,spec", [(4096, 1024, "20to8"), (4096, 1000, "24to10"),
-                                      (1024, 4096, "16to8")])
+                                      (1024, 4096, "16to8"), (1000, 300, "24to10")])
 def test_every_candidate_matches_the_dense_layer_cuda(dtype, n, N, spec):
     import sys
     from pathlib import Path

@@ -22,9 +22,11 @@ cost is a few integer ops shared by every token and the multiply-adds run on ten
   two +-1 halves with one shift and one ``lop3`` (about one instruction per sign), or bit by
   bit (shift, and, xor, shift, or: about three).
 
+* **Rows** whose packed bytes are a multiple of 4 (on an aligned base) load as int32 words;
+  others (e.g. 24to10 at in_features 4096: 1230-byte rows) load bytes and assemble the words.
+
 The configuration is the planner's input (``pick_config``); ``scripts/bench_gemm_small.py``
-measures the candidates per shape. Rows whose packed bytes are not a multiple of 4 fall back
-to the byte-tile GEMM (``triton_int1.launch_gemm``).
+measures the candidates per shape.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ if HAS_TRITON:
     def _gemm_small_kernel(XS, W, SCALE, BIAS, PART, OUT, B, N, K, KWR, KSLICE,
                            HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BK: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr,
-                           PAIRS: tl.constexpr, USE_ASM: tl.constexpr, ONE: tl.constexpr):
+                           PAIRS: tl.constexpr, USE_ASM: tl.constexpr, ONE: tl.constexpr,
+                           ALIGNED: tl.constexpr):
         g = tl.program_id(0)
         s = tl.program_id(1)
         XDT = XS.dtype.element_ty
@@ -115,9 +118,16 @@ if HAS_TRITON:
             ks = k0 + tl.arange(0, BK)
             a = tl.load(XS + toks[:, None] * K + ks[None, :],
                         mask=tmask[:, None] & (ks < k_hi)[None, :], other=0.0)
-            qs = k0 // 32 + tl.arange(0, BK // 32)
-            w = tl.load(W + rows64[:, None] * KWR + qs[None, :],
-                        mask=rmask[:, None] & (qs < KWR)[None, :], other=0)
+            if ALIGNED:  # KWR: int32 words per row
+                qs = k0 // 32 + tl.arange(0, BK // 32)
+                w = tl.load(W + rows64[:, None] * KWR + qs[None, :],
+                            mask=rmask[:, None] & (qs < KWR)[None, :], other=0)
+            else:  # KWR: bytes per row; words assembled from 4 bytes (disjoint bit fields)
+                bs = k0 // 8 + tl.arange(0, BK // 8)
+                byt = tl.load(W + rows64[:, None] * KWR + bs[None, :],
+                              mask=rmask[:, None] & (bs < KWR)[None, :], other=0).to(tl.int32)
+                sh = tl.arange(0, 4) * 8
+                w = tl.sum(tl.reshape(byt, (BN, BK // 32, 4)) << sh[None, None, :], axis=2)
             if PAIRS:
                 y = _pair_tile(w, ONE, XDT, USE_ASM, BN, BK)
             else:
@@ -203,8 +213,9 @@ def resolve_split(cfg: GemmSmallConfig, N: int, K: int, sms: int) -> tuple[int, 
     return S, per * cfg.block_k
 
 
-def supports(packed: Tensor) -> bool:
-    """Whether the packed rows can be read as int32 words (4-byte rows, aligned base)."""
+def words_aligned(packed: Tensor) -> bool:
+    """Whether the packed rows can be read as int32 words (4-byte rows, aligned base); other
+    rows are read byte by byte and assembled into words."""
     return packed.shape[-1] % 4 == 0 and packed.data_ptr() % 4 == 0
 
 
@@ -217,16 +228,13 @@ def launch_gemm_small(xs: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | 
                       cfg: GemmSmallConfig | None = None,
                       out_dtype: torch.dtype | None = None) -> Tensor:
     """``scale * (xs @ Y^T) + bias`` for ``xs`` (B, K), ``B <= MAX_TOKENS``, with ``Y`` the
-    +-1 matrix of ``packed`` (N, RB) uint8 (``RB % 4 == 0``, see :func:`supports`)."""
+    +-1 matrix of ``packed`` (N, RB) uint8 (words or bytes, :func:`words_aligned`)."""
     B, K = xs.shape
     N, RB = packed.shape
     if not 1 <= B <= MAX_TOKENS:
         raise ValueError(f"gemm_small takes 1..{MAX_TOKENS} tokens, got {B}")
     if RB * 8 < K:
         raise ValueError(f"packed rows hold {RB * 8} signs, activations have {K}")
-    if not supports(packed):
-        raise ValueError("gemm_small reads 4-byte words: packed rows must be a multiple of 4 "
-                         "bytes on an aligned base (use launch_gemm)")
     if xs.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"gemm_small takes fp16/bf16 activations, got {xs.dtype}")
     check_triton(xs)
@@ -235,17 +243,18 @@ def launch_gemm_small(xs: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | 
     out = torch.empty(B, N, device=xs.device, dtype=out_dtype or xs.dtype)
     part = (torch.empty(S, B, N, device=xs.device, dtype=torch.float32) if S > 1
             else out.new_empty(0, dtype=torch.float32))
-    words = packed.contiguous().view(torch.int32)
+    packed = packed.contiguous()
+    aligned = words_aligned(packed)
+    words = packed.view(torch.int32) if aligned else packed
     one = 0x3C00 if xs.dtype == torch.float16 else 0x3F80
     xs = xs.contiguous()
     bias_t = bias if bias is not None else scale
     with device_ctx(xs):
         _gemm_small_kernel[(-(-N // cfg.block_n), S)](
-            xs, words, scale, bias_t, part, out, B, N, K, RB // 4, kslice,
+            xs, words, scale, bias_t, part, out, B, N, K, RB // 4 if aligned else RB, kslice,
             HAS_BIAS=bias is not None, BM=16, BN=cfg.block_n, BK=cfg.block_k, DIRECT=S == 1,
             SWAP=cfg.swap, PAIRS=cfg.pairs, USE_ASM=xs.is_cuda, ONE=one,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            ALIGNED=aligned, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if S > 1:
             block = 1024
             _reduce_kernel[(-(-(B * N) // block),)](part, scale, bias_t, out, B, N, S,

@@ -19,7 +19,7 @@ Paths (``PATHS``):
 * ``gemv_lut``: fused T* (plain layout) then the lookup-table GEMV (``gemv_lut``), batch 1,
   when ``gemv_kind == "lut"``;
 * ``gemm_small``: fused T* (plain layout) then the split-K tensor-core GEMM for a few tokens
-  (``gemm_small``), batch 2-16, rows of whole 32-bit words;
+  (``gemm_small``), batch 2-16;
 * ``gemm_fused_t``: fused T* (plain layout) then the int1 GEMM, a few tokens;
 * ``gemm``: T* as batched torch matmuls then the int1 GEMM (prefill).
 
@@ -179,14 +179,12 @@ class LayerShape:
     block_shape: tuple[int, int]
     lifted_cols: int  # C: columns of R (lifted values per row of the (n1, n2) view)
     packed_bytes: int  # packed code bytes (all members of a group)
-    row_bytes: int = 0  # packed bytes per weight row (0: unknown)
 
     @classmethod
     def of(cls, layer, packed_bytes: int | None = None) -> LayerShape:
         return cls(layer.in_features, layer.out_features, tuple(layer.block_shape),
                    int(layer.R.shape[-1]),
-                   int(layer.packed_signs.numel() if packed_bytes is None else packed_bytes),
-                   int(layer.packed_signs.shape[-1]))
+                   int(layer.packed_signs.numel() if packed_bytes is None else packed_bytes))
 
 
 @dataclass(frozen=True)
@@ -243,8 +241,7 @@ def plan(shape: LayerShape, batch: int, dtype: torch.dtype, policy: KernelPolicy
         return Plan("gemv", pdl=gemv_pdl, pdl_early=policy.pdl_early,
                     prologue=policy.fuse_prologues)
     if batch <= policy.transform_max_tokens:
-        if (policy.gemm_small and batch <= GEMM_SMALL_MAX_TOKENS and shape.row_bytes
-                and shape.row_bytes % 4 == 0):
+        if policy.gemm_small and batch <= GEMM_SMALL_MAX_TOKENS:
             return Plan("gemm_small")
         return Plan("gemm_fused_t")
     return Plan("gemm")

@@ -261,13 +261,6 @@ class TorchBackend(_PlannedBackend):
         return None
 
 
-def _words_aligned(packed: Tensor) -> bool:
-    """Packed rows readable as int32 words (the planner checked the row width; a view at an
-    odd offset, which no loader makes, or a forced plan on odd rows takes the byte-tile GEMM)."""
-    return (packed.shape[-1] % 4 == 0 and packed.data_ptr() % 4 == 0
-            and packed.is_contiguous())
-
-
 class TritonBackend(_PlannedBackend):
     """Fused T* + int1 GEMV for decode, T* + unpack-to-tile GEMM for batches; owns its GEMV
     tuner (kind and tuning from the policy) and split-K workspaces."""
@@ -321,11 +314,11 @@ class TritonBackend(_PlannedBackend):
         elif p.path == "gemv_lut":
             xs = ops.fused_transform(x2, *side, d, D, False)[0]
             out = ops.int1_gemv_lut(xs, layer.packed_signs, layer.scale, layer.bias, x.dtype)
-        elif p.path == "gemm_small" and _words_aligned(layer.packed_signs):
+        elif p.path == "gemm_small":
             xs = ops.fused_transform(x2, *side, d, D, False)[0]
             out = ops.int1_gemm_small(xs, layer.packed_signs, layer.scale, layer.bias)
         else:
-            if p.path in ("gemm_fused_t", "gemm_small"):  # gemm_small on an unaligned view
+            if p.path == "gemm_fused_t":
                 xs = ops.fused_transform(x2, *side, d, D, False)[0]
             else:
                 xs = layer.fused_input(x2)  # (B, K) batched torch matmuls
