@@ -87,7 +87,7 @@ def bench(N: int, n: int, spec: str, batches: list[int], cands, rows: list, swee
         best = min(ok, key=ok.get)
         if B == batches[0]:
             best_cfg = next(c for c in cands if c.label == best)
-        default = gs.pick_config(B, N, K)
+        default = gs.pick_config(B, N, K, gs.words_aligned(proto.packed_signs))
         t_default = graph_bench(
             lambda x, ly: gs.launch_gemm_small(x, ly.packed_signs, ly.scale, None, default), args)
         cfg_old = ti.pick_gemm_config(B, N)

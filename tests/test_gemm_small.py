@@ -5,7 +5,8 @@ factors 1 / 2 / automatic, 1, 3 and 16 tokens, rows with and without bias, word 
 and are not multiples of the tile, rows read as words and byte by byte, against the float64
 dense layer; the split arithmetic; bad
 input refused. CUDA (skipped without a GPU): every candidate of the benchmark sweep on Llama-3
-8B-like rows, fp16 and bf16, eager and replayed in a CUDA graph, against the dense layer.
+8B-like rows (the sweep's quick set and the planner's two configurations), fp16 and bf16, eager
+and replayed in a CUDA graph, against the dense layer.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def test_every_candidate_matches_the_dense_layer_cuda(dtype, n, N, spec):
         x = torch.randn(B, n, device="cuda")
         xs = layer.fused_input(x).to(dtype)
         dense = torch_ref.dense_linear(layer, x)
-        for cfg in candidates(quick=False):
+        for cfg in candidates(quick=True) + [gs.WORD_ROWS, gs.BYTE_ROWS]:
             out = gs.launch_gemm_small(xs, layer.packed_signs, layer.scale, layer.bias, cfg)
             torch.cuda.synchronize()
             assert out.dtype == dtype and torch.isfinite(out).all()

@@ -25,8 +25,8 @@ cost is a few integer ops shared by every token and the multiply-adds run on ten
 * **Rows** whose packed bytes are a multiple of 4 (on an aligned base) load as int32 words;
   others (e.g. 24to10 at in_features 4096: 1230-byte rows) load bytes and assemble the words.
 
-The configuration is the planner's input (``pick_config``); ``scripts/bench_gemm_small.py``
-measures the candidates per shape.
+The launch configuration comes from :func:`pick_config` (two measured settings, by row form);
+``scripts/bench_gemm_small.py`` measures the candidates per shape.
 """
 
 from __future__ import annotations
@@ -219,9 +219,18 @@ def words_aligned(packed: Tensor) -> bool:
     return packed.shape[-1] % 4 == 0 and packed.data_ptr() % 4 == 0
 
 
-def pick_config(B: int, N: int, K: int) -> GemmSmallConfig:
-    """The default configuration for ``B`` tokens and an ``(N, K)`` sign matrix."""
-    return GemmSmallConfig()
+# The planner's configurations, from the H200 sweep of bench/kernels/gemm_small_sweep.json
+# (Llama-3-8B's four linear shapes, 4 and 16 tokens): rows of whole words ran fastest on
+# average with 64-row, 128-sign tiles split 8 ways (within 6 % of each shape's best); byte rows
+# with 128 x 256 tiles and the bit-by-bit expansion (the paired one ran 1.8x slower there).
+WORD_ROWS = GemmSmallConfig(block_n=64, block_k=128, split=8, num_warps=4)
+BYTE_ROWS = GemmSmallConfig(block_n=128, block_k=256, split=0, num_warps=4, pairs=False)
+
+
+def pick_config(B: int, N: int, K: int, aligned: bool = True) -> GemmSmallConfig:
+    """The default configuration for ``B`` tokens and an ``(N, K)`` sign matrix whose rows are
+    (``aligned``) or are not whole int32 words."""
+    return WORD_ROWS if aligned else BYTE_ROWS
 
 
 def launch_gemm_small(xs: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None,
@@ -238,13 +247,13 @@ def launch_gemm_small(xs: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | 
     if xs.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"gemm_small takes fp16/bf16 activations, got {xs.dtype}")
     check_triton(xs)
-    cfg = cfg or pick_config(B, N, K)
+    packed = packed.contiguous()
+    aligned = words_aligned(packed)
+    cfg = cfg or pick_config(B, N, K, aligned)
     S, kslice = resolve_split(cfg, N, K, sm_count(xs.device))
     out = torch.empty(B, N, device=xs.device, dtype=out_dtype or xs.dtype)
     part = (torch.empty(S, B, N, device=xs.device, dtype=torch.float32) if S > 1
             else out.new_empty(0, dtype=torch.float32))
-    packed = packed.contiguous()
-    aligned = words_aligned(packed)
     words = packed.view(torch.int32) if aligned else packed
     one = 0x3C00 if xs.dtype == torch.float16 else 0x3F80
     xs = xs.contiguous()
