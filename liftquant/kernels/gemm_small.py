@@ -37,7 +37,7 @@ from typing import Optional  # custom_op schemas: Optional[Tensor] parses on tor
 import torch
 from torch import Tensor
 
-from liftquant.kernels.int1_words import HAS_TRITON, check_triton, device_ctx
+from liftquant.kernels.int1_words import HAS_TRITON, check_triton, device_ctx, interpreting
 
 # Most tokens this kernel is for (one MMA tile of 16 tokens); larger batches use the GEMM.
 MAX_TOKENS = 16
@@ -95,11 +95,11 @@ if HAS_TRITON:
         return tl.reshape(d, (BN, BK))
 
     @triton.jit
-    def _gemm_small_kernel(XS, W, SCALE, BIAS, PART, OUT, B, N, K, KWR, KSLICE,
-                           HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr,
-                           PAIRS: tl.constexpr, USE_ASM: tl.constexpr, ONE: tl.constexpr,
-                           ALIGNED: tl.constexpr):
+    def _gemm_small_body(XS, W, SCALE, BIAS, PART, OUT, B, N, K, KWR, KSLICE,
+                         HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr,
+                         PAIRS: tl.constexpr, USE_ASM: tl.constexpr, ONE: tl.constexpr,
+                         ALIGNED: tl.constexpr):
         g = tl.program_id(0)
         s = tl.program_id(1)
         XDT = XS.dtype.element_ty
@@ -109,15 +109,16 @@ if HAS_TRITON:
         rmask = rows < N
         rows64 = rows.to(tl.int64)
         k_lo = s * KSLICE
-        k_hi = tl.minimum(k_lo + KSLICE, K)
         if SWAP:
             acc = tl.zeros((BN, BM), tl.float32)
         else:
             acc = tl.zeros((BM, BN), tl.float32)
-        for k0 in range(k_lo, k_hi, BK):
+        # the last slice's steps past K load nothing
+        for kk in range(0, KSLICE, BK):
+            k0 = k_lo + kk
             ks = k0 + tl.arange(0, BK)
             a = tl.load(XS + toks[:, None] * K + ks[None, :],
-                        mask=tmask[:, None] & (ks < k_hi)[None, :], other=0.0)
+                        mask=tmask[:, None] & (ks < K)[None, :], other=0.0)
             if ALIGNED:  # KWR: int32 words per row
                 qs = k0 // 32 + tl.arange(0, BK // 32)
                 w = tl.load(W + rows64[:, None] * KWR + qs[None, :],
@@ -150,8 +151,28 @@ if HAS_TRITON:
                      mask=tmask[:, None] & rmask[None, :])
 
     @triton.jit
-    def _reduce_kernel(PART, SCALE, BIAS, OUT, B, N, SPLIT, HAS_BIAS: tl.constexpr,
-                       BLOCK: tl.constexpr):
+    def _gemm_small_kernel(XS, W, SCALE, BIAS, PART, OUT, B, N, K, KWR, KSLICE,
+                           HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           BK: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr,
+                           PAIRS: tl.constexpr, USE_ASM: tl.constexpr, ONE: tl.constexpr,
+                           ALIGNED: tl.constexpr):
+        _gemm_small_body(XS, W, SCALE, BIAS, PART, OUT, B, N, K, KWR, KSLICE, HAS_BIAS, BM, BN,
+                         BK, DIRECT, SWAP, PAIRS, USE_ASM, ONE, ALIGNED)
+
+    @triton.jit
+    def _gemm_small_kernel_interp(XS, W, SCALE, BIAS, PART, OUT, B, N, K, KWR,
+                                  KSLICE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                  DIRECT: tl.constexpr, SWAP: tl.constexpr,
+                                  PAIRS: tl.constexpr, USE_ASM: tl.constexpr,
+                                  ONE: tl.constexpr, ALIGNED: tl.constexpr):
+        # Triton 3.6's interpreter takes only constants as loop bounds
+        _gemm_small_body(XS, W, SCALE, BIAS, PART, OUT, B, N, K, KWR, KSLICE, HAS_BIAS, BM, BN,
+                         BK, DIRECT, SWAP, PAIRS, USE_ASM, ONE, ALIGNED)
+
+    @triton.jit
+    def _reduce_kernel(PART, SCALE, BIAS, OUT, B, N, SPLIT: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = i < B * N
         row = i % N
@@ -259,14 +280,15 @@ def launch_gemm_small(xs: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | 
     xs = xs.contiguous()
     bias_t = bias if bias is not None else scale
     with device_ctx(xs):
-        _gemm_small_kernel[(-(-N // cfg.block_n), S)](
+        kernel = _gemm_small_kernel_interp if interpreting() else _gemm_small_kernel
+        kernel[(-(-N // cfg.block_n), S)](
             xs, words, scale, bias_t, part, out, B, N, K, RB // 4 if aligned else RB, kslice,
             HAS_BIAS=bias is not None, BM=16, BN=cfg.block_n, BK=cfg.block_k, DIRECT=S == 1,
             SWAP=cfg.swap, PAIRS=cfg.pairs, USE_ASM=xs.is_cuda, ONE=one,
             ALIGNED=aligned, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if S > 1:
             block = 1024
-            _reduce_kernel[(-(-(B * N) // block),)](part, scale, bias_t, out, B, N, S,
+            _reduce_kernel[(-(-(B * N) // block),)](part, scale, bias_t, out, B, N, SPLIT=S,
                                                    HAS_BIAS=bias is not None, BLOCK=block,
                                                    num_warps=4)
     return out
