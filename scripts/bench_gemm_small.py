@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from itertools import cycle
 from pathlib import Path
 
 import torch
@@ -68,6 +67,7 @@ def bench(N: int, n: int, spec: str, batches: list[int], cands, rows: list, swee
            for _ in range(max(1, -(-ROTATE_BYTES // (2 * N * n))))]
     tuner = registry.get_backend("triton", "cuda").tuner
     d, D = proto.spec.target_dim, proto.spec.lifted_dim
+    best_cfg = None
     for B in batches:
         xs = [torch.randn(B, K, device="cuda", dtype=dt) / K**0.5 for _ in layers]
         args = list(zip(xs, layers))
@@ -89,11 +89,12 @@ def bench(N: int, n: int, spec: str, batches: list[int], cands, rows: list, swee
             best_cfg = next(c for c in cands if c.label == best)
         default = gs.pick_config(B, N, K, gs.words_aligned(proto.packed_signs))
         t_default = graph_bench(
-            lambda x, ly: gs.launch_gemm_small(x, ly.packed_signs, ly.scale, None, default), args)
+            lambda x, ly, c=default: gs.launch_gemm_small(x, ly.packed_signs, ly.scale, None, c),
+            args)
         cfg_old = ti.pick_gemm_config(B, N)
-        t_old = graph_bench(lambda x, ly: ti.launch_gemm(
-            x, ly.packed_signs, ly.scale, None, block_m=cfg_old.block_m, block_n=cfg_old.block_n,
-            block_k=cfg_old.block_k, num_warps=cfg_old.num_warps), args)
+        t_old = graph_bench(lambda x, ly, c=cfg_old: ti.launch_gemm(
+            x, ly.packed_signs, ly.scale, None, block_m=c.block_m, block_n=c.block_n,
+            block_k=c.block_k, num_warps=c.num_warps), args)
         # the batch-1 GEMV B times (pair-layout inputs of one token each)
         x1 = [torch.randn(1, n, device="cuda", dtype=dt) for _ in layers]
         pairs = [ti.launch_transform(x, ly.s1, ly.L, ly.R, ly.s2_act, d=d, D=D, pairs=True)
