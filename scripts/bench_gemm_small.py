@@ -44,13 +44,17 @@ KEY = ("shape", "config", "batch", "backend", *RECORD_KEY)
 
 def candidates(quick: bool) -> list[gs.GemmSmallConfig]:
     """The swept configurations: weights on the MMA's M side with paired sign expansion over
-    tiles, warps and K splits (0: automatic), plus tokens-on-M and bit-by-bit references."""
+    tiles, warps and K splits (0: automatic), tokens on M padded to 64 rows, plus tokens-on-M
+    (16 rows) and bit-by-bit references."""
     C = gs.GemmSmallConfig
     grid = itertools.product((128, 64), (256, 128), (4, 8), (0, 1, 2, 4, 8, 16))
     out = [C(block_n=bn, block_k=bk, num_warps=w, split=sp) for bn, bk, w, sp in grid]
+    tok64 = [C(block_m=64, block_n=bn, block_k=bk, swap=False, split=sp)
+             for bn, bk, sp in ((64, 128, 8), (128, 128, 8), (128, 64, 8), (64, 256, 8),
+                                (128, 128, 0), (64, 128, 16))]
     if quick:
         out = out[:4]
-    return out + [C(block_n=32, block_k=128, swap=False), C(block_n=32, block_k=128, swap=False,
+    return out + tok64 + [C(block_n=32, block_k=128, swap=False), C(block_n=32, block_k=128, swap=False,
                                                            split=4),
                   C(block_n=128, block_k=256, pairs=False)]
 
@@ -130,6 +134,7 @@ def main() -> None:
     ap.add_argument("--batch", default="4,16", help="comma-separated token counts (2-16)")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,1024x4096 (out x in)")
     ap.add_argument("--quick", action="store_true", help="a few configurations only")
+    ap.add_argument("--only", default=None, help="comma-separated configuration labels to time")
     args = ap.parse_args()
     torch.manual_seed(0)
     batches = [int(b) for b in args.batch.split(",")]
@@ -141,6 +146,11 @@ def main() -> None:
     base = {**record_fields(device="cuda"), "copy_gbps": round(copy_gbps(), 1)}
     print(f"{base['gpu']}: copy {base['copy_gbps']} GB/s", flush=True)
     cands = candidates(args.quick)
+    if args.only:
+        wanted = set(args.only.split(","))
+        cands = [c for c in cands if c.label in wanted]
+        if not cands:
+            raise SystemExit(f"--only {args.only}: no such configuration")
     rows, sweep = [], []
     for (N, n), spec in itertools.product(shapes, args.lattices.split(",")):
         bench(N, n, spec, batches, cands, rows, sweep, base)

@@ -17,7 +17,9 @@ cost is a few integer ops shared by every token and the multiply-adds run on ten
   slice order (deterministic), applies scale and bias and casts.
 * **Operand order** (``swap``): ``dot(Y, xs^T)`` puts the weight rows on the MMA's M side
   (Hopper's wgmma takes that operand from registers, where the signs are expanded), ``dot(xs,
-  Y^T)`` the tokens.
+  Y^T)`` the tokens. With the tokens on M, ``block_m = 64`` pads them to one wgmma tile: both
+  operands then come from shared memory and the sm_90 build waits once per K step instead of
+  once per MMA (4x the MMA work, on tensor cores that are nearly idle here).
 * **Sign expansion** (``pairs``): per word, 16 pairs of signs (bits p and p + 16) each become
   two +-1 halves with one shift and one ``lop3`` (about one instruction per sign), or bit by
   bit (shift, and, xor, shift, or: about three).
@@ -197,8 +199,11 @@ class GemmSmallConfig:
     num_stages: int = 3
     swap: bool = True
     pairs: bool = True
+    block_m: int = 16  # token rows of the MMA tile (zero-padded beyond the batch)
 
     def __post_init__(self) -> None:
+        if self.block_m not in (16, 32, 64):
+            raise ValueError(f"block_m={self.block_m}: use 16, 32 or 64")
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n={self.block_n}: use a power of two >= 16")
         if self.block_k < 32 or self.block_k & (self.block_k - 1):
@@ -208,7 +213,8 @@ class GemmSmallConfig:
 
     @property
     def label(self) -> str:
-        return (f"bn{self.block_n}-bk{self.block_k}-s{self.split or 'auto'}-w{self.num_warps}"
+        return (("" if self.block_m == 16 else f"bm{self.block_m}-")
+                + f"bn{self.block_n}-bk{self.block_k}-s{self.split or 'auto'}-w{self.num_warps}"
                 f"-st{self.num_stages}-{'swap' if self.swap else 'tok'}"
                 f"-{'pairs' if self.pairs else 'bits'}")
 
@@ -283,7 +289,7 @@ def launch_gemm_small(xs: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | 
         kernel = _gemm_small_kernel_interp if interpreting() else _gemm_small_kernel
         kernel[(-(-N // cfg.block_n), S)](
             xs, words, scale, bias_t, part, out, B, N, K, RB // 4 if aligned else RB, kslice,
-            HAS_BIAS=bias is not None, BM=16, BN=cfg.block_n, BK=cfg.block_k, DIRECT=S == 1,
+            HAS_BIAS=bias is not None, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DIRECT=S == 1,
             SWAP=cfg.swap, PAIRS=cfg.pairs, USE_ASM=xs.is_cuda, ONE=one,
             ALIGNED=aligned, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if S > 1:
