@@ -1,6 +1,7 @@
 """The split-K tensor-core GEMM for 2-16 tokens (``kernels.gemm_small``).
 
-CPU: under ``TRITON_INTERPRET=1`` (a subprocess) every operand order and sign expansion, split
+CPU: under ``TRITON_INTERPRET=1`` (a subprocess) every operand order and sign expansion (tokens
+on M in 16- and 64-row tiles), split
 factors 1 / 2 / automatic, 1, 3 and 16 tokens, rows with and without bias, word counts that are
 and are not multiples of the tile, rows read as words and byte by byte, against the float64
 dense layer; the split arithmetic; bad
@@ -44,11 +45,13 @@ INTERPRETED = textwrap.dedent("""
             for swap, pairs, split, bk in itertools.product((True, False), (True, False),
                                                             (1, 2, 0) if full else (0,),
                                                             (32, 64) if full else (32,)):
-                cfg = gs.GemmSmallConfig(block_n=16, block_k=bk, split=split, swap=swap,
-                                         pairs=pairs, num_stages=1)
-                out = gs.launch_gemm_small(xs, layer.packed_signs, layer.scale, layer.bias, cfg)
-                assert out.dtype == torch.float16 and out.shape == (B, N)
-                assert rel_err(out, dense) < 3e-3, (spec, B, cfg, rel_err(out, dense))
+                for bm in (16, 64) if not swap else (16,):  # tokens padded to 64 rows
+                    cfg = gs.GemmSmallConfig(block_n=16, block_k=bk, split=split, swap=swap,
+                                             pairs=pairs, num_stages=1, block_m=bm)
+                    out = gs.launch_gemm_small(xs, layer.packed_signs, layer.scale, layer.bias,
+                                               cfg)
+                    assert out.dtype == torch.float16 and out.shape == (B, N)
+                    assert rel_err(out, dense) < 3e-3, (spec, B, cfg, rel_err(out, dense))
     print("ok")
 """)
 
@@ -86,6 +89,8 @@ def test_bad_configs_and_inputs_are_refused():
         gs.GemmSmallConfig(block_k=16)
     with pytest.raises(ValueError, match="split"):
         gs.GemmSmallConfig(split=-1)
+    with pytest.raises(ValueError, match="block_m"):
+        gs.GemmSmallConfig(block_m=8)
     layer = rand_layer(81, 24, "20to8")  # 28-byte rows
     xs = torch.zeros(3, layer.lifted_width, dtype=torch.float16)
     ok = (layer.packed_signs, layer.scale, None)

@@ -19,7 +19,8 @@ cost is a few integer ops shared by every token and the multiply-adds run on ten
   (Hopper's wgmma takes that operand from registers, where the signs are expanded), ``dot(xs,
   Y^T)`` the tokens. With the tokens on M, ``block_m = 64`` pads them to one wgmma tile: both
   operands then come from shared memory and the sm_90 build waits once per K step instead of
-  once per MMA (4x the MMA work, on tensor cores that are nearly idle here).
+  once per MMA (4x the MMA work, on tensor cores that are nearly idle here). Not yet timed on
+  a GPU (the sweep lists it; the planner's configurations are 16-row).
 * **Sign expansion** (``pairs``): per word, 16 pairs of signs (bits p and p + 16) each become
   two +-1 halves with one shift and one ``lop3`` (about one instruction per sign), or bit by
   bit (shift, and, xor, shift, or: about three).
