@@ -44,7 +44,8 @@ INTERPRETED = textwrap.dedent("""
             dense = torch_ref.dense_linear(layer, x)
             for swap, pairs, split, bk in itertools.product((True, False), (True, False),
                                                             (1, 2, 0) if full else (0,),
-                                                            (32, 64) if full else (32,)):
+                                                            (32, 64) if full and N == 16
+                                                            else (32,)):
                 for bm in (16, 64) if not swap else (16,):  # tokens padded to 64 rows
                     cfg = gs.GemmSmallConfig(block_n=16, block_k=bk, split=split, swap=swap,
                                              pairs=pairs, num_stages=1, block_m=bm)
