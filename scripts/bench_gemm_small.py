@@ -9,7 +9,8 @@ runs them, ``bench_kernels.graph_bench``):
   winner) and, as ``triton-gemm-small-default``, the configuration the planner uses
   (``gemm_small.pick_config``);
 * ``triton-gemm``: the byte-tile GEMM the ``gemm_fused_t`` path ran before;
-* ``triton-gemv-x{B}``: the tuned batch-1 GEMV called B times (the bound a batched kernel must beat);
+* ``triton-gemv-x{B}``: the tuned batch-1 GEMV called B times (what a batched kernel must
+  beat);
 * ``cublas-bf16``: ``F.linear`` with the bf16 weight of the original shape.
 
 ``fraction_of_copy`` = packed-weight bytes / time over the measured copy rate (read + write).
@@ -28,13 +29,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import ROTATE_BYTES, copy_gbps, graph_bench, random_packed_layer  # noqa: E402
+from bench_kernels import ROTATE_BYTES, copy_gbps, graph_bench, random_packed_layer
 
-from liftquant.kernels import gemm_small as gs  # noqa: E402
-from liftquant.kernels import gemv_tuner, registry  # noqa: E402
-from liftquant.kernels import triton_int1 as ti  # noqa: E402
-from liftquant.util.provenance import RECORD_KEY, record_fields  # noqa: E402
-from liftquant.util.records import merge_csv_rows, merge_json_rows  # noqa: E402
+from liftquant.kernels import gemm_small as gs
+from liftquant.kernels import gemv_tuner, registry
+from liftquant.kernels import triton_int1 as ti
+from liftquant.util.provenance import RECORD_KEY, record_fields
+from liftquant.util.records import merge_csv_rows, merge_json_rows
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (out, in) of Llama-3-8B
 COLUMNS = ["shape", "config", "batch", "backend", "time_us", "weight_gbps", "fraction_of_copy",
@@ -54,9 +55,9 @@ def candidates(quick: bool) -> list[gs.GemmSmallConfig]:
                                 (128, 128, 0), (64, 128, 16))]
     if quick:
         out = out[:4]
-    return out + tok64 + [C(block_n=32, block_k=128, swap=False), C(block_n=32, block_k=128, swap=False,
-                                                           split=4),
-                  C(block_n=128, block_k=256, pairs=False)]
+    refs = [C(block_n=32, block_k=128, swap=False), C(block_n=32, block_k=128, swap=False, split=4),
+            C(block_n=128, block_k=256, pairs=False)]
+    return out + tok64 + refs
 
 
 def bench(N: int, n: int, spec: str, batches: list[int], cands, rows: list, sweep: list,
@@ -84,7 +85,7 @@ def bench(N: int, n: int, spec: str, batches: list[int], cands, rows: list, swee
                 times[cfg.label] = graph_bench(
                     lambda x, ly, c=cfg: gs.launch_gemm_small(x, ly.packed_signs, ly.scale,
                                                               None, c), args)
-            except Exception as exc:  # a configuration the compiler rejects (resources)
+            except Exception as exc:  # noqa: BLE001 - a configuration the compiler rejects
                 times[cfg.label] = None
                 print(f"  {cfg.label}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
         ok = {k: v for k, v in times.items() if v is not None}
@@ -107,10 +108,10 @@ def bench(N: int, n: int, spec: str, batches: list[int], cands, rows: list, swee
             p[0], p[1], ly.packed_signs, ly.scale, None, dt, tuner=tuner),
             list(zip(pairs, layers)))
         shape = f"{N}x{n}"
+        old_label = f"bm{cfg_old.block_m}-bn{cfg_old.block_n}-bk{cfg_old.block_k}"
         for backend, t, label in (("triton-gemm-small", ok[best], best),
                                   ("triton-gemm-small-default", t_default, default.label),
-                                  ("triton-gemm", t_old, f"bm{cfg_old.block_m}-bn"
-                                   f"{cfg_old.block_n}-bk{cfg_old.block_k}"),
+                                  ("triton-gemm", t_old, old_label),
                                   (f"triton-gemv-x{B}", t_gemv, "tuned"),
                                   ("cublas-bf16", t16, "")):
             gbps = wbytes / t / 1e3

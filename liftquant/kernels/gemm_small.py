@@ -7,8 +7,9 @@
 At batch 1 the decode GEMV streams the signs through fp16x2 FMAs (``gemv_splitk``); with B
 tokens that costs B times the FMAs, while the weight bytes stay the same. Here each program
 expands a ``(BN, BK)`` tile of signs into +-1 halves in registers (integer ops on the bit
-pattern, no int to float conversion) and feeds ``tl.dot`` with the ``(BM, BK)`` activation tile, so the per-sign
-cost is a few integer ops shared by every token and the multiply-adds run on tensor cores.
+pattern, no int to float conversion) and feeds ``tl.dot`` with the ``(BM, BK)`` activation
+tile, so the per-sign cost is a few integer ops shared by every token and the multiply-adds run
+on tensor cores.
 
 * **Grid** ``(ceil(N / BN), S)``: program ``(g, s)`` owns rows ``g`` and K-slice ``s`` (a
   multiple of ``BK``). With few rows (``k_proj``/``v_proj`` of a GQA model) the split ``S``
@@ -290,8 +291,8 @@ def launch_gemm_small(xs: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | 
         kernel = _gemm_small_kernel_interp if interpreting() else _gemm_small_kernel
         kernel[(-(-N // cfg.block_n), S)](
             xs, words, scale, bias_t, part, out, B, N, K, RB // 4 if aligned else RB, kslice,
-            HAS_BIAS=bias is not None, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, DIRECT=S == 1,
-            SWAP=cfg.swap, PAIRS=cfg.pairs, USE_ASM=xs.is_cuda, ONE=one,
+            HAS_BIAS=bias is not None, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+            DIRECT=S == 1, SWAP=cfg.swap, PAIRS=cfg.pairs, USE_ASM=xs.is_cuda, ONE=one,
             ALIGNED=aligned, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if S > 1:
             block = 1024
