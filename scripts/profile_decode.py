@@ -127,9 +127,11 @@ def main() -> None:
                 merge_json_rows(args.json, results, ("shape", "config", "backend", "tokens",
                                                      "compile_mode", "batch", *RECORD_KEY))
     cats = sorted({c for r in results for c in r["category_us"]})
-    print("\nshape config batch tok/s step_us busy_us " + " ".join(c.replace(" ", "_") for c in cats))
+    print("\nshape config batch tok/s step_us busy_us "
+          + " ".join(c.replace(" ", "_") for c in cats))
     for r in results:
-        print(f"{r['shape']} {r['config']} {r['batch']} {r['tokens_per_s']:.1f} {r['step_us']:.0f} "
+        print(f"{r['shape']} {r['config']} {r['batch']} {r['tokens_per_s']:.1f} "
+              f"{r['step_us']:.0f} "
               f"{r['busy_us']:.0f} " + " ".join(
                   f"{r['category_us'].get(c, 0):.0f}/{r['launches_per_token'].get(c, 0):.0f}"
                   for c in cats))

@@ -314,13 +314,11 @@ class TritonBackend(_PlannedBackend):
         elif p.path == "gemv_lut":
             xs = ops.fused_transform(x2, *side, d, D, False)[0]
             out = ops.int1_gemv_lut(xs, layer.packed_signs, layer.scale, layer.bias, x.dtype)
-        elif p.path == "gemm_small":
-            xs = ops.fused_transform(x2, *side, d, D, False)[0]
-            out = ops.int1_gemm_small(xs, layer.packed_signs, layer.scale, layer.bias)
         else:
-            if p.path == "gemm_fused_t":
+            if p.path in ("gemm_small", "gemm_fused_t"):
                 xs = ops.fused_transform(x2, *side, d, D, False)[0]
             else:
                 xs = layer.fused_input(x2)  # (B, K) batched torch matmuls
-            out = ops.int1_gemm(xs, layer.packed_signs, layer.scale, layer.bias)
+            gemm = ops.int1_gemm_small if p.path == "gemm_small" else ops.int1_gemm
+            out = gemm(xs, layer.packed_signs, layer.scale, layer.bias)
         return out.reshape(*lead, N)
