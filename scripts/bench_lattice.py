@@ -7,6 +7,8 @@ Methods measured in one run, same lattices and inputs:
     same single null-space basis as the baseline;
   * ``pinv<b>b_triton_flip``: the quantizer's search: union of ``lattice.search_bases`` null-space
     bases (4 by default; the lattice index may ask for more) + flips;
+  * ``pinv<b>b_triton_unpaired_flip``: the same with the one-padding-per-row kernel
+    (``search_pinv_triton(paired=False)``), the A/B for the paired kernel;
   * ``exhaustive_torch``: exact search as one matmul per code chunk, where 2^D is small.
 
 Usage: python scripts/bench_lattice.py --lattices 16to8,20to8,24to8,24to10,30to14,32to16
@@ -76,6 +78,11 @@ def bench_one(name: str, *, n_weights: int, device: torch.device, repeats: int) 
         nb = L.search_bases(D, d)
         offb = L.padding_offsets(M, bases=nb)
         record(f"pinv{nb}b_triton_flip", lambda: L.encode(z, M, method="pinv", offsets=offb))
+        from liftquant.kernels.search import search_pinv_triton
+
+        # A/B: the one-padding-per-row kernel the paired one replaced, same bases and flips
+        record(f"pinv{nb}b_triton_unpaired_flip", lambda: L.refine_flips(
+            z, search_pinv_triton(z, M, offb, paired=False)[0], M))
     else:
         record("pinv_torch_flip", lambda: L.encode(z, M, method="pinv", offsets=off))
     if D <= 20:

@@ -194,18 +194,27 @@ _KERNEL_CHECK = """
 import torch
 from liftquant.core import lattice as L
 from liftquant.kernels.search import search_exhaustive_triton, search_pinv_triton
-for d, D in [(4, 8), (6, 12), (3, 7)]:
+for d, D, bases in [(4, 8, 1), (6, 12, 2), (3, 7, 1), (8, 12, 1), (10, 14, 1), (6, 7, 1)]:
     g = torch.Generator().manual_seed(D)
     M = torch.randn(d, D, generator=g) / D**0.5
     z = torch.randn(40, d, generator=g)
+    z[3] = 0.0  # u = -0.0 in every lane
     dist = lambda c: ((z - L.decode(c, M)) ** 2).sum(-1)
-    exact = dist(L._search_exhaustive(z, M))
-    torch.testing.assert_close(dist(search_exhaustive_triton(z, M)), exact, atol=1e-5, rtol=1e-5)
-    off = L.padding_offsets(M)
-    codes, pre = search_pinv_triton(z, M, off)
+    if D <= 12:
+        exact = dist(L._search_exhaustive(z, M))
+        torch.testing.assert_close(dist(search_exhaustive_triton(z, M)), exact, atol=1e-5,
+                                   rtol=1e-5)
+    off = L.padding_offsets(M, bases=bases)
     ref, _ = L._search_pinv(z, M, off)
-    torch.testing.assert_close(dist(codes), dist(ref), atol=1e-5, rtol=1e-5)
-    assert torch.equal(torch.where(pre >= 0, 1.0, -1.0), codes)
+    # paired (two paddings per tensor-core row), unpaired, and an odd count (unpaired fallback)
+    for kw, o in (({}, off), ({"paired": False}, off), ({}, off[:-1])):
+        codes, pre = search_pinv_triton(z, M, o, **kw)
+        r = ref if o is off else L._search_pinv(z, M, o)[0]
+        torch.testing.assert_close(dist(codes), dist(r), atol=1e-5, rtol=1e-5)
+        assert torch.equal(torch.where(pre >= 0, 1.0, -1.0), codes)
+        # pre is u + the offset of the chosen padding
+        u = z @ L.null_space(M)[0].T
+        assert ((pre - u)[:, None, :] - o[None]).abs().amax(-1).min(-1).values.max() < 1e-5
 print("kernels ok")
 """
 
@@ -214,12 +223,39 @@ print("kernels ok")
 def test_triton_search_kernels_match_torch():
     """Both fused search kernels, run by Triton's CPU interpreter (a fresh process: the
     interpreter must be on before triton is imported), pick codes exactly as good as the torch
-    oracles: the exhaustive kernel the true optimum, the pinv kernel the heuristic's best."""
+    oracles: the exhaustive kernel the true optimum, the pinv kernels (paired, unpaired, odd
+    padding count) the heuristic's best, including paddings fewer than one tile and a zero
+    sub-vector (u = -0.0)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and "kernels ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["20to8", "24to10", "24to8"])
+def test_paired_pinv_kernel_matches_torch_on_cuda(name):
+    """The quantizer's search (4 null-space bases) on a shipped lattice: the paired kernel's
+    codes are as good as the torch heuristic's and the unpaired kernel's (to float32 rounding),
+    its pre-sign values agree with its codes, and it picks the same padding as the unpaired
+    kernel wherever their best distances are not within rounding of a tie."""
+    from liftquant.kernels.search import search_pinv_triton
+
+    M = L.load_projection(name).cuda()
+    d, D = M.shape
+    z = torch.randn(6000, d, generator=torch.Generator().manual_seed(1)).cuda()
+    z[:7] = 0.0
+    off = L.padding_offsets(M, bases=L.search_bases(D, d))
+    dist = lambda c: ((z - L.decode(c, M)) ** 2).sum(-1)
+    ref = torch.cat([L._search_pinv(z[i:i + 500], M, off)[0] for i in range(0, len(z), 500)])
+    c1, p1 = search_pinv_triton(z, M, off)
+    c0, p0 = search_pinv_triton(z, M, off, paired=False)
+    torch.testing.assert_close(dist(c1), dist(ref), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dist(c1), dist(c0), atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.where(p1 >= 0, 1.0, -1.0), c1)
+    same = (p1 == p0).all(1).float().mean().item()
+    assert same > 0.95, same  # the rest: equal-distance candidates (duplicates, near-ties)
 
 
 def test_search_bases_follow_the_lattice_index(tmp_path):
