@@ -370,3 +370,87 @@ def test_compile_proxy_matches_eager_and_shares_one_graph_per_shape():
     assert not compile_proxy_on(auto, torch.device("cpu"))
     assert compile_proxy_on(cfg, torch.device("cpu")) and not compile_proxy_on(
         off, torch.device("cuda"))
+
+
+def test_batched_cayley_factors_match_per_layer_values_and_gradients():
+    """core.whiten.batched_factors: the factors of several layers (two factor sizes, one layer
+    with a size of its own) from one batched solve per size equal each layer's own factors,
+    with the same gradients to float32 rounding; supplied_factors hands them to the layers'
+    proxy weights (eager and compiled) for the body of the ``with`` and clears them after."""
+    from liftquant.core import linear as lin_mod
+    from liftquant.core.linear import supplied_factors
+    from liftquant.core.whiten import batched_factors
+
+    torch.manual_seed(0)
+    layers = [LiftLinear(torch.randn(o, n), None, spec="8to4") for o, n in
+              ((32, 64), (48, 64), (32, 96), (16, 64))]
+    for layer in layers:
+        with torch.no_grad():
+            layer.whiten.P1_skew.normal_(0, 0.1)
+            layer.whiten.P2_skew.normal_(0, 0.1)
+    assert len({layer.whiten.P1_skew.shape for layer in layers}) > 1  # more than one size
+    skews = [p for layer in layers for p in (layer.whiten.P1_skew, layer.whiten.P2_skew)]
+    ref = [layer.whiten.factors() for layer in layers]
+    got = batched_factors([layer.whiten for layer in layers])
+    loss = lambda fs: sum(((P1 * P1.roll(1, 0)).sum() + (P2 ** 3).sum()) for P1, P2 in fs)
+    g_ref = torch.autograd.grad(loss(ref), skews)
+    g_got = torch.autograd.grad(loss(got), skews)
+    for (a1, a2), (b1, b2) in zip(ref, got, strict=True):
+        torch.testing.assert_close(b1, a1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b2, a2, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_ref, g_got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    eager = [layer.proxy_weight().detach() for layer in layers]
+    torch._dynamo.reset()
+    lin_mod._COMPILED_PROXY = None
+    for compiled in (False, True):
+        for layer in layers:
+            layer.compile_proxy = compiled
+        with supplied_factors(layers):
+            assert all(layer.step_factors is not None for layer in layers)
+            step = [layer._proxy_weight_for_step().detach() for layer in layers]
+        assert all(layer.step_factors is None for layer in layers)
+        for a, b in zip(eager, step, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_factors_do_not_change_stage1_training(monkeypatch):
+    """A stage-1 block of three linears (two input sizes) trained with the batched Cayley
+    solves (BATCH_FACTORS on, as on CUDA) ends where the per-layer solves end, to float32
+    rounding: same losses, same proxy weights."""
+    import liftquant.core.linear as lin_mod
+    import liftquant.quantize.blocktrain as bt
+
+    calls = []
+    real = lin_mod.batched_factors
+    monkeypatch.setattr(lin_mod, "batched_factors", lambda ws: calls.append(len(ws)) or real(ws))
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(96, H, generator=g) / 8, torch.randn(H, 96, generator=g) / 8,
+          torch.randn(OUT, H, generator=g) / 8]
+    x = torch.randn(N, L, H, generator=g)
+    y = torch.randn(N, L, OUT, generator=g) / 4
+
+    class _Three(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (LiftLinear(w.clone(), None, spec=SPEC) for w in ws)
+
+        def forward(self, h, **_):
+            return self.c(self.b(torch.tanh(self.a(h))) + h)
+
+    results = []
+    for batched in (False, True):
+        monkeypatch.setattr(bt, "BATCH_FACTORS", batched)
+        block = _Three()
+        mods = [block.a, block.b, block.c]
+        groups = [{"params": [p for m in mods for p in (m.whiten.P1_skew, m.whiten.P2_skew)],
+                   "lr": 2e-2}, {"params": [m.proxy.clip for m in mods], "lr": 5e-3}]
+        out = train_block(block, _data(x, y), param_groups=groups, epochs=2, batch_size=4,
+                          n_samples=N, seed=0)
+        results.append((out, [m.proxy_weight().detach() for m in mods]))
+    (o0, w0), (o1, w1) = results
+    assert calls == [3] * 6  # batched only when on: 2 epochs x 3 steps, all three layers
+    assert math.isclose(o0["loss_last"], o1["loss_last"], rel_tol=1e-5)
+    assert o1["loss_last"] < o1["loss_first"]  # it trained
+    for a, b in zip(w0, w1, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -29,7 +29,9 @@ Legend: ``n`` in_features, ``out`` out_features, ``(n1, n2)`` = ``whiten.block_s
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,13 @@ from torch.utils.checkpoint import checkpoint
 from liftquant.core.lattice import LatticeSpec, decode, encode_candidates
 from liftquant.core.pack import pack_signs, packed_width, unpack_signs
 from liftquant.core.proxy import UniformProxy
-from liftquant.core.whiten import DEFAULT_BLOCK_SHAPE_RULE, KronWhitening, apply_fused, block_shape
+from liftquant.core.whiten import (
+    DEFAULT_BLOCK_SHAPE_RULE,
+    KronWhitening,
+    apply_fused,
+    batched_factors,
+    block_shape,
+)
 from liftquant.kernels.registry import layer_backend
 
 # Row RMS floor before normalisation (all-zero rows stay zero instead of producing NaN).
@@ -155,6 +163,9 @@ class LiftLinear(nn.Module):
         # Stage 1: a proxy weight formed for this call by a batch of same-shape layers
         # (core.proxy_batch.supplied_proxy_weights sets it around one MoE experts forward).
         self.step_weight: Tensor | None = None
+        # Stage 1: this step's Cayley factors (P1, P2), solved in one batch with the block's
+        # other layers (supplied_factors); None: solved by this layer.
+        self.step_factors: tuple[Tensor, Tensor] | None = None
         self.track_latent_grad = True
         self.accumulate_latent_grad = False
         self._latent_sq: Tensor | None = None
@@ -168,21 +179,24 @@ class LiftLinear(nn.Module):
     def set_s1(self, s1: Tensor) -> None:
         self.whiten.set_s1(s1)
 
-    def proxy_weight(self) -> Tensor:
+    def proxy_weight(self, factors: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``T^-1(Q(W T))`` (out, n): the weight as the proxy quantizer sees it.
 
         Always float32, also under autocast: the weight-space transform costs O(n (n1 + n2))
         per row, small next to the activation matmul, and the STE rounding of the proxy must
         see the same values as the float32 reference (bf16 moves values across levels).
+        ``factors``: the Cayley factors ``(P1, P2)`` when already formed (default: solved here).
         """
         with torch.autocast(self.weight.device.type, enabled=False):
             W = self.weight.float()
-            f = self.whiten.factors()  # one Cayley solve per factor for both transforms
+            f = factors if factors is not None else self.whiten.factors()  # one solve each
             return self.whiten.inverse_weight(self.proxy(self.whiten.forward_weight(W, factors=f)),
                                               factors=f)
 
     def _proxy_weight_for_step(self) -> Tensor:
-        fn = (lambda: _compiled_proxy_weight()(self)) if self.compile_proxy else self.proxy_weight
+        f = self.step_factors
+        form = _compiled_proxy_weight() if self.compile_proxy else LiftLinear.proxy_weight
+        fn = lambda: form(self, f)
         if self.checkpoint_proxy and torch.is_grad_enabled():
             return checkpoint(fn, use_reentrant=False)
         return fn()
@@ -416,3 +430,19 @@ def cast_unquantized(block: nn.Module, dtype: torch.dtype) -> None:
         for key, t in list(module._parameters.items()) + list(module._buffers.items()):
             if t is not None and t.is_floating_point() and t.dtype != dtype:
                 t.data = t.data.to(dtype)
+
+
+@contextlib.contextmanager
+def supplied_factors(layers: list[LiftLinear]) -> Iterator[None]:
+    """For the body of the ``with``: the stage-1 ``layers`` take their Cayley factors from one
+    batched solve per factor size (:func:`~liftquant.core.whiten.batched_factors`) instead of
+    two solves each; cleared on exit. Layers not in proxy mode are left alone."""
+    active = [m for m in layers if m.mode == "proxy"]
+    try:
+        factors = batched_factors([m.whiten for m in active]) if active else []
+        for layer, f in zip(active, factors, strict=True):
+            layer.step_factors = f
+        yield
+    finally:
+        for layer in active:
+            layer.step_factors = None

@@ -137,6 +137,31 @@ def cayley(P0: Tensor, S: Tensor) -> Tensor:
     return (P0.to(work) @ torch.linalg.solve_ex(eye + A, eye - A)[0]).to(S.dtype)
 
 
+def batched_factors(whitens: list[KronWhitening]) -> list[tuple[Tensor, Tensor]]:
+    """``[w.factors() for w in whitens]`` with one batched Cayley solve per factor shape.
+
+    A dense block's linears share a few factor sizes (every linear with the same in_features
+    has the same ``n1``, ``n2``), so the 2 x (layers) small solves of a stage-1 step, and their
+    backward solves, become one per size: on a GPU each small solve costs far more in launches
+    and dispatch than in arithmetic. The factors are ``torch.stack``-ed, so each whitening's
+    own skew gets its gradient. Values equal the one-by-one factors to float32 rounding.
+    """
+    items = [(w.P1_init, w.P1_skew) for w in whitens] + [(w.P2_init, w.P2_skew) for w in whitens]
+    groups: dict[tuple, list[int]] = {}
+    for i, (P0, S) in enumerate(items):
+        groups.setdefault((tuple(S.shape), S.dtype, P0.dtype, S.device), []).append(i)
+    out: list[Tensor | None] = [None] * len(items)
+    for idx in groups.values():
+        if len(idx) == 1:
+            out[idx[0]] = cayley(*items[idx[0]])
+            continue
+        Q = cayley(torch.stack([items[i][0] for i in idx]), torch.stack([items[i][1] for i in idx]))
+        for j, i in enumerate(idx):
+            out[i] = Q[j]
+    n = len(whitens)
+    return [(out[k], out[n + k]) for k in range(n)]
+
+
 def apply_fused(
     x: Tensor, *, s1: Tensor, L: Tensor, R: Tensor, s2_act: Tensor, d: int, D: int
 ) -> Tensor:

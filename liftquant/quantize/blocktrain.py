@@ -22,12 +22,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from liftquant.core.linear import LiftLinear, flip_margin
+from liftquant.core.linear import LiftLinear, flip_margin, supplied_factors
 from liftquant.quantize.cache import ActivationCache
 from liftquant.quantize.stream import BlockStream, forward_block, index_batches
 from liftquant.util.log import get_logger
 
 logger = get_logger("blocktrain")
+
+# Stage 1: form the Cayley factors of a block's layers in one batched solve per factor size
+# (core.linear.supplied_factors). None: on CUDA, where each small solve costs launches and
+# dispatch; the CPU keeps the per-layer solves (the reference; little to save there).
+BATCH_FACTORS: bool | None = None
 
 # Consecutive non-finite losses tolerated before training stops with an error.
 MAX_NONFINITE = 3
@@ -190,22 +195,40 @@ def _prepare(block: nn.Module, param_groups: list[dict]):
     return groups, opt_groups, dense, cands, layers
 
 
-def _step_loss(block, data: BlockData, x: Tensor, y: Tensor, layers) -> tuple[float, bool]:
-    """Forward + backward of one batch in micro-batches; returns (mean loss, finite)."""
+def _factor_layers(block: nn.Module) -> list[LiftLinear]:
+    """Stage-1 layers whose Cayley factors one batched solve per step can form: every
+    LiftLinear in proxy mode except MoE experts (their routed subset is batched by
+    ``ExpertList`` itself; an unrouted expert must get no gradient)."""
+    from liftquant.models.moe import ExpertList
+
+    experts = {id(m) for e in block.modules() if isinstance(e, ExpertList) for m in e.modules()}
+    return [m for m in block.modules()
+            if isinstance(m, LiftLinear) and m.mode == "proxy" and id(m) not in experts]
+
+
+def _step_loss(block, data: BlockData, x: Tensor, y: Tensor, layers,
+               factor_layers: list[LiftLinear] | None = None) -> tuple[float, bool]:
+    """Forward + backward of one batch in micro-batches; returns (mean loss, finite).
+
+    ``factor_layers`` take their Cayley factors from one batched solve per micro-batch
+    (``core.linear.supplied_factors``). The loss is read once per micro-batch, after its
+    backward (a non-finite loss leaves gradients the caller discards)."""
     splits = _micro_splits(x.shape[0], data.micro_batch)
     for layer in layers:
         layer.accumulate_latent_grad = len(splits) > 1
     total, finite, denom = 0.0, True, y.numel()
     for sl in splits:
         xs, ys = x[sl], y[sl]
-        with data.autocast():
-            out = forward_block(block, xs, data.stream.kwargs(xs.shape[0]))
-        loss = (out.float() - ys.float()).square().sum() / denom
-        if not torch.isfinite(loss):
+        with supplied_factors(factor_layers or []):
+            with data.autocast():
+                out = forward_block(block, xs, data.stream.kwargs(xs.shape[0]))
+            loss = (out.float() - ys.float()).square().sum() / denom
+            loss.backward()
+        value = float(loss.detach())
+        if not math.isfinite(value):
             finite = False
             break
-        loss.backward()
-        total += float(loss.detach())
+        total += value
     return total, finite
 
 
@@ -235,15 +258,17 @@ def train_block(
     sched = None if opt is None else torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     gen = torch.Generator().manual_seed(seed)
+    batch = data.device.type == "cuda" if BATCH_FACTORS is None else BATCH_FACTORS
+    factor_layers = _factor_layers(block) if batch else []
     with _Deterministic(data.deterministic and data.device.type == "cuda") as det:
         return _train_loop(block, data, opt, sched, gen, det, train_idx=train_idx,
                            epochs=epochs, batch_size=batch_size,
                            steps_per_epoch=steps_per_epoch, dense=dense, cands=cands,
-                           layers=layers)
+                           layers=layers, factor_layers=factor_layers)
 
 
 def _train_loop(block, data, opt, sched, gen, det, *, train_idx, epochs, batch_size,
-                steps_per_epoch, dense, cands, layers) -> dict[str, float]:
+                steps_per_epoch, dense, cands, layers, factor_layers) -> dict[str, float]:
     epoch_losses, bad, steps_done = [], 0, 0
     for _ in range(epochs):
         order = torch.randperm(len(train_idx), generator=gen).tolist()
@@ -252,7 +277,7 @@ def _train_loop(block, data, opt, sched, gen, det, *, train_idx, epochs, batch_s
         losses = []
         for _idx, (x, y) in data.stream.batches(batches, data.inputs, data.targets):
             try:
-                loss, finite = _step_loss(block, data, x, y, layers)
+                loss, finite = _step_loss(block, data, x, y, layers, factor_layers)
             except RuntimeError as exc:
                 if steps_done == 0 and _is_oom(exc):
                     _reset_grads(dense + cands, layers)
@@ -261,7 +286,7 @@ def _train_loop(block, data, opt, sched, gen, det, *, train_idx, epochs, batch_s
                     raise
                 _reset_grads(dense + cands, layers)  # nothing has moved yet: redo the step
                 det.give_up(exc)
-                loss, finite = _step_loss(block, data, x, y, layers)
+                loss, finite = _step_loss(block, data, x, y, layers, factor_layers)
             if not finite:
                 bad += 1
                 logger.warning("non-finite block loss (%d in a row); step skipped", bad)
