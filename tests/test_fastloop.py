@@ -372,6 +372,7 @@ def test_compile_proxy_matches_eager_and_shares_one_graph_per_shape():
         off, torch.device("cuda"))
 
 
+@pytest.mark.slow  # compiles the proxy weights (several seconds on 2 cores)
 def test_batched_cayley_factors_match_per_layer_values_and_gradients():
     """core.whiten.batched_factors: the factors of several layers (two factor sizes, one layer
     with a size of its own) from one batched solve per size equal each layer's own factors,
