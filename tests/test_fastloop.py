@@ -328,6 +328,7 @@ def test_deterministic_mode_scoped_and_gives_up_once(caplog):
         assert not torch.are_deterministic_algorithms_enabled()
 
 
+@pytest.mark.slow
 def test_compile_proxy_matches_eager_and_shares_one_graph_per_shape():
     """--compile_proxy: the compiled stage-1 proxy weight equals the eager one, its gradients
     agree to float32 rounding (also through the checkpointed path), layers of one shape share

@@ -58,6 +58,7 @@ INTERPRETED = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.slow
 def test_each_variant_matches_the_dense_layer_in_interpreter():
     """Both operand orders and both sign expansions, 3 tokens, the automatic split."""
     _run_interpreted(INTERPRETED.replace("sys.argv[1]", "'quick'"), timeout=400)

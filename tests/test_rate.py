@@ -25,6 +25,7 @@ def test_bits_picks_the_shipped_lattice_of_that_rate():
     assert spec.name == "22to8"
 
 
+@pytest.mark.slow
 def test_linear_bytes_match_a_real_packed_layer():
     spec = LatticeSpec.parse("20to8")
     lin = torch.nn.Linear(100, 24, bias=True)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import SLOW_ELSEWHERE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +31,7 @@ def test_main_parser_and_lattice_names_do_not_import_torch():
                 "print('torch' in sys.modules)") == ["False"]
 
 
+@pytest.mark.slow
 def test_quantizer_registered_once_transformers_is_imported():
     """``import liftquant`` first, transformers later: from_pretrained still knows liftquant."""
     assert _run("import sys, liftquant\n"
