@@ -283,3 +283,37 @@ def test_stacked_function_is_pure():
                                one(w.P1_skew), one(w.P2_init), one(w.P2_skew),
                                one(layer.proxy.clip), d=w.d, bits=layer.proxy.bits)[0]
     _close([got], [layer.proxy_weight()], 1e-6, "single stack")
+
+
+def test_compiled_proxy_only_where_a_gradient_is_taken(monkeypatch):
+    """compile_proxy on: a training step (grad enabled) forms the proxy weight through the
+    compiled function, a no_grad forward (holdout, validation) eagerly, in the per-layer and
+    the stacked path alike; the no_grad values equal the eager proxy weight."""
+    from liftquant.core import linear as lin_mod
+    from liftquant.core import proxy_batch
+
+    calls = []
+
+    def recording(fn, tag):
+        def stand_in(*a, **k):
+            calls.append(tag)
+            return fn(*a, **k)
+        return lambda: stand_in
+
+    monkeypatch.setattr(lin_mod, "_compiled_proxy_weight",
+                        recording(LiftLinear.proxy_weight, "layer"))
+    monkeypatch.setattr(proxy_batch, "_compiled_stacked",
+                        recording(stacked_proxy_weight, "stack"))
+    layers = _layers(3, 16, 64, seed=3)
+    for layer in layers:
+        layer.compile_proxy = True
+    with torch.no_grad():
+        want = [layer.proxy_weight() for layer in layers]
+        got_layer = [layer._proxy_weight_for_step() for layer in layers]
+        got_stack = batched_proxy_weights(layers)
+    assert calls == []
+    _close(got_layer, want, 0, "no_grad per-layer proxy")
+    _close(got_stack, want, 1e-6, "no_grad stacked proxy")
+    layers[0]._proxy_weight_for_step().sum().backward()
+    batched_proxy_weights(layers)[0].sum().backward()
+    assert calls == ["layer", "stack"]

@@ -195,7 +195,11 @@ class LiftLinear(nn.Module):
 
     def _proxy_weight_for_step(self) -> Tensor:
         f = self.step_factors
-        form = _compiled_proxy_weight() if self.compile_proxy else LiftLinear.proxy_weight
+        # Compiled only where a gradient is taken: under no_grad (holdout, validation) a compiled
+        # proxy would build a second, inference graph per shape for one forward; eager gives the
+        # same values.
+        compiled = self.compile_proxy and torch.is_grad_enabled()
+        form = _compiled_proxy_weight() if compiled else LiftLinear.proxy_weight
         fn = lambda: form(self, f)
         if self.checkpoint_proxy and torch.is_grad_enabled():
             return checkpoint(fn, use_reentrant=False)

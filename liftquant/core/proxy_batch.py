@@ -128,14 +128,14 @@ def batched_proxy_weights(layers: list[LiftLinear]) -> list[Tensor]:
 
     All layers must share one :func:`batch_key`. ``checkpoint_proxy`` (with grad enabled):
     the stack is recomputed in backward, in chunks of at most ``CHECKPOINT_ELEMENTS``
-    weights; ``compile_proxy``: through one compiled graph.
+    weights; ``compile_proxy`` (with grad enabled): through one compiled graph.
     """
     keys = {batch_key(layer) for layer in layers}
     if not layers or None in keys or len(keys) > 1:
         raise ValueError("batched_proxy_weights needs stage-1 LiftLinears of one shape and "
                          "one setting (core.proxy_batch.batch_key)")
     lead = layers[0]
-    compiled = lead.compile_proxy
+    compiled = lead.compile_proxy and torch.is_grad_enabled()  # no_grad: eager (linear.py)
     if not (lead.checkpoint_proxy and torch.is_grad_enabled()):
         return list(_stack(layers, compiled=compiled).unbind(0))
     per = max(1, CHECKPOINT_ELEMENTS // (lead.out_features * lead.whiten.padded_in_features))

@@ -24,7 +24,6 @@ every block is seeded with ``seed + index``, so a resumed run produces the same 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -262,21 +261,6 @@ def _train_stage(block, data: BlockData, layers, *, stage: int, cfg: RunConfig, 
             plan = smaller
 
 
-@contextlib.contextmanager
-def _eager_proxy(layers: dict[str, LiftLinear]):
-    """The stage-1 holdout evaluation forms its proxy weights eagerly: under no_grad a
-    compiled proxy would compile a second (inference) graph per layer shape, seconds of
-    compiling in the first block for one forward. The values equal the compiled ones."""
-    saved = {name: layer.compile_proxy for name, layer in layers.items()}
-    try:
-        for layer in layers.values():
-            layer.compile_proxy = False
-        yield
-    finally:
-        for name, layer in layers.items():
-            layer.compile_proxy = saved[name]
-
-
 def quantize_block(
     block: nn.Module,
     *,
@@ -304,8 +288,7 @@ def quantize_block(
     row["stage1"], plan = _train_stage(block, data, layers, stage=1, cfg=cfg, seed=seed,
                                        plan=plan)
     clock.lap("stage1")
-    with _eager_proxy(layers):
-        row["holdout_proxy"] = holdout_error(block, data, batch_size=bs)
+    row["holdout_proxy"] = holdout_error(block, data, batch_size=bs)
     clock.lap("holdout")
     lr = cfg.train.lw_lr if cfg.train.finetuning_weights else 0.0
     margin = latent_flip_margin(lr, n_train=len(data.train_idx[:cfg.stage_nsamples(2)]),
