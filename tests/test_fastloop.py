@@ -203,6 +203,75 @@ def test_micro_batches_and_checkpointing_do_not_change_training(M):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_sign_cache_changes_nothing(M, compute):
+    """Stage 2 with the signs cached in the compute dtype (the memory plan's default) trains
+    exactly as with the int8 signs cast in every product, through real flips; the cache
+    follows every refresh and is dropped when the plan turns it off."""
+    lin, x, y = _problem(2)
+    margin = latent_flip_margin(2e-2, n_train=N - 2, epochs=2, batch_size=2)
+    results = []
+    for cache in (False, True):
+        layer = _lattice_layer(lin, M, margin)
+        start = layer.signs.clone()
+        layer.cache_signs = cache
+        train_block(_OneLayer(layer), _data(x, y, compute=compute),
+                    param_groups=_groups(layer, 2e-2), epochs=2, batch_size=2, n_samples=N,
+                    seed=4)
+        layer.refresh_signs()
+        assert (layer._signs_cast is not None) == cache
+        results.append(layer)
+    a, b = results
+    assert int((b.signs != start).sum()) > 0  # flips happened while the cache was in use
+    assert b._signs_cast.dtype == compute and torch.equal(b._signs_cast, b.signs.to(compute))
+    assert torch.equal(a.signs, b.signs)
+    for k in ("cand", "scale_gain", "L", "R", "s1", "s2_act"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+    b.cache_signs = False
+    with torch.no_grad():
+        b(x[:1])
+    assert b._signs_cast is None
+
+
+def test_latent_norm_of_16bit_gradients_matches_the_float32_sum():
+    """A bf16 dense latent gradient's squared norm (one float32-accumulating reduction) equals
+    the chunked float32 sum of squares to float32 rounding."""
+    layer = LiftLinear(torch.randn(8, 16), None, spec=SPEC)
+    g = torch.randn(3000, 40, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    layer._record_latent_grad(g)
+    got = layer.pop_latent_sqnorm()
+    want = g.double().square().sum()
+    assert got.dtype == torch.float32
+    assert abs(float(got) - float(want)) <= 1e-5 * float(want)
+
+
+def test_memory_plan_drops_the_sign_cache_before_anything_else():
+    """Without a cap stage 2 caches the signs; a cap that only the cache breaks keeps the full
+    micro-batch without checkpointing and turns the cache off; an out-of-memory retry first
+    drops the cache, then checkpoints, then halves the micro-batch."""
+    from liftquant.quantize.plan import shrink
+
+    model = tiny_llama(seed=0)
+    adapter = get_adapter(model.config)
+    block = adapter.get_blocks(model)[0]
+    kw = {"seq_len": 16, "batch_size": 8, "compute_dtype": torch.bfloat16, "cand_fraction": 0.01}
+    free = plan_block(block, adapter, SPEC, budget_bytes=None, **kw)
+    assert free.cache_signs and free.micro_batch == 8 and not free.checkpoint_proxy
+    assert "sign cache on" in free.describe()
+    need = free.estimate_gib["stage2"]
+    assert need == max(free.estimate_gib.values())  # stage 2 is the largest phase here
+    cap = int(need * 2**30) - 1
+    tight = plan_block(block, adapter, SPEC, budget_bytes=cap, **kw)
+    assert (tight.micro_batch, tight.checkpoint_proxy, tight.cache_signs) == (8, False, False)
+    assert max(tight.estimate_gib.values()) * 2**30 <= cap
+    steps = [free]
+    while (nxt := shrink(steps[-1])) is not None:
+        steps.append(nxt)
+    assert [(p.micro_batch, p.checkpoint_proxy, p.cache_signs) for p in steps] == [
+        (8, False, True), (8, False, False), (8, True, False), (4, True, False),
+        (2, True, False), (1, True, False)]
+
+
 def _cfg(**kw):
     calib = {"nsamples": 12, "seqlen": 32, "batch_size": 2, "seed": 0}
     calib.update({k: kw.pop(k) for k in list(kw) if k in CalibArgs.__dataclass_fields__})
@@ -296,7 +365,7 @@ def test_memory_plan_honours_or_refuses_the_cap():
     need = max(free.estimate_gib.values())
     cap = int(need * 2**30) - 1  # just below what the full batch needs
     tight = plan_block(block, adapter, SPEC, budget_bytes=cap, **kw)
-    assert tight.micro_batch < 8 or tight.checkpoint_proxy
+    assert tight.micro_batch < 8 or tight.checkpoint_proxy or not tight.cache_signs
     assert max(tight.estimate_gib.values()) * 2**30 <= cap
     with pytest.raises(MemoryPlanError, match="--max_gpu_memory"):
         plan_block(block, adapter, SPEC, budget_bytes=1000, **kw)

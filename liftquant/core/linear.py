@@ -105,8 +105,8 @@ def _compiled_proxy_weight():
 class _CandidateSignMatmul(torch.autograd.Function):
     """``xt @ signs^T`` with straight-through gradients (Eq. 5) delivered to the flip candidates.
 
-    ``signs`` (out, K) int8 +-1 is current (refreshed from the candidates before the call). The
-    backward forms the dense STE gradient ``g^T xt`` (out, K) once, records its squared norm (or
+    ``signs`` (out, K) +-1 is current (refreshed from the candidates before the call): the int8
+    signs, or their copy in the compute dtype (``LiftLinear.cache_signs``). The backward forms the dense STE gradient ``g^T xt`` (out, K) once, records its squared norm (or
     accumulates it over micro-batches) on ``layer`` and returns its entries at ``cand_idx``.
     """
 
@@ -168,6 +168,10 @@ class LiftLinear(nn.Module):
         self.step_factors: tuple[Tensor, Tensor] | None = None
         self.track_latent_grad = True
         self.accumulate_latent_grad = False
+        # Stage 2: keep the signs also in the compute dtype (set by the block memory plan), so
+        # no forward or backward casts the int8 signs; refreshed with them.
+        self.cache_signs = False
+        self._signs_cast: Tensor | None = None
         self._latent_sq: Tensor | None = None
         self._latent_acc: Tensor | None = None
 
@@ -283,17 +287,33 @@ class LiftLinear(nn.Module):
     def refresh_signs(self) -> None:
         """Write the candidates' current signs into ``signs`` (0 counts as +1)."""
         if self.cand_idx.numel():
-            flat = self.signs.view(-1)
-            flat[self.cand_idx] = torch.where(self.cand >= 0, 1, -1).to(torch.int8)
+            new = torch.where(self.cand >= 0, 1, -1).to(torch.int8)
+            self.signs.view(-1)[self.cand_idx] = new
+            if self._signs_cast is not None:
+                self._signs_cast.view(-1)[self.cand_idx] = new.to(self._signs_cast.dtype)
+
+    def _matmul_signs(self, dtype: torch.dtype) -> Tensor:
+        """The current signs for a product in ``dtype``: the cached copy with ``cache_signs``
+        (built on first use, exact: +-1), else the int8 signs (cast by the product)."""
+        if not self.cache_signs:
+            self._signs_cast = None
+            return self.signs
+        if self._signs_cast is None or self._signs_cast.dtype != dtype:
+            self._signs_cast = None
+            self._signs_cast = self.signs.to(dtype)
+        return self._signs_cast
 
     def _record_latent_grad(self, gw: Tensor) -> None:
         if self.accumulate_latent_grad:  # micro-batches: the norm is of the summed gradient
             gw = gw.float()
             self._latent_acc = gw if self._latent_acc is None else self._latent_acc.add_(gw)
+            return
+        if gw.dtype in (torch.bfloat16, torch.float16):  # one reduction, float32 inside
+            sq = torch.linalg.vector_norm(gw, dtype=torch.float32).square()
         else:
             sq = sum(gw[r:r + LATENT_NORM_ROWS].float().square().sum()
                      for r in range(0, gw.shape[0], LATENT_NORM_ROWS))
-            self._latent_sq = sq if self._latent_sq is None else self._latent_sq + sq
+        self._latent_sq = sq if self._latent_sq is None else self._latent_sq + sq
 
     def pop_latent_sqnorm(self) -> Tensor | None:
         """Squared norm of this step's dense latent gradient (all of out x K), then reset."""
@@ -324,7 +344,8 @@ class LiftLinear(nn.Module):
         else:
             self.refresh_signs()
             xt = self.fused_input(x)  # (..., K)
-            out = _CandidateSignMatmul.apply(xt, self.cand, self.signs, self.cand_idx, self)
+            out = _CandidateSignMatmul.apply(xt, self.cand, self._matmul_signs(xt.dtype),
+                                             self.cand_idx, self)
             out = out * self.scale.to(out.dtype)
             if self.bias is not None:
                 out = out + self.bias.to(out.dtype)

@@ -164,6 +164,7 @@ def _to_lift(block, adapter, stats, spec, cfg, plan: MemoryPlan,
             layer = LiftLinear.from_linear(lin, spec=own, init=init,
                                            proxy_bits=cfg.lattice.wbits).to(lin.weight.device)
             layer.checkpoint_proxy = plan.checkpoint_proxy
+            layer.cache_signs = plan.cache_signs
             layer.compile_proxy = compiled
             if s1 is not None:
                 layer.set_s1(s1.to(layer.weight.device))
@@ -243,6 +244,7 @@ def _train_stage(block, data: BlockData, layers, *, stage: int, cfg: RunConfig, 
         data.micro_batch = plan.micro_batch
         for layer in layers.values():
             layer.checkpoint_proxy = plan.checkpoint_proxy
+            layer.cache_signs = plan.cache_signs
         try:
             out = train_block(block, data, param_groups=groups(layers, cfg),
                               epochs=cfg.stage_epochs(stage), batch_size=cfg.calib.batch_size,

@@ -54,12 +54,16 @@ class MemoryPlan:
     checkpoint_proxy: bool
     estimate_gib: dict[str, float]
     budget_gib: float | None
+    # Stage 2 keeps a copy of the signs in the compute dtype (LiftLinear.cache_signs) instead of
+    # casting the int8 signs in every forward and backward.
+    cache_signs: bool = True
 
     def describe(self) -> str:
         est = ", ".join(f"{k} {v:.2f}" for k, v in self.estimate_gib.items())
         cap = "no cap" if self.budget_gib is None else f"cap {self.budget_gib:.2f} GiB"
         return (f"micro-batch {self.micro_batch}, stage-1 checkpointing "
-                f"{'on' if self.checkpoint_proxy else 'off'}; estimates GiB: {est} ({cap})")
+                f"{'on' if self.checkpoint_proxy else 'off'}, stage-2 sign cache "
+                f"{'on' if self.cache_signs else 'off'}; estimates GiB: {est} ({cap})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,8 +90,12 @@ def estimate_bytes(
     cand_fraction: float,
     checkpoint_proxy: bool,
     proxy_chunk: int = 0,
+    cache_signs: bool = False,
 ) -> dict[str, int]:
     """Accelerator bytes per phase for one block (see the module docstring).
+
+    ``cache_signs``: stage 2 holds every layer's signs in the compute dtype besides the int8
+    ones; without it the largest layer's cast is formed in forward and again in backward.
 
     ``proxy_chunk``: weights whose proxy graph is recomputed at once under checkpointing when
     same-shape layers form their proxy weights batched (MoE experts,
@@ -107,8 +115,10 @@ def estimate_bytes(
     lat_io = sum(o + i + 2 * lifted_width(i, spec) for o, i in shapes)
     acts2 = int(ACTIVATION_FACTOR * micro_tokens * lat_io * compute_bytes)
     accum = sum(n_lat) * 4 if micro_tokens < tokens else 0  # dense latent-gradient sums
-    stage2 = (other_bytes + sum(n_lat) + int(cand_fraction * sum(n_lat)) * CANDIDATE_BYTES
-              + max(n_lat) * 2 * compute_bytes + accum + acts2)
+    signs = sum(n_lat) * (1 + compute_bytes) if cache_signs else sum(n_lat)
+    transient = max(n_lat) * (1 if cache_signs else 2) * compute_bytes  # gw (+ the cast)
+    stage2 = (other_bytes + signs + int(cand_fraction * sum(n_lat)) * CANDIDATE_BYTES
+              + transient + accum + acts2)
     targets = weights + int(2 * micro_tokens * io * compute_bytes)
     return {"targets": targets, "stage1": stage1, "search": search, "stage2": stage2}
 
@@ -150,21 +160,22 @@ def plan_block(
     chunk = CHECKPOINT_ELEMENTS if batched else 0
     options = []
     mb = batch_size
-    while True:
-        options += [(mb, False), (mb, True)]
+    while True:  # the sign cache goes before checkpointing, both before a smaller micro-batch
+        options += [(mb, False, True), (mb, False, False), (mb, True, True), (mb, True, False)]
         if mb == 1:
             break
         mb = max(1, mb // 2)
     best = None
-    for mb, ckpt in options:
+    for mb, ckpt, cache in options:
         est = estimate_bytes(shapes, spec=spec, tokens=batch_size * seq_len,
                              micro_tokens=mb * seq_len, compute_bytes=cb,
                              weight_bytes=weight_bytes, other_bytes=other,
                              cand_fraction=cand_fraction, checkpoint_proxy=ckpt,
-                             proxy_chunk=chunk)
+                             proxy_chunk=chunk, cache_signs=cache)
         plan = MemoryPlan(micro_batch=mb, checkpoint_proxy=ckpt,
                           estimate_gib={k: v / GIB for k, v in est.items()},
-                          budget_gib=None if budget_bytes is None else budget_bytes / GIB)
+                          budget_gib=None if budget_bytes is None else budget_bytes / GIB,
+                          cache_signs=cache)
         best = plan
         if budget_bytes is None or max(est.values()) <= budget_bytes:
             return plan
@@ -177,9 +188,13 @@ def plan_block(
 
 def shrink(plan: MemoryPlan) -> MemoryPlan | None:
     """The next smaller plan after an out-of-memory error (None when nothing is left)."""
+    if plan.cache_signs:
+        return MemoryPlan(plan.micro_batch, plan.checkpoint_proxy, plan.estimate_gib,
+                          plan.budget_gib, cache_signs=False)
     if not plan.checkpoint_proxy:
-        return MemoryPlan(plan.micro_batch, True, plan.estimate_gib, plan.budget_gib)
+        return MemoryPlan(plan.micro_batch, True, plan.estimate_gib, plan.budget_gib,
+                          cache_signs=False)
     if plan.micro_batch > 1:
         return MemoryPlan(max(1, plan.micro_batch // 2), True, plan.estimate_gib,
-                          plan.budget_gib)
+                          plan.budget_gib, cache_signs=False)
     return None
