@@ -14,7 +14,9 @@ configuration, GPU, commit and source hash):
   projected as capture + first block + (blocks_total - 1) x mean of the later blocks
   (``projected`` 1). ``--project_nsamples N`` adds a row for N calibration samples projected
   from runs of this shape and lattice at two or more measured sample counts (per-block time
-  fitted linearly in the sample count);
+  fitted linearly in the sample count); with ``--project_only`` it runs nothing and projects
+  from the rows already in ``--out`` whose source hash is ``--source`` (default: this tree's;
+  no GPU needed);
 * ``bench/scale/scale.json``: the same runs with the per-block time split (to_device, targets,
   stage1, holdout, search, stage2, pack, offload), the memory plan and the command.
 
@@ -287,8 +289,37 @@ def project(rows: list[dict], shape: str, expc: str, n_target: int) -> dict | No
     total = per * int(base["blocks_total"])
     return {**base, "nsamples": n_target, "seconds_per_block": round(per, 2),
             "total_seconds": round(total, 1), "projected": 1, "first_block_seconds": "",
-            "peak_gpu_gib": "", "peak_host_gib": "", "blocks_run": 0,
+            "peak_gpu_gib": "", "peak_host_gib": "", "blocks_run": 0, "wall_seconds": "",
+            "build_seconds": "",
             "note": f"linear in nsamples from measured {n0} and {n1}"}
+
+
+def _project_only(args) -> int:
+    """``--project_only``: the ``--project_nsamples`` row from rows already measured."""
+    import csv
+
+    from liftquant.util.provenance import provenance
+    from liftquant.util.records import merge_csv_rows
+
+    if not args.project_nsamples:
+        raise SystemExit("error: --project_only needs --project_nsamples N")
+    out = Path(args.out)
+    src = (args.source or provenance()["source_sha256"])[:16]
+    rows = [r for r in csv.DictReader(out.open()) if r["source_sha256"] == src
+            and r.get("max_gpu_memory", "") == "" and r["projected"] in ("0", "1")
+            and int(r["blocks_run"] or 0) > 0]
+    gpus = {r["gpu"] for r in rows if r["shape"] == args.shape and r["lattice"] == args.expc}
+    if len(gpus) != 1:
+        raise SystemExit(f"error: --project_only needs runs of {args.shape}/{args.expc} on one "
+                         f"GPU with this tree's source {src} in {out}; found GPUs {sorted(gpus)}")
+    proj = project([r for r in rows if r["gpu"] in gpus], args.shape, args.expc,
+                   args.project_nsamples)
+    if proj is None:
+        raise SystemExit(f"error: --project_only needs runs at two or more sample counts of "
+                         f"{args.shape}/{args.expc} with source {src} in {out}")
+    merge_csv_rows(out, [proj], KEY)
+    print("projected:", json.dumps(proj))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_dir", default=None, help="keep the checkpoint here (default: temp)")
     p.add_argument("--project_nsamples", type=int, default=None)
+    p.add_argument("--project_only", action="store_true",
+                   help="with --project_nsamples: project from the rows in --out measured on "
+                        "--source (same GPU, no memory cap) instead of running")
+    p.add_argument("--source", default=None,
+                   help="with --project_only: the source hash (16 hex digits) of the rows to use")
     p.add_argument("--out", default=str(ROOT / "bench" / "scale" / "scale.csv"))
     p.add_argument("--nproc", type=int, default=1,
                    help="ranks (GPUs) of one torchrun job on this host (liftquant.quantize.distributed)")
@@ -313,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     from liftquant.util.records import merge_csv_rows, merge_json_rows
 
     setup_logging()
+    if args.project_only:
+        return _project_only(args)
     import logging
 
     logging.getLogger("liftquant.calibrate").setLevel(logging.DEBUG)  # per-phase times as they end

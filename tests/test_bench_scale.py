@@ -68,3 +68,33 @@ def test_stage1_profile_row_has_every_timing_and_exact_rotations(tmp_path):
     for key in ("rotate_broadcast_max_err", "rotate_two_gemm_max_err", "rotate_einsum_max_err"):
         assert row[key] < 1e-5, key  # every formulation is the same rotation
     assert row["weights_per_block"] == 2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64  # q,o k,v mlp
+
+
+def test_project_only_fits_the_measured_rows_of_one_source(tmp_path):
+    """--project_only: per-block seconds linear in nsamples through the two measured rows of
+    the given source (other sources, capped runs and projections ignored), no run; refused
+    with a one-line error when fewer than two sample counts were measured."""
+    out = tmp_path / "scale.csv"
+    base = {"shape": "llama3-8b", "lattice": "20to8", "seqlen": "2048", "max_gpu_memory": "",
+            "max_host_memory": "", "flags": "", "gpus": "1",
+            "blocks_total": "32", "gpu": "NVIDIA H200", "commit": "abc1234",
+            "source_sha256": "a" * 16, "projected": "1", "blocks_run": "3",
+            "wall_seconds": "90.0", "build_seconds": "11.0"}
+    rows = [{**base, "nsamples": "128", "seconds_per_block": "16.0"},
+            {**base, "nsamples": "1024", "seconds_per_block": "100.0"},
+            {**base, "nsamples": "512", "seconds_per_block": "999.0", "source_sha256": "b" * 16},
+            {**base, "nsamples": "256", "seconds_per_block": "5.0", "max_gpu_memory": "24.0"}]
+    from liftquant.util.records import merge_csv_rows
+
+    merge_csv_rows(out, rows, bench_scale.KEY)
+    args = ["--shape", "llama3-8b", "--expc", "20to8", "--project_nsamples", "4096",
+            "--project_only", "--source", "a" * 16, "--out", str(out)]
+    assert bench_scale.main(args) == 0
+    (proj,) = [r for r in csv.DictReader(out.open()) if r["nsamples"] == "4096"]
+    per = 100.0 + (100.0 - 16.0) / (1024 - 128) * (4096 - 1024)
+    assert float(proj["seconds_per_block"]) == pytest.approx(per, abs=0.01)
+    assert float(proj["total_seconds"]) == pytest.approx(32 * per, abs=0.1)
+    assert (proj["projected"], proj["blocks_run"], proj["wall_seconds"]) == ("1", "0", "")
+    assert "128 and 1024" in proj["note"]
+    with pytest.raises(SystemExit, match="two or more sample counts"):
+        bench_scale.main(args[:-4] + ["--source", "b" * 16, "--out", str(out)])
