@@ -254,7 +254,7 @@ def test_memory_plan_drops_the_sign_cache_before_anything_else():
     model = tiny_llama(seed=0)
     adapter = get_adapter(model.config)
     block = adapter.get_blocks(model)[0]
-    kw = {"seq_len": 16, "batch_size": 8, "compute_dtype": torch.bfloat16, "cand_fraction": 0.01}
+    kw = {"seq_len": 64, "batch_size": 8, "compute_dtype": torch.bfloat16, "cand_fraction": 0.01}
     free = plan_block(block, adapter, SPEC, budget_bytes=None, **kw)
     assert free.cache_signs and free.micro_batch == 8 and not free.checkpoint_proxy
     assert "sign cache on" in free.describe()
@@ -525,3 +525,58 @@ def test_batched_factors_do_not_change_stage1_training(monkeypatch):
     assert o1["loss_last"] < o1["loss_first"]  # it trained
     for a, b in zip(w0, w1, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _saved_bytes_per_weight(fn, n_weights: int) -> float:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()) / n_weights
+
+
+def _proxy_layers(n=4, out=96, inp=256):
+    torch.manual_seed(0)
+    return [LiftLinear(torch.randn(out, inp).to(torch.bfloat16), None, spec="20to8")
+            for _ in range(n)]
+
+
+def test_planner_proxy_bytes_cover_the_saved_eager_graph():
+    """PROXY_GRAPH_BYTES['eager'] bounds the bytes per weight autograd keeps for the eager
+    proxy weight, per layer and stacked, and is within 10 % of them (not an arbitrary cap)."""
+    from liftquant.core.proxy_batch import batched_proxy_weights
+    from liftquant.quantize.plan import PROXY_GRAPH_BYTES
+
+    layers = _proxy_layers()
+    n_pad = layers[0].out_features * layers[0].whiten.padded_in_features
+    one = _saved_bytes_per_weight(lambda: layers[0].proxy_weight(), n_pad)
+    stacked = _saved_bytes_per_weight(lambda: batched_proxy_weights(layers), len(layers) * n_pad)
+    for got in (one, stacked):
+        assert 0.9 * PROXY_GRAPH_BYTES["eager"] <= got <= PROXY_GRAPH_BYTES["eager"], got
+
+
+@pytest.mark.slow
+def test_planner_proxy_bytes_cover_the_saved_compiled_graphs():
+    """The compiled per-layer and stacked proxy graphs keep at most PROXY_GRAPH_BYTES of
+    their kind per weight (each within 15 % of its constant)."""
+    from liftquant.core import linear as lin_mod
+    from liftquant.core import proxy_batch
+    from liftquant.quantize.plan import PROXY_GRAPH_BYTES
+
+    torch._dynamo.reset()
+    lin_mod._COMPILED_PROXY = None
+    proxy_batch._COMPILED = None
+    layers = _proxy_layers()
+    for layer in layers:
+        layer.compile_proxy = True
+    n_pad = layers[0].out_features * layers[0].whiten.padded_in_features
+    one = _saved_bytes_per_weight(lambda: layers[0]._proxy_weight_for_step(), n_pad)
+    stacked = _saved_bytes_per_weight(lambda: proxy_batch.batched_proxy_weights(layers),
+                                      len(layers) * n_pad)
+    for got, kind in ((one, "compiled"), (stacked, "compiled_batched")):
+        assert 0.85 * PROXY_GRAPH_BYTES[kind] <= got <= PROXY_GRAPH_BYTES[kind], (kind, got)

@@ -287,3 +287,44 @@ def test_moe_baseline_run_saves_and_reloads(method, tmp_path, tiny_lattice_dir):
     assert {f"model.layers.1.mlp.experts.{e}.down_proj" for e in range(N_EXPERTS)} <= names
     with torch.no_grad():
         assert torch.equal(loaded(ids[:2]).logits, model(ids[:2]).logits)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "qwen3_5_moe_text"])
+def test_memory_plan_counts_routed_tokens_of_experts(model_type):
+    """Every token visits top_k of the experts, so each expert linear's activation terms are
+    scaled by top_k / experts (shared experts, attention: 1) and only those terms shrink;
+    a router without a readable top_k leaves the experts at every token."""
+    from liftquant.quantize.plan import (
+        ACTIVATION_FACTOR,
+        estimate_bytes,
+        linear_shapes,
+        token_shares,
+    )
+
+    top_k = 2
+    model = tiny_moe(model_type, top_k=top_k)
+    unfuse_experts(model)
+    adapter = get_adapter(model.config)
+    block = adapter.get_blocks(model)[0]
+    names = adapter.linear_names(block)
+    shares = token_shares(block, adapter)
+    experts = [n for n in names if ".experts." in f".{n}"]
+    assert len(experts) == 3 * N_EXPERTS
+    for name, f in zip(names, shares, strict=True):
+        assert f == (top_k / N_EXPERTS if name in experts else 1.0), name
+    shapes = linear_shapes(block, adapter)
+    kw = {"spec": SPEC, "tokens": 4096, "micro_tokens": 4096, "compute_bytes": 2,
+          "weight_bytes": 4, "other_bytes": 0, "cand_fraction": 0.01, "checkpoint_proxy": False}
+    full, routed = estimate_bytes(shapes, **kw), estimate_bytes(shapes, shares=shares, **kw)
+    saved_io = sum((1 - f) * (o + i) for f, (o, i) in zip(shares, shapes, strict=True))
+    assert full["search"] == routed["search"]  # weights only
+    assert full["stage1"] - routed["stage1"] == pytest.approx(
+        ACTIVATION_FACTOR * 4096 * saved_io * 2, abs=2)
+    assert full["targets"] - routed["targets"] == pytest.approx(2 * 4096 * saved_io * 2, abs=2)
+    assert routed["stage2"] < full["stage2"]
+    moe = block.get_submodule(experts[0].split(".experts.")[0])
+    for m in (moe, *moe.children()):  # hide the router's top_k
+        for attr in ("top_k", "num_experts_per_tok"):
+            if isinstance(getattr(m, attr, None), int):
+                setattr(m, attr, None)
+    assert token_shares(block, adapter) == [1.0] * len(names)

@@ -125,6 +125,37 @@ def unfuse_experts(model: nn.Module) -> list[str]:
     return names
 
 
+# Attributes naming a router's experts per token (transformers' routers and MoE blocks).
+TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
+
+
+def routed_fractions(block: nn.Module) -> dict[str, float]:
+    """``{name of an ExpertList in block: top_k / number of experts}``: the share of the
+    block's tokens each of its expert linears sees on average. Every token visits exactly
+    ``top_k`` experts, so summed over the experts of one list the routed tokens are exactly
+    ``top_k`` x tokens, however unevenly they are spread. ``top_k`` is read from the module
+    holding the list or one of its direct children (``top_k`` / ``num_experts_per_tok``);
+    lists whose router is not found are left out (count them as seeing every token)."""
+    out = {}
+    for name, module in block.named_modules():
+        for child_name, child in module.named_children():
+            if not isinstance(child, ExpertList) or not len(child):
+                continue
+            k = _top_k(module)
+            if k is not None and 0 < k <= len(child):
+                out[f"{name}.{child_name}" if name else child_name] = k / len(child)
+    return out
+
+
+def _top_k(moe: nn.Module) -> int | None:
+    for m in (moe, *moe.children()):
+        for attr in TOP_K_ATTRS:
+            v = getattr(m, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+    return None
+
+
 def experts_without_tokens(groups: tuple[tuple[str, ...], ...], stats: dict) -> list[str]:
     """The expert groups (``...experts.<e>...``) of a block whose first linear saw no token in
     the input statistics; they fall back to the rule in the module docstring."""

@@ -349,7 +349,7 @@ def _initial_plan(model, adapter, spec, cfg: RunConfig, device, compute_dtype, m
     plan = plan_block(adapter.get_blocks(model)[0], adapter, spec, seq_len=cfg.calib.seqlen,
                       batch_size=cfg.calib.batch_size, compute_dtype=compute_dtype,
                       cand_fraction=min(1.0, CANDIDATE_DENSITY * 2 * margin),
-                      budget_bytes=budget)
+                      budget_bytes=budget, compiled_proxy=compile_proxy_on(cfg, device))
     logger.info("memory plan: one block on %s in %s: %s", device,
                 str(compute_dtype).replace("torch.", ""), plan.describe())
     return plan

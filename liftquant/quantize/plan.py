@@ -29,15 +29,18 @@ from liftquant.core.linear import lifted_width
 from liftquant.core.proxy_batch import CHECKPOINT_ELEMENTS
 from liftquant.core.whiten import padded_in_features
 from liftquant.models.adapters import ModelAdapter
-from liftquant.models.moe import ExpertList
+from liftquant.models.moe import ExpertList, routed_fractions
 
 GIB = 2**30
 # Activation bytes kept per token for backward, as a multiple of the block's linear inputs and
 # outputs in the compute dtype (norms, attention, SwiGLU and fused-transform intermediates).
 ACTIVATION_FACTOR = 3.0
-# Float32 tensors of the proxy-weight graph (W_t, quantized, rescaled, rotated, ...) kept per
-# weight element when stage 1 does not recompute them.
-PROXY_GRAPH_TENSORS = 6
+# Bytes per weight element of the stage-1 proxy-weight graph (W_t, quantized, rescaled,
+# rotated, ...) that autograd keeps for backward when stage 1 does not recompute it, by how the
+# proxy is formed. Counted on the saved tensors (tests/test_fastloop.py): eager 48.1 (12 float32
+# tensors), compiled per layer 26.1, compiled stack of same-shape layers (MoE experts) 34.1;
+# each constant is the count rounded up.
+PROXY_GRAPH_BYTES = {"eager": 50, "compiled": 28, "compiled_batched": 36}
 # Bytes per stage-2 flip candidate: value, gradient, two Adam moments (fp32) and an int64 index.
 CANDIDATE_BYTES = 24
 # Share of the accelerator's free memory used when no --max_gpu_memory is given.
@@ -78,6 +81,17 @@ def linear_shapes(block: nn.Module, adapter: ModelAdapter) -> list[tuple[int, in
     return out
 
 
+def token_shares(block: nn.Module, adapter: ModelAdapter) -> list[float]:
+    """Per quantized linear (order of :func:`linear_shapes`), the share of the block's tokens
+    it sees: ``top_k / experts`` inside a routed expert list (:func:`routed_fractions`), else 1."""
+    lists = routed_fractions(block)
+    shares = []
+    for name in adapter.linear_names(block):
+        owner = [f for lst, f in lists.items() if name.startswith(lst + ".")]
+        shares.append(owner[0] if owner else 1.0)
+    return shares
+
+
 def estimate_bytes(
     shapes: list[tuple[int, int]],
     *,
@@ -91,8 +105,14 @@ def estimate_bytes(
     checkpoint_proxy: bool,
     proxy_chunk: int = 0,
     cache_signs: bool = False,
+    shares: list[float] | None = None,
+    proxy_bytes: float = PROXY_GRAPH_BYTES["eager"],
 ) -> dict[str, int]:
     """Accelerator bytes per phase for one block (see the module docstring).
+
+    ``shares``: per linear, the share of the tokens it sees (:func:`token_shares`; default:
+    all), which scales its activation terms. ``proxy_bytes``: bytes per weight element of the
+    stage-1 proxy graph (:data:`PROXY_GRAPH_BYTES`).
 
     ``cache_signs``: stage 2 holds every layer's signs in the compute dtype besides the int8
     ones; without it the largest layer's cast is formed in forward and again in backward.
@@ -104,15 +124,19 @@ def estimate_bytes(
     n_w = sum(o * i for o, i in shapes)
     n_pad = [o * padded_in_features(i, d) for o, i in shapes]
     n_lat = [o * lifted_width(i, spec) for o, i in shapes]
-    io = sum(o + i for o, i in shapes)
+    shares = [1.0] * len(shapes) if shares is None else shares
+    if len(shares) != len(shapes):
+        raise ValueError(f"{len(shares)} token shares for {len(shapes)} linears")
+    io = sum(f * (o + i) for f, (o, i) in zip(shares, shapes, strict=True))
     weights = n_w * weight_bytes + other_bytes
     acts1 = int(ACTIVATION_FACTOR * micro_tokens * io * compute_bytes)
     ckpt_proxy = max(max(n_pad), min(proxy_chunk, sum(n_pad)))
-    proxy = (ckpt_proxy if checkpoint_proxy else sum(n_pad)) * 4 * PROXY_GRAPH_TENSORS
+    proxy = int((ckpt_proxy if checkpoint_proxy else sum(n_pad)) * proxy_bytes)
     stage1 = weights + n_w * compute_bytes + proxy + acts1
     rows = min(ENCODE_CHUNK_ROWS, sum(n_pad) // d)  # sub-vectors per search call
     search = weights + sum(n_pad) * 4 + sum(n_lat) + rows * spec.lifted_dim * 16
-    lat_io = sum(o + i + 2 * lifted_width(i, spec) for o, i in shapes)
+    lat_io = sum(f * (o + i + 2 * lifted_width(i, spec))
+                 for f, (o, i) in zip(shares, shapes, strict=True))
     acts2 = int(ACTIVATION_FACTOR * micro_tokens * lat_io * compute_bytes)
     accum = sum(n_lat) * 4 if micro_tokens < tokens else 0  # dense latent-gradient sums
     signs = sum(n_lat) * (1 + compute_bytes) if cache_signs else sum(n_lat)
@@ -148,9 +172,14 @@ def plan_block(
     compute_dtype: torch.dtype,
     cand_fraction: float,
     budget_bytes: int | None,
+    compiled_proxy: bool = False,
 ) -> MemoryPlan:
-    """The largest micro-batch (checkpointing only if needed) whose every phase fits."""
+    """The largest micro-batch (checkpointing only if needed) whose every phase fits.
+
+    ``compiled_proxy``: stage 1 forms its proxy weights through torch.compile (a smaller saved
+    graph, :data:`PROXY_GRAPH_BYTES`)."""
     shapes = linear_shapes(block, adapter)
+    shares = token_shares(block, adapter)
     lin_names = set(adapter.linear_names(block))
     weight_bytes = next(block.parameters()).element_size()
     other = sum(p.numel() * p.element_size() for n, p in block.named_parameters()
@@ -158,6 +187,7 @@ def plan_block(
     cb = torch.empty((), dtype=compute_dtype).element_size()
     batched = any(isinstance(m, ExpertList) for m in block.modules())
     chunk = CHECKPOINT_ELEMENTS if batched else 0
+    form = "eager" if not compiled_proxy else "compiled_batched" if batched else "compiled"
     options = []
     mb = batch_size
     while True:  # the sign cache goes before checkpointing, both before a smaller micro-batch
@@ -171,7 +201,8 @@ def plan_block(
                              micro_tokens=mb * seq_len, compute_bytes=cb,
                              weight_bytes=weight_bytes, other_bytes=other,
                              cand_fraction=cand_fraction, checkpoint_proxy=ckpt,
-                             proxy_chunk=chunk, cache_signs=cache)
+                             proxy_chunk=chunk, cache_signs=cache, shares=shares,
+                             proxy_bytes=PROXY_GRAPH_BYTES[form])
         plan = MemoryPlan(micro_batch=mb, checkpoint_proxy=ckpt,
                           estimate_gib={k: v / GIB for k, v in est.items()},
                           budget_gib=None if budget_bytes is None else budget_bytes / GIB,
