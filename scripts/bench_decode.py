@@ -115,8 +115,9 @@ def weight_bytes(model: nn.Module) -> int:
 
 @torch.no_grad()
 def build_model(config, lattice: str | None, backend: str, device: str = "cuda",
-                policy: KernelPolicy | None = None) -> nn.Module:
-    """Meta skeleton -> (packed linears) -> device storage -> random init: peak = final size."""
+                policy: KernelPolicy | None = None, host_embed: bool = False) -> nn.Module:
+    """Meta skeleton -> (packed linears) -> device storage -> random init: peak = final size.
+    ``host_embed``: the embedding table is made in host memory, never on ``device``."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -129,7 +130,12 @@ def build_model(config, lattice: str | None, backend: str, device: str = "cuda",
             setattr(parent, attr, PackedLiftLinear(lin.in_features, lin.out_features,
                                                    spec=lattice, bias=lin.bias is not None,
                                                    device="meta"))
+    embed = model.get_input_embeddings()
+    if host_embed:
+        model.set_input_embeddings(None)  # to_empty below leaves it alone
     model.to_empty(device=device)
+    if host_embed:
+        model.set_input_embeddings(embed.to_empty(device="cpu"))
     model.tie_weights()  # to_empty unties shared parameters (SmolLM2's head)
     for p in model.parameters():
         p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
@@ -185,11 +191,12 @@ def max_len(tokens: int) -> int:
 
 
 def measure(model: nn.Module, *, tokens: int, compile_mode: str | None, batch: int = 1,
-            cache_len: int | None = None) -> tuple[float, float, float]:
+            cache_len: int | None = None, host_embed: bool = False
+            ) -> tuple[float, float, float]:
     """Decode tokens/s (all sequences), peak GPU memory (GB) while decoding, and the KV cache
     bytes (GB) a step reads."""
     step = DecodeStep(model, cache_len or max_len(tokens), compile_mode=compile_mode,
-                      batch=batch)
+                      batch=batch, host_embed=host_embed)
     step.prefill(torch.randint(0, model.config.vocab_size, (batch, PROMPT), device="cuda"))
     torch.cuda.reset_peak_memory_stats()  # kernel tuning's L2-flush buffer is not decode memory
     graphed = GraphedDecode(step, warmup=WARMUP)
@@ -224,6 +231,9 @@ def main() -> None:
     ap.add_argument("--lm_head_bits", type=int, default=16, choices=(16, 8),
                     help="8: the packed runs store the head in per-channel int8 "
                     "(kernels.int8_head; config column <lattice>+head8)")
+    ap.add_argument("--host_embed", action="store_true",
+                    help="packed runs keep the token embedding table in host memory "
+                    "(engine.step host_embed; config column <lattice>...+hostemb)")
     args = ap.parse_args()
     torch.manual_seed(0)
     mode = args.compile_mode if args.compile else None
@@ -238,8 +248,11 @@ def main() -> None:
         cfg = SHAPE_MODELS[name]()
         if name in BF16_MODELS:
             runs.append((name, "bf16", "cublas", lambda c=cfg: build_model(c, None, "torch")))
-        runs += [(name, lat + ("+head8" if args.lm_head_bits == 8 else ""), args.backend,
-                  lambda c=cfg, lat=lat: head8(build_model(c, lat, args.backend, policy=policy),
+        tag = ("+head8" if args.lm_head_bits == 8 else "") + ("+hostemb" if args.host_embed
+                                                               else "")
+        runs += [(name, lat + tag, args.backend,
+                  lambda c=cfg, lat=lat: head8(build_model(c, lat, args.backend, policy=policy,
+                                                           host_embed=args.host_embed),
                                                args.lm_head_bits))
                  for lat in args.lattices.split(",") if lat]
     if args.checkpoint:
@@ -257,7 +270,8 @@ def main() -> None:
         wbytes = weight_bytes(model) / 1e9
         for batch in map(int, args.batch.split(",")):
             tps, peak, kv = measure(model, tokens=args.tokens, compile_mode=mode, batch=batch,
-                                    cache_len=cache_len)
+                                    cache_len=cache_len,
+                                    host_embed=args.host_embed and config != "bf16")
             roof = batch * copy / wbytes
             ref = bf16_tps.setdefault((name, batch), tps) if config == "bf16" else \
                 bf16_tps.get((name, batch))

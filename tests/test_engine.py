@@ -214,3 +214,49 @@ def test_step_engine_graph_equals_eager_and_tracks_hf_cuda():
     assert rel_err(graphed.float(), eager.float()) < 0.02
     hf = run(HFEngine(model, 32))
     assert rel_err(graphed.float(), hf.float()) < 0.15
+
+
+def test_step_engine_with_the_embedding_on_the_host(model_and_ref):
+    """host_embed: the table leaves the model's device for host memory, the step reads its
+    rows through the fed input buffer, and the greedy tokens equal generate's; a head that
+    shares the table is refused."""
+    _, prompt, ref = model_and_ref
+    model = packed_llama()
+    engine = StepEngine(model, 32, host_embed=True)
+    table = engine.step.host_table
+    assert table is not None and table.device.type == "cpu"
+    assert model.get_input_embeddings().weight.data_ptr() == table.data_ptr()
+    assert greedy(engine, prompt, 8) == ref
+    assert engine.warm_up(prompt_len=5, steps=2) >= 0
+    assert greedy(engine, prompt, 8) == ref
+    tied = packed_llama()
+    tied.lm_head.weight = tied.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="shares the embedding table"):
+        StepEngine(tied, 32, host_embed=True)
+
+
+def test_graphed_step_with_the_embedding_on_the_host_cuda():
+    """On CUDA the host table is pinned, the embedding's device copy is freed, and the
+    graphed step fed from the host replays bit for bit what the graphed step with the table
+    on the device computes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    prompt = torch.randint(0, 101, (1, 7), device="cuda",
+                           generator=torch.Generator(device="cuda").manual_seed(3))
+    tokens = torch.randint(0, 101, (6, 1), device="cuda",
+                           generator=torch.Generator(device="cuda").manual_seed(4))
+
+    def run(host_embed):
+        model = packed_llama(spec="16to8").cuda().to(torch.bfloat16)
+        registry.set_backend(model, "triton")
+        engine = StepEngine(model, 32, compile=True, host_embed=host_embed)
+        logits = [engine.prefill(prompt)]
+        for token in tokens:
+            logits.append(engine.next(token))
+        assert engine.graph is not None
+        if host_embed:
+            assert engine.step.host_table.is_pinned()
+            assert model.get_input_embeddings().weight.device.type == "cpu"
+        return torch.cat(logits)
+
+    assert torch.equal(run(True), run(False))

@@ -48,10 +48,11 @@ class StepEngine:
     name = "step"
 
     def __init__(self, model: nn.Module, max_len: int, *, compile: bool = False,
-                 device: torch.device | None = None, group: bool = True) -> None:
+                 device: torch.device | None = None, group: bool = True,
+                 host_embed: bool = False) -> None:
         self.device = device or next(model.parameters()).device
         self.step = DecodeStep(model, max_len, compile_mode="default" if compile else None,
-                               group=group)
+                               group=group, host_embed=host_embed)
         self.use_graph = compile and self.device.type == "cuda"
         self.graph = None
 

@@ -22,10 +22,13 @@ class GraphedDecode:
                 step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
+        step.feed()  # host_embed: the capture reads the staged rows of the current tokens
         with torch.cuda.graph(self.graph):
             self.logits = step()  # static output: each replay rewrites it
 
     def replay(self) -> torch.Tensor:
+        """One step: (``host_embed``: the current tokens' rows fed first), then the graph."""
+        self.step.feed()
         self.graph.replay()
         return self.logits
 
@@ -33,6 +36,6 @@ class GraphedDecode:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(n):
-            self.graph.replay()
+            self.replay()
         torch.cuda.synchronize()
         return n / (time.perf_counter() - t0)

@@ -136,6 +136,23 @@ def step_layout(model: nn.Module, adapter=None) -> StepLayout:
                       attn_norm=norms[0], mlp_norm=norms[2])
 
 
+def _host_table(embed: nn.Module, lm_head: nn.Module) -> Tensor:
+    """The embedding table in host memory (pinned where CUDA is available); the module's
+    weight is replaced by it, so an accelerator copy is freed."""
+    weight = embed.weight
+    head = getattr(lm_head, "weight", None)
+    if head is not None and head.data_ptr() == weight.data_ptr():
+        raise ValueError("host_embed: the head shares the embedding table (tied weights), so "
+                         "the table is read in full every step and must stay on the device")
+    table = weight.detach()
+    if table.device.type != "cpu":
+        table = table.to("cpu", copy=True)
+    if torch.cuda.is_available() and not table.is_pinned():
+        table = table.pin_memory()
+    embed.weight = nn.Parameter(table, requires_grad=False)
+    return table
+
+
 class DecodeStep:
     """Batched prefill and one greedy decode step of ``model`` (HF causal LM) over static
     buffers.
@@ -147,10 +164,15 @@ class DecodeStep:
     (prefill runs them eagerly: its token count changes per prompt). ``group``: run packed
     q/k/v and gate/up as one transform and one GEMV each where the planner takes the decode
     kernels (``engine.groups``; their buffers become views of the group's tensors).
+    ``host_embed``: the token embedding table lives in host memory (pinned on CUDA machines;
+    moved there if it is on the accelerator, which frees its bytes there): before each step
+    :meth:`feed` copies the current tokens' rows into a static input buffer, outside any CUDA
+    graph (one read of the token per step). Needs a head that does not share the table.
     """
 
     def __init__(self, model: nn.Module, max_len: int, *, compile_mode: str | None = None,
-                 group: bool = True, layout: StepLayout | None = None, batch: int = 1):
+                 group: bool = True, layout: StepLayout | None = None, batch: int = 1,
+                 host_embed: bool = False):
         cfg = model.config
         self.layout = lay = layout or step_layout(model)
         self.model, self.max_len = model, max_len
@@ -158,8 +180,8 @@ class DecodeStep:
         self.embed = model.get_submodule(lay.embed)
         self.final_norm = model.get_submodule(lay.final_norm)
         self.lm_head = model.get_submodule(lay.lm_head)
-        emb = self.embed.weight
-        dev, dt = emb.device, emb.dtype
+        dev, dt = self.final_norm.weight.device, self.embed.weight.dtype
+        self.host_table = _host_table(self.embed, self.lm_head) if host_embed else None
         n_kv = cfg.num_key_value_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.batch = batch
@@ -167,11 +189,16 @@ class DecodeStep:
                         torch.zeros(batch, n_kv, max_len, hd, device=dev, dtype=dt))
                        for _ in self.blocks]
         positions = torch.arange(max_len, device=dev)[None]
-        cos, sin = model.get_submodule(lay.rotary)(emb[:1], positions)  # HF tables
+        probe = torch.zeros(1, cfg.hidden_size, device=dev, dtype=dt)
+        cos, sin = model.get_submodule(lay.rotary)(probe, positions)  # HF tables
         self.cos, self.sin = cos[0].to(dt), sin[0].to(dt)  # (max_len, hd)
         self.zero = torch.zeros(batch, 1, cfg.hidden_size, device=dev, dtype=dt)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        if self.host_table is not None:  # the embedded current tokens, and their host staging
+            self.x_in = torch.zeros(batch, 1, cfg.hidden_size, device=dev, dtype=dt)
+            self._stage = torch.empty(batch, cfg.hidden_size, dtype=dt,
+                                      pin_memory=dev.type == "cuda")
         self.eps, self.scaling = float(cfg.rms_norm_eps), hd**-0.5
         paths = (lay.qkv, lay.gate_up)
         self.groups = [sibling_groups(b, paths) if group else {} for b in self.blocks]
@@ -203,7 +230,12 @@ class DecodeStep:
         written; the final-norm output of the last token (B, 1, hidden)."""
         lay = self.layout
         add_norm, attention, silu = regions
-        delta = self.embed(ids)
+        if self.host_table is None:
+            delta = self.embed(ids)
+        elif ids is self.ids:  # a decode step: rows staged by feed()
+            delta = self.x_in
+        else:
+            delta = self.host_table[ids.cpu()].to(self.x_in.device)
         h = self.zero if ids.shape[1] == 1 else self.zero.expand_as(delta)
         for i, block in enumerate(self.blocks):
             groups = self.groups[i]
@@ -221,9 +253,22 @@ class DecodeStep:
         return add_norm(h, delta, self.final_norm.weight, self.eps)[1]
 
     @torch.no_grad()
+    def feed(self) -> None:
+        """``host_embed``: copy the embedding rows of the tokens in ``ids`` into the static
+        input buffer (reads ``ids``: waits for the step that wrote them). No-op otherwise."""
+        if self.host_table is None:
+            return
+        torch.index_select(self.host_table, 0, self.ids.view(-1).cpu(), out=self._stage)
+        self.x_in.copy_(self._stage.view_as(self.x_in), non_blocking=True)
+
+    @torch.no_grad()
     def __call__(self) -> Tensor:
         """Consume ``ids`` at ``pos``; leave the greedy next token in ``ids``; return logits
-        (B, 1, V)."""
+        (B, 1, V). With ``host_embed`` the rows are fed first, except while a CUDA graph is
+        being captured (its replays are fed by the caller, ``engine.graph``)."""
+        if self.host_table is not None and not (self.x_in.is_cuda and
+                                                torch.cuda.is_current_stream_capturing()):
+            self.feed()
         logits = self.lm_head(self.forward(self.ids, self.pos, self.regions))
         self.ids.copy_(logits.argmax(-1))
         self.pos.add_(1)
