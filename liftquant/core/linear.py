@@ -106,8 +106,9 @@ class _CandidateSignMatmul(torch.autograd.Function):
     """``xt @ signs^T`` with straight-through gradients (Eq. 5) delivered to the flip candidates.
 
     ``signs`` (out, K) +-1 is current (refreshed from the candidates before the call): the int8
-    signs, or their copy in the compute dtype (``LiftLinear.cache_signs``). The backward forms the dense STE gradient ``g^T xt`` (out, K) once, records its squared norm (or
-    accumulates it over micro-batches) on ``layer`` and returns its entries at ``cand_idx``.
+    signs, or their copy in the compute dtype (``LiftLinear.cache_signs``). The backward forms
+    the dense STE gradient ``g^T xt`` (out, K) once, records its squared norm (or accumulates
+    it over micro-batches) on ``layer`` and returns its entries at ``cand_idx``.
     """
 
     @staticmethod
