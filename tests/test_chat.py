@@ -183,3 +183,35 @@ def test_auto_engine_falls_back_to_hf_when_the_step_engine_fails(chat_ckpt, monk
     forced, _ = _session(chat_ckpt, "--engine", "step")
     with pytest.raises(RuntimeError, match="capture failed"):
         forced.warm_up(prompt_len=4, steps=1)
+
+
+def test_host_embed_keeps_the_table_on_the_host_and_answers_the_same(chat_ckpt):
+    """--host_embed: the checkpoint loads with the embedding table in host memory, the step
+    engine is chosen (no HF fallback) and greedy answers equal the HF engine's; asking for
+    the HF engine with it is refused with the fix."""
+    from liftquant.io.checkpoint import CheckpointError, load_quantized
+
+    hf, _ = _session(chat_ckpt, "--max_new_tokens", "6", "--engine", "hf")
+    st, _ = _session(chat_ckpt, "--max_new_tokens", "6", "--host_embed")
+    assert st.engine == "step" and not st.engine_fallback
+    assert st.loop.step.host_table is not None
+    for prompt in ("the quick fox", "a lazy dog"):
+        assert st.ask(prompt) == hf.ask(prompt)
+    with pytest.raises(ValueError, match="host_embed needs the step engine"):
+        _session(chat_ckpt, "--host_embed", "--engine", "hf")
+    model, _ = load_quantized(chat_ckpt, device="meta", backend="torch", host_embed=True)
+    assert model.get_input_embeddings().weight.device.type == "cpu"
+    assert all(p.device.type == "meta" for n, p in model.named_parameters()
+               if "embed_tokens" not in n)
+    tied = chat_ckpt.parent / "tied"
+    if not tied.exists():
+        import shutil
+
+        shutil.copytree(chat_ckpt, tied)
+        import json
+
+        cfg = json.loads((tied / "config.json").read_text())
+        cfg["tie_word_embeddings"] = True
+        (tied / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shares the embedding table"):
+        load_quantized(tied, device="cpu", backend="torch", host_embed=True, verify=False)

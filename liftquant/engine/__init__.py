@@ -50,9 +50,9 @@ class StepEngine:
     def __init__(self, model: nn.Module, max_len: int, *, compile: bool = False,
                  device: torch.device | None = None, group: bool = True,
                  host_embed: bool = False) -> None:
-        self.device = device or next(model.parameters()).device
         self.step = DecodeStep(model, max_len, compile_mode="default" if compile else None,
                                group=group, host_embed=host_embed)
+        self.device = device or self.step.zero.device  # not the embedding's: it may be host
         self.use_graph = compile and self.device.type == "cuda"
         self.graph = None
 
@@ -107,10 +107,18 @@ def step_supported(model: nn.Module) -> str | None:
 
 
 def build_engine(model: nn.Module, kind: str = "auto", *, max_len: int, compile: bool = False,
-                 device: torch.device | None = None) -> Engine:
-    """The engine ``kind`` (``auto``: step on CUDA where its layout fits, else hf)."""
+                 device: torch.device | None = None, host_embed: bool = False) -> Engine:
+    """The engine ``kind`` (``auto``: step on CUDA where its layout fits, else hf).
+    ``host_embed``: the step engine with the embedding table in host memory (the HF engine
+    cannot run it: refused)."""
     if kind not in ENGINES:
         raise ValueError(f"engine {kind!r}; choose from {', '.join(ENGINES)}")
+    if host_embed:
+        if kind == "hf" or (why := step_supported(model)) is not None:
+            reason = "--engine hf" if kind == "hf" else why
+            raise ValueError(f"host_embed needs the step engine ({reason}); drop --host_embed "
+                             "or use --engine step on a model it supports")
+        return StepEngine(model, max_len, compile=compile, device=device, host_embed=True)
     device = device or next(model.parameters()).device
     if kind == "auto":
         kind = "step" if device.type == "cuda" and step_supported(model) is None else "hf"

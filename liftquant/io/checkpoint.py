@@ -414,8 +414,13 @@ def load_quantized(
     trainable: bool = False,
     backend: str = "auto",
     verify: bool | None = None,
+    host_embed: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Rebuild a LiftQuant model from ``path`` (strict load); returns ``(model, tokenizer)``.
+
+    ``host_embed``: the token embedding table stays in host memory and never reaches
+    ``device`` (for the step engine's ``host_embed``, e.g. a 70B model on a 24 GB GPU); refused
+    for checkpoints whose head shares the table.
 
     ``backend`` picks the kernels of the packed layers ("auto", "torch", "triton", "bitblas").
     ``verify`` hashes every tensor against the SHA-256 recorded at save (default: on, unless
@@ -454,7 +459,18 @@ def load_quantized(
     for m in model.modules():
         if isinstance(m, PackedLiftLinear):
             m.backend = backend
-    model.to(device)
+    if host_embed:
+        embed = model.get_input_embeddings()
+        head = getattr(model.get_output_embeddings(), "weight", None)
+        if head is not None and head.data_ptr() == embed.weight.data_ptr():
+            raise CheckpointError(f"{path}: the head shares the embedding table (tied "
+                                  "weights), so the table cannot stay on the host; load "
+                                  "without host_embed (--host_embed off)")
+        model.set_input_embeddings(None)  # model.to below leaves it on the host
+        model.to(device)
+        model.set_input_embeddings(embed)
+    else:
+        model.to(device)
     model.eval()
     if not trainable:
         model.requires_grad_(False)
